@@ -1,0 +1,1 @@
+"""The preference-data pipeline: formats, tokenization and the Ray Data pipeline."""
