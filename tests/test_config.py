@@ -1,0 +1,161 @@
+"""Config loading: strict keys, types, overrides, cross-field checks (no Ray needed)."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from dpo_cluster.config import Config, ConfigError, SourceConfig, apply_override, load_config, valid_keys
+
+MINIMAL = {"output_dir": "out", "model.name_or_path": "m", "data.train": "train.jsonl"}
+
+
+def _overrides(extra: dict[str, str] | None = None) -> list[str]:
+    items = {**MINIMAL, **(extra or {})}
+    return [f"{k}={v}" for k, v in items.items()]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_yaml_with_every_section(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+        output_dir: runs/a
+        model: {name_or_path: Qwen/Qwen2-7B}
+        data:
+          train: {path: lvwerra/stack-exchange-paired, data_dir: data/rl, split: train}
+          eval: {path: lvwerra/stack-exchange-paired, data_dir: data/evaluation, split: train}
+          columns: {prompt: question, chosen: response_j, rejected: response_k}
+          prompt_template: "Question: {prompt}\\n\\nAnswer: "
+          max_length: 1024
+          max_prompt_length: 512
+          truncation_mode: keep_end
+        train: {loss_type: sigmoid, beta: 0.1}
+        scaling: {num_workers: 8, use_gpu: true}
+        """,
+    )
+    config = load_config(path)
+    assert config.data.train == SourceConfig(path="lvwerra/stack-exchange-paired", data_dir="data/rl")
+    assert config.data.prompt_template == "Question: {prompt}\n\nAnswer: "
+    assert config.train.loss_type == ["sigmoid"]  # a single string means a one-element list
+    assert config.scaling.use_gpu is True and config.scaling.num_workers == 8
+
+
+def test_architecture_keys_exist() -> None:
+    keys = set(valid_keys(Config))
+    for key in [
+        "model.name_or_path", "data.train.path", "data.eval.path", "data.format", "data.max_length",
+        "output_dir", "train.loss_type", "train.beta", "scaling.num_workers", "scaling.use_gpu",
+    ]:  # fmt: skip
+        assert key in keys
+
+
+def test_unknown_key_lists_valid_keys() -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(None, _overrides({"data.max_lenght": "10"}))
+    message = str(e.value)
+    assert "unknown config key data.max_lenght (did you mean data.max_length?)" in message
+    assert "data.max_length" in message and "data.truncation_mode" in message
+
+
+def test_unknown_top_level_key(tmp_path: Path) -> None:
+    with pytest.raises(
+        ConfigError, match="unknown config key outputdir; valid keys: output_dir, model.name_or_path"
+    ):
+        load_config(write(tmp_path, "outputdir: x\n"))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.max_length=long", "data.max_length: expected an integer, got 'long'"),
+        ("data.max_length=1.5", "data.max_length: expected an integer"),
+        ("data.cache=yes please", "data.cache: expected true or false"),
+        ("data.truncation_mode=middle", "data.truncation_mode: 'middle' is not one of: keep_end, keep_start"),
+        ("data.format=csv", "data.format: 'csv' is not one of: auto, standard"),
+        ("data.columns=[a]", "data.columns: expected a mapping, got list"),
+        ("train.beta=0", "train.beta: must be > 0, got 0.0"),
+        ("scaling.num_workers=0", "scaling.num_workers: must be >= 1"),
+        ("data.eval_fraction=1.0", "data.eval_fraction: must be in [0, 1)"),
+        ("data.max_bad_fraction=2", "data.max_bad_fraction: must be in [0, 1]"),
+        ("data.columns={answer: x}", "data (format settings): data.columns: unknown field 'answer'"),
+        ("data.prompt_template={prompt", "data (format settings)"),
+        ("data.max_prompt_length=2000", "data.max_prompt_length: must be in [1, data.max_length=1024)"),
+        ("data.max_length=1", "data.max_length: must be >= 2"),
+        ("data.chat_template=missing/template.jinja", "data (tokenization settings)"),
+    ],
+)
+def test_bad_values_name_the_key(override: str, message: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [*_overrides(), override])
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("drop", "message"),
+    [
+        ("output_dir", "output_dir: required"),
+        ("model.name_or_path", "model.name_or_path: required"),
+        ("data.train", "data.train: required"),
+    ],
+)
+def test_required_keys(drop: str, message: str) -> None:
+    items = {k: v for k, v in MINIMAL.items() if k != drop}
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [f"{k}={v}" for k, v in items.items()])
+
+
+def test_eval_source_and_fraction_are_exclusive() -> None:
+    with pytest.raises(ConfigError, match="data.eval_fraction: must be 0 when data.eval is set"):
+        load_config(None, _overrides({"data.eval": "e.jsonl", "data.eval_fraction": "0.1"}))
+
+
+def test_source_needs_exactly_one_of_path_or_rows() -> None:
+    with pytest.raises(
+        ConfigError, match="data.train: set exactly one of data.train.path or data.train.rows"
+    ):
+        load_config(None, [*_overrides(), "data.train.rows=[{a: 1}]"])
+
+
+def test_overrides_are_parsed_as_yaml_and_extend_shorthand() -> None:
+    config = load_config(
+        None,
+        _overrides(
+            {
+                "data.train.split": "test",
+                "train.loss_type": "[sigmoid, sft]",
+                "data.max_prompt_length": "null",
+            }
+        ),
+    )
+    assert config.data.train == SourceConfig(path="train.jsonl", split="test")
+    assert config.train.loss_type == ["sigmoid", "sft"]
+    assert config.data.max_prompt_length is None
+
+
+def test_override_syntax_errors() -> None:
+    with pytest.raises(ConfigError, match="expected dotted.key=value"):
+        apply_override({}, "data.max_length")
+    with pytest.raises(ConfigError, match="output_dir is not a section"):
+        apply_override({"output_dir": "x"}, "output_dir.a=1")
+
+
+def test_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "a: [\n"))
+    with pytest.raises(ConfigError, match="the top level must be a mapping"):
+        load_config(write(tmp_path, "- a\n"))
+
+
+def test_null_for_a_required_value() -> None:
+    with pytest.raises(ConfigError, match="data.max_length: must not be null"):
+        load_config(None, [*_overrides(), "data.max_length=null"])
