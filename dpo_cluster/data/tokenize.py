@@ -1,0 +1,251 @@
+"""Per-pair tokenization: canonical `Pair`s in, `TokenizedPair`s (or `DropRow`s) out.
+
+For rows that need no truncation the ids are exactly those of TRL 1.16's DPOTrainer
+preprocessing (`DPOTrainer._prepare_dataset`):
+- standard pairs: the completion gets the eos appended unless it already ends with it;
+  prompt = tokenizer(prompt), full = tokenizer(prompt + completion), with the tokenizer's default
+  special tokens (a bos-adding tokenizer adds its bos to both);
+- conversational pairs: prompt = chat template of the prompt messages with the generation prompt,
+  full = chat template of prompt + completion messages, tokenized without adding special tokens
+  (what `apply_chat_template(tokenize=True)` does in transformers 5);
+- the completion starts where the prompt ids and the full ids diverge, which is earlier than the
+  end of the prompt when tokens merge across the boundary (note "boundary_merge").
+
+Unlike TRL, which tokenizes row by row inside `datasets.map`, a batch is rendered to text first and
+then encoded with one batched tokenizer call; the ids are the same.
+
+Length policy is applied afterwards, per sequence (prompt + chosen, prompt + rejected):
+the prompt is kept within its budget (dropped or truncated), then completions are cut to fit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from dpo_cluster.data.records import DropRow, Pair, TokenizedPair
+
+TRUNCATION_MODES = ("keep_end", "keep_start")
+PROMPT_OVERFLOW = ("drop", "truncate")
+
+# Values of `chat_template` with these suffixes are file paths, never inline templates.
+TEMPLATE_FILE_SUFFIXES = (".jinja", ".j2", ".txt")
+
+PLAIN_CHAT_TEMPLATE: str = (
+    resources.files("dpo_cluster.data").joinpath("templates/plain.jinja").read_text(encoding="utf-8")
+)
+"""Fallback chat template for tokenizers without one: "User: ...\\n\\nAssistant: ...<eos>"."""
+
+
+@dataclass(frozen=True)
+class TokenizeSpec:
+    """How pairs are tokenized and fitted to length."""
+
+    max_length: int = 1024
+    """Tokens per sequence, prompt + completion (chosen and rejected separately). At least 2."""
+    max_prompt_length: int | None = None
+    """Tokens for the prompt; None: only max_length limits it. The prompt budget is never more
+    than max_length - 1, so at least one completion token always fits."""
+    truncation_mode: str = "keep_end"
+    """Which end of the prompt survives truncation: keep_end (its last tokens) | keep_start."""
+    prompt_overflow: str = "drop"
+    """When the prompt exceeds its budget: drop (reason prompt_too_long) | truncate."""
+    chat_template: str | None = None
+    """Jinja text (see `load_chat_template` for files); None: the tokenizer's own template, or
+    `PLAIN_CHAT_TEMPLATE` when it has none."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_length, int) or self.max_length < 2:
+            raise ValueError(f"max_length must be an int >= 2, got {self.max_length!r}")
+        if self.max_prompt_length is not None and (
+            not isinstance(self.max_prompt_length, int) or self.max_prompt_length < 1
+        ):
+            raise ValueError(f"max_prompt_length must be None or an int >= 1, got {self.max_prompt_length!r}")
+        if self.truncation_mode not in TRUNCATION_MODES:
+            raise ValueError(
+                f"truncation_mode must be one of {TRUNCATION_MODES}, got {self.truncation_mode!r}"
+            )
+        if self.prompt_overflow not in PROMPT_OVERFLOW:
+            raise ValueError(
+                f"prompt_overflow must be one of {PROMPT_OVERFLOW}, got {self.prompt_overflow!r}"
+            )
+        if self.chat_template is not None and (
+            not isinstance(self.chat_template, str) or not self.chat_template.strip()
+        ):
+            raise ValueError("chat_template must be None or non-empty jinja text")
+
+    @property
+    def prompt_budget(self) -> int:
+        """Most prompt tokens a sequence may hold."""
+        budget = self.max_length - 1
+        if self.max_prompt_length is not None:
+            budget = min(budget, self.max_prompt_length)
+        return budget
+
+
+def load_chat_template(value: str | None) -> str | None:
+    """Return the jinja text of a chat template given inline or as a file path.
+
+    A value ending with .jinja/.j2/.txt is a path and must exist (FileNotFoundError otherwise);
+    any other value naming an existing file is read too; everything else is inline jinja.
+    """
+    if value is None:
+        return None
+    # Inline templates hold jinja tags or newlines; recognising them first avoids asking the file
+    # system about a long template string.
+    if "{{" in value or "{%" in value or "\n" in value:
+        return value
+    path = Path(value).expanduser()
+    try:
+        is_file = path.is_file()
+    except OSError:  # e.g. a name too long to be a path
+        is_file = False
+    if is_file:
+        return path.read_text(encoding="utf-8")
+    if value.endswith(TEMPLATE_FILE_SUFFIXES):
+        raise FileNotFoundError(f"chat template file not found: {value}")
+    return value
+
+
+def common_prefix_length(ids: list[int], other_ids: list[int]) -> int:
+    """Number of leading ids the two sequences share (as `trl.data_utils.common_prefix_length`)."""
+    length = 0
+    for token, other_token in zip(ids, other_ids):
+        if token != other_token:
+            break
+        length += 1
+    return length
+
+
+class PairTokenizer:
+    """Tokenizes batches of pairs with one tokenizer and one `TokenizeSpec`."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, spec: TokenizeSpec) -> None:
+        self.tokenizer = tokenizer
+        self.spec = spec
+        # A configured template wins; otherwise the tokenizer's own (None lets transformers pick
+        # it, including from a dict of named templates); the plain fallback only when it has none.
+        if spec.chat_template is not None:
+            self.chat_template: str | None = spec.chat_template
+        elif tokenizer.chat_template is not None:
+            self.chat_template = None
+        else:
+            self.chat_template = PLAIN_CHAT_TEMPLATE
+
+    def tokenize(self, pairs: list[Pair]) -> list[TokenizedPair | DropRow]:
+        """One result per pair, in order: the tokenized pair, or the `DropRow` that drops it."""
+        results: list[TokenizedPair | DropRow | None] = [None] * len(pairs)
+        # Texts to encode, three per pair (prompt, prompt + chosen, prompt + rejected), grouped by
+        # whether the tokenizer adds its special tokens: standard text gets them as in
+        # `tokenizer(text)`, rendered chat does not (the template writes them).
+        texts: dict[bool, list[str]] = {True: [], False: []}
+        owners: dict[bool, list[int]] = {True: [], False: []}
+        for index, pair in enumerate(pairs):
+            try:
+                rendered = self._render(pair)
+            except DropRow as drop:
+                results[index] = drop
+                continue
+            add_special_tokens = not pair.conversational
+            texts[add_special_tokens].extend(rendered)
+            owners[add_special_tokens].append(index)
+
+        for add_special_tokens, batch in texts.items():
+            if not batch:
+                continue
+            ids = self.tokenizer(
+                batch,
+                add_special_tokens=add_special_tokens,
+                return_attention_mask=False,
+                return_token_type_ids=False,
+            )["input_ids"]
+            for k, index in enumerate(owners[add_special_tokens]):
+                prompt_ids, full_chosen, full_rejected = ids[3 * k : 3 * k + 3]
+                results[index] = self._fit(split_pair(prompt_ids, full_chosen, full_rejected))
+        return results  # type: ignore[return-value]  # every slot is filled above
+
+    def _render(self, pair: Pair) -> tuple[str, str, str]:
+        """(prompt, prompt + chosen, prompt + rejected) as the text the tokenizer encodes."""
+        if not pair.conversational:
+            eos = self.tokenizer.eos_token
+            if eos is None:
+                raise ValueError("the tokenizer has no eos_token; standard pairs need one to end completions")
+            chosen = pair.chosen if pair.chosen.endswith(eos) else pair.chosen + eos
+            rejected = pair.rejected if pair.rejected.endswith(eos) else pair.rejected + eos
+            return pair.prompt, pair.prompt + chosen, pair.prompt + rejected
+        return (
+            self._apply_template(pair.prompt, add_generation_prompt=True),
+            self._apply_template(pair.prompt + pair.chosen, add_generation_prompt=False),
+            self._apply_template(pair.prompt + pair.rejected, add_generation_prompt=False),
+        )
+
+    def _apply_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages,
+                tools=None,
+                chat_template=self.chat_template,
+                add_generation_prompt=add_generation_prompt,
+                tokenize=False,
+            )
+        # The template is third-party code run on this row's data (it may `raise_exception`, read an
+        # undefined field, concatenate a non-string): whatever it raises is this row's failure.
+        except Exception as error:
+            raise DropRow("template_error", f"{type(error).__name__}: {error}") from error
+
+    def _fit(self, pair: TokenizedPair) -> TokenizedPair | DropRow:
+        """Apply the length policy of `self.spec` to a split pair."""
+        spec = self.spec
+        budget = spec.prompt_budget
+        prompt_ids = pair.prompt_ids
+        if len(prompt_ids) > budget:
+            if spec.prompt_overflow == "drop":
+                return DropRow(
+                    "prompt_too_long",
+                    f"prompt has {len(prompt_ids)} tokens, over its budget of {budget} "
+                    f"(max_length={spec.max_length}, max_prompt_length={spec.max_prompt_length})",
+                )
+            if spec.truncation_mode == "keep_end":
+                prompt_ids = prompt_ids[len(prompt_ids) - budget :]
+            else:
+                prompt_ids = prompt_ids[:budget]
+            pair.notes.add("truncated_prompt")
+
+        room = spec.max_length - len(prompt_ids)
+        chosen_ids, rejected_ids = pair.chosen_ids, pair.rejected_ids
+        if len(chosen_ids) > room or len(rejected_ids) > room:
+            # Keep the start of each answer: it is what the prompt conditions most directly.
+            chosen_ids, rejected_ids = chosen_ids[:room], rejected_ids[:room]
+            pair.notes.add("truncated_completion")
+        if chosen_ids == rejected_ids:
+            if "truncated_completion" in pair.notes:
+                return DropRow(
+                    "identical_after_truncation",
+                    f"chosen and rejected share their first {room} tokens, all that fit after a "
+                    f"{len(prompt_ids)}-token prompt within max_length={spec.max_length}",
+                )
+            return DropRow("chosen_equals_rejected", "chosen and rejected tokenize to the same ids")
+        return TokenizedPair(prompt_ids, chosen_ids, rejected_ids, pair.notes)
+
+
+def split_pair(prompt_ids: list[int], full_chosen: list[int], full_rejected: list[int]) -> TokenizedPair:
+    """Split prompt + completion ids where they diverge from the prompt ids, as TRL does.
+
+    The prompt keeps only what both full sequences share with it; a shorter prompt than its own
+    tokenization means tokens merged across the boundary (note "boundary_merge").
+    """
+    prompt_len = min(
+        common_prefix_length(prompt_ids, full_chosen),
+        common_prefix_length(prompt_ids, full_rejected),
+    )
+    notes = {"boundary_merge"} if prompt_len < len(prompt_ids) else set()
+    return TokenizedPair(
+        prompt_ids=list(prompt_ids[:prompt_len]),
+        chosen_ids=list(full_chosen[prompt_len:]),
+        rejected_ids=list(full_rejected[prompt_len:]),
+        notes=notes,
+    )

@@ -1,0 +1,244 @@
+"""Tiny tokenizers the project builds itself, so tests, benchmarks and the demo run offline.
+
+`build_tiny_tokenizer` trains a byte-level BPE (the `tokenizers` library) on a small corpus that
+this module generates deterministically from word lists: English prose, questions and answers,
+Chinese sentences, SQL, Python and numbers. The result is saved in Hugging Face format and loads
+with `transformers.AutoTokenizer.from_pretrained(out_dir)`.
+
+It behaves like the real tokenizers the pipeline meets:
+- byte-level, so any Unicode text (Chinese, emoji) round-trips exactly through encode/decode;
+- eos "<|endoftext|>", pad "<|pad|>" and the ChatML markers "<|im_start|>", "<|im_end|>";
+- optionally a bos "<|bos|>" that `tokenizer(text)` prepends (a post-processor, as Llama's does);
+- optionally a ChatML chat template (as Qwen2's), or none at all.
+
+Every variant has the same vocabulary and ids; only the post-processor, the special-token map and
+the template differ. Training is deterministic: rebuilding writes a byte-identical tokenizer.json.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
+
+EOS_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<|pad|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+BOS_TOKEN = "<|bos|>"
+
+# Fixed order, so every variant gives these tokens the ids 0..4.
+SPECIAL_TOKENS = [EOS_TOKEN, PAD_TOKEN, IM_START, IM_END, BOS_TOKEN]
+
+# The ChatML template of Qwen2, without its default system message.
+CHATML_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- endif %}"
+)
+
+# 256 byte symbols + the special tokens; below this there is no room for a single merge.
+MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS) + 1
+
+_SUBJECTS = [
+    "The cat",
+    "A young engineer",
+    "My grandmother",
+    "The old river",
+    "Every student",
+    "The small robot",
+    "Our team",
+    "The quiet library",
+    "A tired traveler",
+    "The city council",
+    "This model",
+    "The farmer",
+]
+_VERBS = [
+    "walks along",
+    "carefully reads",
+    "quickly builds",
+    "remembers",
+    "looks at",
+    "writes about",
+    "sat down beside",
+    "paints",
+    "explains",
+    "measures",
+    "cleans",
+    "talks to",
+]
+_OBJECTS = [
+    "the long bridge",
+    "a bright red apple",
+    "the morning newspaper",
+    "an interesting question",
+    "the wooden table",
+    "a cup of green tea",
+    "the training data",
+    "the mountain path",
+    "a large database",
+    "the open window",
+    "the final answer",
+    "a short story",
+]
+_PLACES = [
+    "in the evening",
+    "before breakfast",
+    "near the station",
+    "after the rain",
+    "at the weekend",
+    "in the garden",
+    "during the meeting",
+    "on a sunny day",
+]
+_CAPITALS = [
+    ("France", "Paris"),
+    ("Japan", "Tokyo"),
+    ("Italy", "Rome"),
+    ("Canada", "Ottawa"),
+    ("Kenya", "Nairobi"),
+    ("Brazil", "Brasilia"),
+    ("Egypt", "Cairo"),
+    ("Spain", "Madrid"),
+    ("China", "Beijing"),
+    ("Germany", "Berlin"),
+    ("Australia", "Canberra"),
+    ("Peru", "Lima"),
+]
+_CHINESE = [
+    "今天天气很好，我们去公园散步吧。",
+    "你好，请问有什么可以帮你的吗？",
+    "我喜欢读书，也喜欢写字。",
+    "这个问题的答案是四十二。",
+    "北京是中国的首都。",
+    "机器学习需要大量的数据。",
+    "请把这段话翻译成英文。",
+    "他每天早上六点起床。",
+    "谢谢你的帮助，我非常感激。",
+    "这家餐厅的面条很好吃。",
+    "我们明天下午三点开会。",
+    "学习语言需要耐心和时间。",
+    "猫坐在窗户旁边晒太阳。",
+    "数据库里有一百万条记录。",
+    "春天来了，花都开了。",
+    "模型的回答比以前更好了。",
+]
+_TABLES = [("users", "name"), ("orders", "total"), ("products", "price"), ("events", "created_at")]
+_CODE = [
+    "def add(a: int, b: int) -> int:\n    return a + b",
+    "for i in range(10):\n    print(i * i)",
+    "import json\n\nwith open('data.json') as f:\n    rows = json.load(f)",
+    "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y",
+    "if __name__ == '__main__':\n    main()",
+    "numbers = [n for n in range(100) if n % 3 == 0]",
+    "def mean(values):\n    return sum(values) / len(values)",
+    "x = {'key': 'value', 'count': 3}  # a small dict",
+]
+
+
+def corpus_lines() -> Iterator[str]:
+    """Yield the training corpus (about 260 lines), always the same lines in the same order."""
+    # Index arithmetic with coprime strides walks the word lists without repeating a sentence and
+    # without a random generator whose sequence could change between Python versions.
+    for i in range(144):
+        subject = _SUBJECTS[i % len(_SUBJECTS)]
+        verb = _VERBS[(i * 5 + i // 12) % len(_VERBS)]
+        obj = _OBJECTS[(i * 7) % len(_OBJECTS)]
+        place = _PLACES[(i * 3) % len(_PLACES)]
+        yield f"{subject} {verb} {obj} {place}."
+    for country, capital in _CAPITALS:
+        yield f"Question: What is the capital of {country}?\nAnswer: The capital of {country} is {capital}."
+        yield f"User: Where is {capital}?\n\nAssistant: {capital} is in {country}."
+    for a in range(3, 60, 7):
+        for b in (4, 11, 25):
+            yield f"Question: What is {a} plus {b}?\nAnswer: {a} + {b} = {a + b}."
+    for sentence in _CHINESE:
+        yield sentence
+        yield f"用户：{sentence}\n助手：好的，我明白了。"
+    for table, column in _TABLES:
+        yield f"SELECT id, {column} FROM {table} WHERE id = 42;"
+        yield f"SELECT COUNT(*) FROM {table} GROUP BY {column} ORDER BY {column} DESC LIMIT 10;"
+        yield f"INSERT INTO {table} (id, {column}) VALUES (1, 'hello');"
+        yield f"UPDATE {table} SET {column} = NULL WHERE id > 100;"
+    yield from _CODE
+    yield " ".join(str(n) for n in range(200))
+    yield " ".join(f"{n / 8:.3f}" for n in range(64))
+    yield "In 1969, 2001, 2024 and 2025 the prices were $3.50, $12.99 and 1,000,000 euros."
+    for role in ("system", "user", "assistant"):
+        yield f"{IM_START}{role}\nYou are a helpful assistant.{IM_END}\n"
+    yield "Emoji are text too: 🙂 👍 🚀 ✨ 🎉"
+
+
+def build_tiny_tokenizer(
+    out_dir: str | Path,
+    *,
+    vocab_size: int = 1024,
+    bos: bool = False,
+    chat_template: bool = True,
+) -> Path:
+    """Train a tiny byte-level BPE tokenizer, save it to `out_dir` in Hugging Face format and return
+    the directory.
+
+    vocab_size: the most tokens the vocabulary holds, special tokens included (the small corpus may
+    run out of merges before reaching it). bos: `tokenizer(text)` prepends "<|bos|>".
+    chat_template: save a ChatML chat template; False saves none.
+    """
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise ValueError(f"vocab_size must be at least {MIN_VOCAB_SIZE}, got {vocab_size}")
+    out_dir = Path(out_dir)
+    backend = _train_bpe(vocab_size)
+    if bos:
+        # As Llama's tokenizer.json does: the bos is added by the post-processor, so every
+        # `tokenizer(text)` call with add_special_tokens=True starts with it.
+        bos_id = backend.token_to_id(BOS_TOKEN)
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{BOS_TOKEN}:0 $A:0",
+            pair=f"{BOS_TOKEN}:0 $A:0 {BOS_TOKEN}:1 $B:1",
+            special_tokens=[(BOS_TOKEN, bos_id)],
+        )
+    else:
+        # As Qwen2's: a post-processor that adds nothing.
+        backend.post_processor = processors.ByteLevel(trim_offsets=False)
+
+    special_kwargs: dict[str, object] = {
+        "eos_token": EOS_TOKEN,
+        "pad_token": PAD_TOKEN,
+        "extra_special_tokens": [IM_START, IM_END],
+    }
+    if bos:
+        # No add_bos_token: transformers 5 neither saves nor reads it when a tokenizer.json exists;
+        # the post-processor above is what adds the bos.
+        special_kwargs["bos_token"] = BOS_TOKEN
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        # Exact round trips: never rewrite " ." to "." or similar when decoding.
+        clean_up_tokenization_spaces=False,
+        chat_template=CHATML_TEMPLATE if chat_template else None,
+        **special_kwargs,
+    )
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def _train_bpe(vocab_size: int) -> Tokenizer:
+    """Train the byte-level BPE model on `corpus_lines()`; special tokens get ids 0..4."""
+    tokenizer = Tokenizer(models.BPE())
+    # No normalizer: NFC or lower-casing would break exact round trips of arbitrary text.
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=SPECIAL_TOKENS,
+        # All 256 byte symbols, so bytes the corpus never shows still encode.
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(corpus_lines(), trainer=trainer)
+    return tokenizer
