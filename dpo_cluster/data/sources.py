@@ -1,0 +1,330 @@
+"""Sources: turn a `SourceConfig` into a Ray Dataset of raw rows `{row_id: str, raw: bytes}`.
+
+Every source kind ends in the same two columns so that parsing, validation and accounting happen
+in one place (the pipeline's process stage), and a row that cannot even be parsed is still a row
+with an id that names where it came from:
+
+- local JSONL: `path:LINE` (1-based). Large files are cut into line-aligned byte ranges so one
+  file is read and tokenized by several tasks in parallel; the driver finds the cut points with a
+  newline count, which also gives each range its first line number.
+- local JSON (one array), Parquet, CSV: `path#INDEX` (0-based row index). Parquet is split by
+  row groups; JSON and CSV files are one task each.
+- `datasets.save_to_disk` directories and hub datasets: `name#INDEX`, via `datasets`, then Ray
+  Data's `from_huggingface`.
+- inline rows: `rows[INDEX]`.
+
+Typed rows (Parquet, CSV, Arrow) are carried as JSON text in `raw`, the same as JSONL lines, so
+the quarantine file can show every dropped row exactly as it was read.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from dpo_cluster.config import SourceConfig
+from dpo_cluster.data.records import DataError
+
+RAW_SCHEMA = pa.schema([("row_id", pa.string()), ("raw", pa.binary())])
+
+LOCAL_SUFFIXES = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "json",
+    ".parquet": "parquet",
+    ".csv": "csv",
+}
+_UTF16_32_BOMS = (b"\xff\xfe", b"\xfe\xff", b"\x00\x00\xfe\xff")
+_READ_BLOCK = 1 << 20
+_ROWS_PER_BATCH = 1024
+# Read units are cut to about total_bytes / target_units, within these bounds.
+MIN_CHUNK_BYTES = 1 << 20
+MAX_CHUNK_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class ReadUnit:
+    """One task's share of a local file: a byte range of a JSONL file, a set of Parquet row
+    groups, or a whole JSON/CSV file."""
+
+    path: str
+    kind: str  # jsonl | json | parquet | csv
+    start: int = 0  # jsonl: byte offset (at a line start); parquet: first row group
+    stop: int = -1  # jsonl: byte offset (exclusive); parquet: row group (exclusive); -1 = to the end
+    first_index: int = 0  # jsonl: line number of `start` (1-based); parquet: index of its first row
+
+
+def is_local(source: SourceConfig) -> bool:
+    path = source.path
+    return path is not None and (os.path.exists(path) or glob.has_magic(path))
+
+
+def list_local_files(source: SourceConfig) -> list[tuple[str, str]]:
+    """(path, kind) of every data file a local path names, sorted for determinism."""
+    assert source.path is not None
+    path = source.path
+    if os.path.isdir(path):
+        candidates = sorted(str(p) for p in Path(path).rglob("*") if p.is_file())
+    elif glob.has_magic(path):
+        candidates = sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p))
+    else:
+        candidates = [path]
+    files = [
+        (p, LOCAL_SUFFIXES[Path(p).suffix.lower()])
+        for p in candidates
+        if Path(p).suffix.lower() in LOCAL_SUFFIXES
+    ]
+    if not files:
+        raise DataError(
+            f"{path}: no data files found (looked for {', '.join(sorted(LOCAL_SUFFIXES))})"
+            if os.path.isdir(path) or glob.has_magic(path)
+            else f"{path}: unsupported file type {Path(path).suffix!r}; use one of {', '.join(sorted(LOCAL_SUFFIXES))}"
+        )
+    return files
+
+
+def is_saved_dataset(path: str) -> bool:
+    """True for a directory written by `datasets.Dataset.save_to_disk` / `DatasetDict.save_to_disk`."""
+    p = Path(path)
+    return p.is_dir() and ((p / "state.json").exists() or (p / "dataset_dict.json").exists())
+
+
+def plan_local_reads(files: list[tuple[str, str]], target_units: int) -> list[ReadUnit]:
+    """Cut local files into read units so that about `target_units` tasks can run at once."""
+    total = sum(os.path.getsize(p) for p, _ in files) or 1
+    chunk_bytes = int(min(MAX_CHUNK_BYTES, max(MIN_CHUNK_BYTES, math.ceil(total / max(1, target_units)))))
+    units: list[ReadUnit] = []
+    for path, kind in files:
+        _check_encoding(path)
+        if kind == "jsonl":
+            units.extend(_jsonl_units(path, chunk_bytes))
+        elif kind == "parquet":
+            units.extend(_parquet_units(path, chunk_bytes))
+        else:
+            units.append(ReadUnit(path, kind))
+    return units
+
+
+def _check_encoding(path: str) -> None:
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head.startswith(_UTF16_32_BOMS):
+        raise DataError(
+            f"{path}: line 1: the file is UTF-16/UTF-32 encoded (byte-order mark); convert it to UTF-8"
+        )
+
+
+def _jsonl_units(path: str, chunk_bytes: int) -> list[ReadUnit]:
+    """Line-aligned byte ranges of about chunk_bytes each, with the line number each starts at."""
+    size = os.path.getsize(path)
+    units: list[ReadUnit] = []
+    start, line = 0, 1
+    with open(path, "rb") as f:
+        while start < size:
+            stop = min(size, start + chunk_bytes)
+            if stop < size:
+                f.seek(stop)
+                rest = f.readline()  # move the cut to the end of the line it falls in
+                stop += len(rest)
+            f.seek(start)
+            lines = 0
+            remaining = stop - start
+            while remaining > 0:
+                block = f.read(min(_READ_BLOCK, remaining))
+                lines += block.count(b"\n")
+                remaining -= len(block)
+            units.append(ReadUnit(path, "jsonl", start, stop, line))
+            start, line = stop, line + lines
+    return units
+
+
+def _parquet_units(path: str, chunk_bytes: int) -> list[ReadUnit]:
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.ParquetFile(path).metadata
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataError(f"{path}: not a readable Parquet file: {e}") from e
+    units: list[ReadUnit] = []
+    first_group, first_row, acc_bytes, row = 0, 0, 0, 0
+    for g in range(meta.num_row_groups):
+        group = meta.row_group(g)
+        acc_bytes += group.total_byte_size
+        row += group.num_rows
+        if acc_bytes >= chunk_bytes or g == meta.num_row_groups - 1:
+            units.append(ReadUnit(path, "parquet", first_group, g + 1, first_row))
+            first_group, first_row, acc_bytes = g + 1, row, 0
+    return units or [ReadUnit(path, "parquet", 0, 0, 0)]
+
+
+def read_unit(unit: ReadUnit) -> Iterator[dict[str, list[Any]]]:
+    """Yield raw-row batches {row_id: [...], raw: [...]} for one read unit."""
+    if unit.kind == "jsonl":
+        yield from _read_jsonl(unit)
+    elif unit.kind == "parquet":
+        yield from _read_parquet(unit)
+    elif unit.kind == "csv":
+        yield from _read_csv(unit)
+    else:
+        yield from _read_json_array(unit)
+
+
+def _read_jsonl(unit: ReadUnit) -> Iterator[dict[str, list[Any]]]:
+    ids: list[str] = []
+    raws: list[bytes] = []
+    with open(unit.path, "rb") as f:
+        f.seek(unit.start)
+        position, line = unit.start, unit.first_index
+        while position < unit.stop:
+            data = f.readline()
+            if not data:
+                break
+            position += len(data)
+            if line == 1 and data.startswith(b"\xef\xbb\xbf"):
+                data = data[3:]  # a UTF-8 byte-order mark is not part of the first row
+            if data.strip():  # blank lines are not rows
+                ids.append(f"{unit.path}:{line}")
+                raws.append(data.rstrip(b"\r\n"))
+                if len(ids) == _ROWS_PER_BATCH:
+                    yield {"row_id": ids, "raw": raws}
+                    ids, raws = [], []
+            line += 1
+    if ids:
+        yield {"row_id": ids, "raw": raws}
+
+
+def _read_parquet(unit: ReadUnit) -> Iterator[dict[str, list[Any]]]:
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(unit.path)
+    index = unit.first_index
+    groups = list(range(unit.start, unit.stop))
+    if not groups:
+        return
+    for batch in pf.iter_batches(batch_size=_ROWS_PER_BATCH, row_groups=groups):
+        rows = batch.to_pylist()
+        yield {
+            "row_id": [f"{unit.path}#{index + i}" for i in range(len(rows))],
+            "raw": [encode_row(r) for r in rows],
+        }
+        index += len(rows)
+
+
+def _read_csv(unit: ReadUnit) -> Iterator[dict[str, list[Any]]]:
+    import pyarrow.csv as pcsv
+
+    index = 0
+    try:
+        # Every column as text: a CSV cell has no type, and "001" must stay "001".
+        names = pcsv.open_csv(unit.path).schema.names
+        reader = pcsv.open_csv(
+            unit.path,
+            convert_options=pcsv.ConvertOptions(column_types={n: pa.string() for n in names}),
+        )
+        for batch in reader:
+            rows = batch.to_pylist()
+            yield {
+                "row_id": [f"{unit.path}#{index + i}" for i in range(len(rows))],
+                "raw": [encode_row(r) for r in rows],
+            }
+            index += len(rows)
+    except pa.ArrowInvalid as e:
+        raise DataError(f"{unit.path}: CSV parse error after data row {index}: {e}") from e
+
+
+def _read_json_array(unit: ReadUnit) -> Iterator[dict[str, list[Any]]]:
+    try:
+        with open(unit.path, encoding="utf-8") as f:
+            data = json.load(f)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{unit.path}: not valid UTF-8 at byte {e.start}") from e
+    except json.JSONDecodeError as e:
+        raise DataError(f"{unit.path}: line {e.lineno} column {e.colno}: invalid JSON: {e.msg}") from e
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]  # {"data": [...]} wrappers are common
+    if not isinstance(data, list):
+        raise DataError(
+            f"{unit.path}: expected a JSON array of rows (or JSON Lines), got {type(data).__name__}"
+        )
+    for begin in range(0, len(data), _ROWS_PER_BATCH):
+        part = data[begin : begin + _ROWS_PER_BATCH]
+        yield {
+            "row_id": [f"{unit.path}#{begin + i}" for i in range(len(part))],
+            "raw": [encode_row(r) for r in part],
+        }
+
+
+def encode_row(row: Any) -> bytes:
+    """A typed row as JSON text; values JSON cannot hold (bytes, timestamps) become strings."""
+    return json.dumps(row, ensure_ascii=False, default=str).encode("utf-8")
+
+
+def inline_batches(rows: list[Any]) -> dict[str, list[Any]]:
+    return {"row_id": [f"rows[{i}]" for i in range(len(rows))], "raw": [encode_row(r) for r in rows]}
+
+
+def load_hf_dataset(source: SourceConfig) -> Any:
+    """A `datasets.Dataset` from a save_to_disk directory or the hub (the real loading code; needs
+    network access for hub ids)."""
+    import datasets
+
+    assert source.path is not None
+    if is_saved_dataset(source.path):
+        loaded = datasets.load_from_disk(source.path)
+        if isinstance(loaded, datasets.DatasetDict):
+            if source.split not in loaded:
+                raise DataError(f"{source.path}: no split {source.split!r}; it has {sorted(loaded)}")
+            loaded = loaded[source.split]
+        return loaded
+    try:
+        return datasets.load_dataset(
+            source.path,
+            name=source.subset,
+            data_dir=source.data_dir,
+            split=source.split,
+            revision=source.revision,
+        )
+    except Exception as e:  # the hub client raises many types; the message is what matters
+        raise DataError(
+            f"{source.path}: could not load it as a local path or a Hugging Face hub dataset "
+            f"(split={source.split!r}, subset={source.subset!r}, data_dir={source.data_dir!r}): {e}"
+        ) from e
+
+
+def hf_to_raw(batch: pa.Table, name: str) -> pa.Table:
+    """Ray Data batch of a `datasets` table (with its `__index` column) -> raw rows."""
+    rows = batch.to_pylist()
+    return pa.table(
+        {
+            "row_id": [f"{name}#{r.pop('__index')}" for r in rows],
+            "raw": [encode_row(r) for r in rows],
+        },
+        schema=RAW_SCHEMA,
+    )
+
+
+def fingerprint(source: SourceConfig, hf_dataset: Any = None) -> dict[str, Any]:
+    """What identifies a source's content for the prepared-data cache key."""
+    if source.rows is not None:
+        digest = hashlib.sha256(json.dumps(source.rows, sort_keys=True, default=str).encode()).hexdigest()
+        return {"rows": digest}
+    if hf_dataset is not None:
+        return {
+            "dataset": source.path,
+            "split": source.split,
+            "subset": source.subset,
+            "data_dir": source.data_dir,
+            "revision": source.revision,
+            "fingerprint": getattr(hf_dataset, "_fingerprint", None),
+        }
+    # Local files: size and modification time, as build tools do; rewriting a file changes mtime.
+    return {"files": [[p, os.path.getsize(p), os.stat(p).st_mtime_ns] for p, _ in list_local_files(source)]}
