@@ -1,0 +1,91 @@
+"""The `dpo-cluster` command as a user runs it: real subprocesses, real exit codes and output."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dpo_cluster.data.samples import generate_title_pairs, write_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, cache: Path, timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "DPO_CLUSTER_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run(
+        [sys.executable, "-m", "dpo_cluster.cli", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.slow
+def test_prepare_the_bundled_sample_with_the_builtin_tokenizer(tmp_path: Path) -> None:
+    result = run_cli(
+        "prepare", "--config", "configs/sample_prepare.yaml", f"output_dir={tmp_path / 'out'}", cache=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    assert "train " in result.stdout and "eval " in result.stdout
+    assert "(format: conversational)" in result.stdout
+    report = json.loads((tmp_path / "out" / "data_report.json").read_text())
+    assert sum(s["rows_in"] for s in report["splits"].values()) == 400
+    assert (tmp_path / "tiny-0.1.0" / "tokenizer.json").exists()  # built on first use, offline
+
+    again = run_cli(
+        "prepare", "--config", "configs/sample_prepare.yaml", f"output_dir={tmp_path / 'out'}", cache=tmp_path
+    )
+    assert "reused (cache key matches)" in again.stdout
+
+
+@pytest.mark.slow
+def test_bad_row_with_fail_policy_is_one_clear_message(tmp_path: Path) -> None:
+    rows: list = generate_title_pairs(10, seed=0)
+    rows[4]["chosen"] = 7
+    data = write_jsonl(rows, tmp_path / "bad.jsonl")
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        f"output_dir: {tmp_path / 'out'}\nmodel: {{name_or_path: 'builtin:tiny'}}\n"
+        f"data: {{train: {data}, on_bad_row: fail}}\n"
+    )
+    result = run_cli("prepare", "--config", str(config), cache=tmp_path)
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == (
+        f"dpo-cluster prepare: error: {data}:5: wrong_type: field 'chosen': expected a string or a list of "
+        "messages, got int (data.on_bad_row is 'fail'; set it to 'skip' to drop and count such rows instead)"
+    )
+    assert "Traceback" not in result.stderr
+
+
+def test_config_errors_exit_2_without_traceback(tmp_path: Path) -> None:
+    result = run_cli(
+        "prepare", "--config", "configs/sample_prepare.yaml", "data.max_lenght=5", cache=tmp_path
+    )
+    assert result.returncode == 2
+    assert "unknown config key data.max_lenght (did you mean data.max_length?)" in result.stderr
+    assert "Traceback" not in result.stderr
+    missing = run_cli("prepare", "--config", "no/such.yaml", cache=tmp_path)
+    assert missing.returncode == 2 and "config file not found: no/such.yaml" in missing.stderr
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "serve"])
+def test_commands_not_available_yet_say_so(command: str, tmp_path: Path) -> None:
+    result = run_cli(command, "--config", "configs/sample_prepare.yaml", cache=tmp_path)
+    assert result.returncode == 2
+    assert "not available yet" in result.stderr
+
+
+def test_help_lists_every_command(tmp_path: Path) -> None:
+    result = run_cli("--help", cache=tmp_path)
+    assert result.returncode == 0
+    for command in ("prepare", "train", "eval", "serve", "demo", "bench"):
+        assert command in result.stdout
