@@ -1,0 +1,38 @@
+# Set-up and the two entry points of the README: `make demo` and `make test`.
+# Both create .venv on first use. On a machine without an NVIDIA GPU, torch is pinned to the CPU
+# build (TORCH_SPEC) so the install does not pull several GB of CUDA wheels; on a GPU machine the
+# default CUDA build is installed. Override with e.g.
+#   make demo TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cpu"
+
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo yes)
+TORCH_SPEC ?= $(if $(GPU),torch>=2.6,torch==2.13.0)
+
+.PHONY: setup demo test lint bench-data clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+# The main job. Until the end-to-end demo lands it prepares the bundled sample data.
+demo: setup
+	$(VENV)/bin/dpo-cluster prepare --config configs/sample_prepare.yaml
+
+# Everything CI runs: lint the whole repository, then the whole test suite.
+test: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(PY) -m pytest -q
+
+bench-data: setup
+	$(VENV)/bin/dpo-cluster bench data --rows 20000
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache .ruff_cache
