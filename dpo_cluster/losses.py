@@ -1,0 +1,557 @@
+"""Preference-optimisation losses over per-example sequence log-probs: one pure function per loss type.
+
+Every loss function takes a `PreferenceLogps` (summed completion log-probs of chosen and rejected
+answers under the policy and the reference model, all (B,)) plus its hyperparameters as keyword
+arguments, and returns per-example losses (B,). Nothing here reduces over the batch or across
+workers: the training loop does. The set of loss types, their names and their arithmetic are those
+of TRL 1.16's `DPOTrainer` (`loss_type` in `DPOConfig`), so a recipe moves between the two unchanged.
+
+Notation used in the docstrings, per example:
+    r_c = log pi(y_c|x) - log pi_ref(y_c|x)     chosen log-ratio
+    r_r = log pi(y_r|x) - log pi_ref(y_r|x)     rejected log-ratio
+    Delta = r_c - r_r                           (or f'-scores of them under an f-divergence, see below)
+    sigma = logistic sigmoid; beta = the DPO temperature; eps = `label_smoothing`;
+    |y| = number of completion tokens of y.
+
+`compute_dpo_loss` combines several loss types with weights (TRL's list-valued `loss_type`, e.g. MPO
+or RPO = sigmoid + sft) and returns the implicit rewards the metrics are built on;
+`preference_metrics` produces TRL's logged metric names from them.
+
+Pure tensor math: no ray, no deepspeed.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+
+F_DIVERGENCE_TYPES: tuple[str, ...] = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+
+
+@dataclass(frozen=True)
+class PreferenceLogps:
+    """Per-example inputs of every loss; all tensors are (B,) and line up pair by pair.
+
+    policy_chosen_logps / policy_rejected_logps: summed completion log-probs log pi(y|x) under the
+        policy (with gradient). Under LD-DPO these are the length-desensitised sums
+        (`dpo_cluster.logprobs.compute_ld_sequence_logps`).
+    ref_chosen_logps / ref_rejected_logps: the same under the frozen reference model (no gradient).
+    chosen_lengths / rejected_lengths: number of scored completion tokens (the shifted completion
+        mask summed per row). Needed by the length-normalised losses (ipo, sigmoid_norm), by sft and
+        by the `logits/*` metrics; None otherwise. TRL counts the unshifted completion mask for ipo
+        and sigmoid_norm, which is the same number whenever the prompt is non-empty.
+    policy_chosen_unweighted_logps: plain summed chosen log-probs for the sft term when LD-DPO
+        weighting makes `policy_chosen_logps` differ from the plain sum (TRL's sft term always uses
+        the unweighted token log-probs). None means `policy_chosen_logps`.
+    """
+
+    policy_chosen_logps: torch.Tensor
+    policy_rejected_logps: torch.Tensor
+    ref_chosen_logps: torch.Tensor
+    ref_rejected_logps: torch.Tensor
+    chosen_lengths: torch.Tensor | None = None
+    rejected_lengths: torch.Tensor | None = None
+    policy_chosen_unweighted_logps: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        size = self.policy_chosen_logps.shape
+        if len(size) != 1:
+            raise ValueError(f"policy_chosen_logps must be (B,), got shape {tuple(size)}")
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if value is not None and value.shape != size:
+                raise ValueError(f"{item.name} must be (B,) = {tuple(size)}, got shape {tuple(value.shape)}")
+
+    @property
+    def batch_size(self) -> int:
+        return self.policy_chosen_logps.shape[0]
+
+    @property
+    def chosen_logratios(self) -> torch.Tensor:
+        """r_c = log pi(y_c|x) - log pi_ref(y_c|x), (B,)."""
+        return self.policy_chosen_logps - self.ref_chosen_logps
+
+    @property
+    def rejected_logratios(self) -> torch.Tensor:
+        """r_r = log pi(y_r|x) - log pi_ref(y_r|x), (B,)."""
+        return self.policy_rejected_logps - self.ref_rejected_logps
+
+
+def _require_lengths(batch: PreferenceLogps, loss_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if batch.chosen_lengths is None or batch.rejected_lengths is None:
+        raise ValueError(
+            f"the {loss_name!r} loss needs chosen_lengths and rejected_lengths in PreferenceLogps"
+        )
+    return batch.chosen_lengths, batch.rejected_lengths
+
+
+def compute_rewards(policy_logps: torch.Tensor, ref_logps: torch.Tensor, beta: float) -> torch.Tensor:
+    """Implicit DPO reward `policy_logps (B,), ref_logps (B,) -> (B,)`: beta * (log pi(y|x) - log pi_ref(y|x)).
+
+    Rafailov et al. 2023, eq. 5 / section 5: the reward the policy implicitly optimises, up to the
+    prompt-only term beta * log Z(x), which cancels between chosen and rejected.
+    """
+    return beta * (policy_logps - ref_logps)
+
+
+def compute_f_divergence_scores(
+    logratios: torch.Tensor,
+    *,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
+) -> torch.Tensor:
+    """f'-score of each log-ratio `logratios (B,) -> (B,)`, for f-DPO (Wang et al. 2023, "Beyond Reverse KL").
+
+    f-DPO replaces the log-ratio log u (u = pi/pi_ref) in the DPO reward with f'(u) for the chosen
+    f-divergence; constant offsets cancel in the chosen-minus-rejected difference. As in TRL:
+        reverse_kl:        log u                                   (standard DPO)
+        forward_kl:        1 - 1/u = 1 - exp(-log u)
+        js_divergence:     log(2u / (1 + u)) = log 2 + log sigma(log u)
+        alpha_divergence:  (u^(a-1) - 1) / (a - 1),  a = f_alpha_divergence_coef (a -> 1 gives log u)
+    The alpha-divergence exponent is computed in fp32 and clamped (11 for fp16, 80 otherwise) so that
+    exp stays representable after the cast back.
+    """
+    if f_divergence_type == "reverse_kl":
+        return logratios
+    if f_divergence_type == "forward_kl":
+        return 1 - torch.exp(-logratios)
+    if f_divergence_type == "js_divergence":
+        return math.log(2) + F.logsigmoid(logratios)
+    if f_divergence_type == "alpha_divergence":
+        alpha = f_alpha_divergence_coef
+        if abs(alpha - 1.0) < 1e-6:  # the limit a -> 1 of (u^(a-1) - 1)/(a - 1) is log u
+            return logratios
+        exponent = (alpha - 1.0) * logratios
+        clamp_max = 11.0 if exponent.dtype == torch.float16 else 80.0
+        powered = torch.exp(torch.clamp(exponent.float(), max=clamp_max)) - 1.0
+        return powered.to(exponent.dtype) * (1.0 / (alpha - 1.0))
+    raise ValueError(f"unknown f_divergence_type {f_divergence_type!r}; expected one of {F_DIVERGENCE_TYPES}")
+
+
+def _scores(
+    batch: PreferenceLogps, f_divergence_type: str, f_alpha_divergence_coef: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    kwargs = {"f_divergence_type": f_divergence_type, "f_alpha_divergence_coef": f_alpha_divergence_coef}
+    return (
+        compute_f_divergence_scores(batch.chosen_logratios, **kwargs),
+        compute_f_divergence_scores(batch.rejected_logratios, **kwargs),
+    )
+
+
+def _score_margin(
+    batch: PreferenceLogps, f_divergence_type: str, f_alpha_divergence_coef: float
+) -> torch.Tensor:
+    chosen_scores, rejected_scores = _scores(batch, f_divergence_type, f_alpha_divergence_coef)
+    return chosen_scores - rejected_scores
+
+
+def sigmoid_loss(
+    batch: PreferenceLogps,
+    *,
+    beta: float,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
+) -> torch.Tensor:
+    """DPO (Rafailov et al. 2023, eq. 7): `batch -> (B,)`, loss = -log sigma(beta * Delta).
+
+    TRL 1.16 has no label smoothing on this loss (conservative DPO is `robust`/`exo_pair`).
+    """
+    delta = _score_margin(batch, f_divergence_type, f_alpha_divergence_coef)
+    return -F.logsigmoid(beta * delta)
+
+
+def hinge_loss(
+    batch: PreferenceLogps,
+    *,
+    beta: float,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
+) -> torch.Tensor:
+    """SLiC hinge (Zhao et al. 2023, SLiC-HF, the rank-calibration loss): `batch -> (B,)`.
+
+    loss = max(0, 1 - beta * Delta); beta plays the role of 1/margin.
+    """
+    delta = _score_margin(batch, f_divergence_type, f_alpha_divergence_coef)
+    return torch.relu(1 - beta * delta)
+
+
+def ipo_loss(
+    batch: PreferenceLogps,
+    *,
+    beta: float,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
+) -> torch.Tensor:
+    """IPO (Azar et al. 2023, eq. 17), length-normalised as in TRL: `batch -> (B,)`, needs lengths.
+
+    loss = (r_c / |y_c| - r_r / |y_r| - 1 / (2 * beta))^2, with beta the regulariser tau of the paper.
+    The per-token averaging keeps the squared target comparable across answer lengths; TRL adopted it
+    with the paper's authors (lengths clamped to at least 1).
+    """
+    chosen_lengths, rejected_lengths = _require_lengths(batch, "ipo")
+    chosen_scores, rejected_scores = _scores(batch, f_divergence_type, f_alpha_divergence_coef)
+    chosen_avg = chosen_scores / chosen_lengths.to(chosen_scores.dtype).clamp(min=1.0)
+    rejected_avg = rejected_scores / rejected_lengths.to(rejected_scores.dtype).clamp(min=1.0)
+    return (chosen_avg - rejected_avg - 1 / (2 * beta)) ** 2
+
+
+def exo_pair_loss(
+    batch: PreferenceLogps,
+    *,
+    beta: float,
+    label_smoothing: float,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
+) -> torch.Tensor:
+    """EXO-pref (Ji et al. 2024, eq. 16) for K = 2: `batch -> (B,)`, eps = label_smoothing in (0, 1).
+
+    KL(q || p) between the policy's pair distribution q = softmax(beta * [r_c, r_r]) and the smoothed
+    label distribution p = [1 - eps, eps]:
+        loss = sigma(beta*Delta) * (log sigma(beta*Delta) - log(1 - eps))
+             + sigma(-beta*Delta) * (log sigma(-beta*Delta) - log eps).
+    The paper recommends eps = 1e-3; eps = 0 is undefined (log 0), as in TRL.
+    """
+    if not 0.0 < label_smoothing < 1.0:
+        raise ValueError(
+            f"exo_pair needs 0 < label_smoothing < 1 (the paper uses 1e-3), got {label_smoothing}"
+        )
+    logits = beta * _score_margin(batch, f_divergence_type, f_alpha_divergence_coef)
+    log_p_chosen = math.log1p(-label_smoothing)
+    log_p_rejected = math.log(label_smoothing)
+    return torch.sigmoid(logits) * (F.logsigmoid(logits) - log_p_chosen) + torch.sigmoid(-logits) * (
+        F.logsigmoid(-logits) - log_p_rejected
+    )
+
+
+def nca_pair_loss(batch: PreferenceLogps, *, beta: float) -> torch.Tensor:
+    """NCA for pairwise data (Chen et al. 2024, Noise Contrastive Alignment, K = 2): `batch -> (B,)`.
+
+    With rewards s_c = beta * r_c, s_r = beta * r_r:
+        loss = -log sigma(s_c) - 0.5 * log sigma(-s_c) - 0.5 * log sigma(-s_r).
+    Optimises absolute likelihoods, not only the margin, so the chosen log-prob does not sink.
+    """
+    chosen_rewards = beta * batch.chosen_logratios
+    rejected_rewards = beta * batch.rejected_logratios
+    return (
+        -F.logsigmoid(chosen_rewards)
+        - 0.5 * F.logsigmoid(-chosen_rewards)
+        - 0.5 * F.logsigmoid(-rejected_rewards)
+    )
+
+
+def robust_loss(
+    batch: PreferenceLogps,
+    *,
+    beta: float,
+    label_smoothing: float = 0.0,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
+) -> torch.Tensor:
+    """Robust DPO (Chowdhury et al. 2024, "Provably Robust DPO"): `batch -> (B,)`, eps = flip rate in [0, 0.5).
+
+    The unbiased loss under labels flipped with probability eps:
+        loss = (-(1 - eps) * log sigma(beta*Delta) + eps * log sigma(-beta*Delta)) / (1 - 2*eps).
+    eps = 0 is plain DPO. TRL only warns outside [0, 0.5); here that is an error, since eps = 0.5
+    divides by zero and eps > 0.5 flips the sign of the objective.
+    """
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"robust needs 0 <= label_smoothing < 0.5, got {label_smoothing}")
+    logits = beta * _score_margin(batch, f_divergence_type, f_alpha_divergence_coef)
+    clean = -(1 - label_smoothing) * F.logsigmoid(logits)
+    flipped = -label_smoothing * F.logsigmoid(-logits)
+    return (clean - flipped) / (1 - 2 * label_smoothing)
+
+
+def bco_pair_loss(batch: PreferenceLogps, *, beta: float) -> torch.Tensor:
+    """BCO on pairs (Jung et al. 2024, with the reward shift delta = 0): `batch -> (B,)`.
+
+    Binary classification of chosen (label 1) vs rejected (label 0) by the implicit reward:
+        loss = -log sigma(beta * r_c) - log sigma(-beta * r_r).
+    The paper subtracts a running mean of the rewards (delta) inside both sigmoids; TRL 1.16 does not
+    keep that running mean for `bco_pair`, so this loss is stateless and neither does it here.
+    """
+    return -F.logsigmoid(beta * batch.chosen_logratios) - F.logsigmoid(-beta * batch.rejected_logratios)
+
+
+def sppo_hard_loss(batch: PreferenceLogps, *, beta: float) -> torch.Tensor:
+    """SPPO with hard preference probabilities (Wu et al. 2024, eq. 4.7 of Algorithm 1): `batch -> (B,)`.
+
+    The paper regresses log(pi/pi_ref) onto eta * (P(y wins) - 1/2) with eta = 1/beta; with P = 1 for
+    the chosen and P = 0 for the rejected answer:
+        loss = (r_c - 1/(2*beta))^2 + (r_r + 1/(2*beta))^2.
+    Note the raw log-ratios, not beta-scaled rewards.
+    """
+    half_eta = 0.5 / beta
+    return (batch.chosen_logratios - half_eta) ** 2 + (batch.rejected_logratios + half_eta) ** 2
+
+
+def _smoothed_logistic(logits: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    return -F.logsigmoid(logits) * (1 - label_smoothing) - F.logsigmoid(-logits) * label_smoothing
+
+
+def aot_loss(batch: PreferenceLogps, *, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
+    """AOT, paired (Melnyk et al. 2024): `batch -> (B,)`; BATCH-LEVEL, entries are not per pair.
+
+    Alignment via optimal transport makes the distribution of policy margins u = log pi(y_c) -
+    log pi(y_r) dominate that of reference margins v = log pi_ref(y_c) - log pi_ref(y_r), in first
+    order stochastic dominance: both are sorted across the batch and compared quantile by quantile,
+        d_(i) = u_(i) - v_(i),  loss_i = -(1 - eps) log sigma(beta d_(i)) - eps log sigma(-beta d_(i)).
+    Entry i belongs to the i-th quantile, not to pair i, so per-pair weighting does not apply and the
+    batch (per worker) is the unit that is sorted.
+    """
+    logratios = batch.policy_chosen_logps - batch.policy_rejected_logps
+    ref_logratios = batch.ref_chosen_logps - batch.ref_rejected_logps
+    logratios_sorted, _ = torch.sort(logratios, dim=0)
+    ref_logratios_sorted, _ = torch.sort(ref_logratios, dim=0)
+    return _smoothed_logistic(beta * (logratios_sorted - ref_logratios_sorted), label_smoothing)
+
+
+def aot_unpaired_loss(batch: PreferenceLogps, *, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
+    """AOT, unpaired (Melnyk et al. 2024): `batch -> (B,)`; BATCH-LEVEL, entries are not per pair.
+
+    For unpaired data the chosen log-ratios r_c and rejected log-ratios r_r are sorted separately
+    across the batch and compared quantile by quantile:
+        d_(i) = r_c,(i) - r_r,(i),  loss_i = -(1 - eps) log sigma(beta d_(i)) - eps log sigma(-beta d_(i)).
+    """
+    chosen_sorted, _ = torch.sort(batch.chosen_logratios, dim=0)
+    rejected_sorted, _ = torch.sort(batch.rejected_logratios, dim=0)
+    return _smoothed_logistic(beta * (chosen_sorted - rejected_sorted), label_smoothing)
+
+
+def apo_zero_loss(batch: PreferenceLogps, *, beta: float) -> torch.Tensor:
+    """APO-zero (D'Oosterlinck et al. 2024, eq. 7): `batch -> (B,)`.
+
+    For chosen answers better than the model's own: push chosen likelihood up, rejected down,
+        loss = (1 - sigma(beta * r_c)) + sigma(beta * r_r).
+    """
+    return (1 - torch.sigmoid(beta * batch.chosen_logratios)) + torch.sigmoid(beta * batch.rejected_logratios)
+
+
+def apo_down_loss(batch: PreferenceLogps, *, beta: float) -> torch.Tensor:
+    """APO-down (D'Oosterlinck et al. 2024, eq. 8): `batch -> (B,)`.
+
+    For chosen answers worse than the model's own: push both down, the rejected more,
+        loss = sigma(beta * r_c) + (1 - sigma(beta * (r_c - r_r))).
+    """
+    chosen_logratios = batch.chosen_logratios
+    return torch.sigmoid(beta * chosen_logratios) + (
+        1 - torch.sigmoid(beta * (chosen_logratios - batch.rejected_logratios))
+    )
+
+
+def discopop_loss(
+    batch: PreferenceLogps,
+    *,
+    beta: float,
+    discopop_tau: float = 0.05,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
+) -> torch.Tensor:
+    """DiscoPOP, the log-ratio modulated loss (Chris Lu et al. 2024, eq. 5): `batch -> (B,)`.
+
+    With z = beta * Delta and mixing weight m = sigma(z / tau):
+        loss = (1 - m) * (-log sigma(z)) + m * exp(-z),
+    a blend of the logistic (DPO) and exponential losses steered by the margin; tau = 0.05 in the paper.
+    """
+    logits = beta * _score_margin(batch, f_divergence_type, f_alpha_divergence_coef)
+    modulation = torch.sigmoid(logits / discopop_tau)
+    return -F.logsigmoid(logits) * (1 - modulation) + torch.exp(-logits) * modulation
+
+
+def sft_loss(batch: PreferenceLogps) -> torch.Tensor:
+    """Negative log-likelihood of the chosen answers: `batch -> (B,)`; BATCH-LEVEL, all entries equal.
+
+    loss = -(sum_i log pi(y_c,i | x_i)) / (sum_i |y_c,i|), the per-token mean over every chosen
+    token of the batch (not a mean of per-pair means), broadcast to (B,) as TRL does so that it
+    combines with the per-pair losses; its batch mean is the token mean. Paired with `sigmoid` it is
+    RPO (Pang et al. 2024, "Iterative Reasoning Preference Optimization"). Uses `policy_chosen_unweighted_logps` when set (LD-DPO). The
+    token count is clamped to at least 1 (TRL would return NaN for a batch without chosen tokens).
+    """
+    chosen_lengths, _ = _require_lengths(batch, "sft")
+    logps = batch.policy_chosen_logps
+    if batch.policy_chosen_unweighted_logps is not None:
+        logps = batch.policy_chosen_unweighted_logps
+    token_mean_nll = -logps.sum() / chosen_lengths.sum().clamp(min=1).to(logps.dtype)
+    return token_mean_nll.expand(batch.batch_size)
+
+
+def sigmoid_norm_loss(
+    batch: PreferenceLogps,
+    *,
+    beta: float,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
+) -> torch.Tensor:
+    """Length-normalised DPO: `batch -> (B,)`, needs lengths.
+
+    DPO (Rafailov et al. 2023, eq. 7) on per-token average log-ratios, which removes the reward's
+    bias towards longer answers (the same normalisation as SimPO's average log-likelihood reward,
+    Meng et al. 2024, here kept relative to the reference):
+        loss = -log sigma(beta * (r_c / |y_c| - r_r / |y_r|)),  lengths clamped to at least 1.
+    """
+    chosen_lengths, rejected_lengths = _require_lengths(batch, "sigmoid_norm")
+    chosen_scores, rejected_scores = _scores(batch, f_divergence_type, f_alpha_divergence_coef)
+    chosen_avg = chosen_scores / chosen_lengths.to(chosen_scores.dtype).clamp(min=1.0)
+    rejected_avg = rejected_scores / rejected_lengths.to(rejected_scores.dtype).clamp(min=1.0)
+    return -F.logsigmoid(beta * (chosen_avg - rejected_avg))
+
+
+LOSS_FUNCTIONS: dict[str, Callable[..., torch.Tensor]] = {
+    "sigmoid": sigmoid_loss,
+    "hinge": hinge_loss,
+    "ipo": ipo_loss,
+    "exo_pair": exo_pair_loss,
+    "nca_pair": nca_pair_loss,
+    "robust": robust_loss,
+    "bco_pair": bco_pair_loss,
+    "sppo_hard": sppo_hard_loss,
+    "aot": aot_loss,
+    "aot_unpaired": aot_unpaired_loss,
+    "apo_zero": apo_zero_loss,
+    "apo_down": apo_down_loss,
+    "discopop": discopop_loss,
+    "sft": sft_loss,
+    "sigmoid_norm": sigmoid_norm_loss,
+}
+"""Loss type name (TRL's `DPOConfig.loss_type` values) -> per-example loss function. The valid names."""
+
+# Losses that sort across the batch: their entries are quantiles, not pairs, so per-pair weights
+# (WPO) would be misaligned. TRL refuses the combination too.
+BATCH_SORTED_LOSS_TYPES: frozenset[str] = frozenset({"aot", "aot_unpaired"})
+
+
+@functools.cache
+def _keyword_names(fn: Callable[..., torch.Tensor]) -> frozenset[str]:
+    return frozenset(
+        name for name, param in inspect.signature(fn).parameters.items() if param.kind is param.KEYWORD_ONLY
+    )
+
+
+# Loss types allowed with a non-default `f_divergence_type` (TRL's list): those built on the margin
+# Delta, where the f-DPO reparameterisation's beta * log Z(x) term cancels, plus sft, which has no
+# log-ratio at all and is unaffected. The others (nca_pair, bco_pair, sppo_hard, apo_*, aot*) use
+# single log-ratios, where the term would not cancel.
+F_DIVERGENCE_LOSS_TYPES: frozenset[str] = frozenset(
+    {"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"}
+)
+
+
+def compute_dpo_loss(
+    batch: PreferenceLogps,
+    *,
+    loss_types: Sequence[str],
+    loss_weights: Sequence[float] | None = None,
+    beta: float,
+    label_smoothing: float = 0.0,
+    discopop_tau: float = 0.05,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = 0.5,
+    pair_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Weighted sum of loss types: `batch -> (loss (B,), chosen_rewards (B,), rejected_rewards (B,))`.
+
+    loss_i = sum_k w_k * pair_weight_i * loss_k,i, with w = `loss_weights` (default all 1.0), so the
+    batch mean is TRL's `sum_k w_k * mean_i(pair_weight_i * loss_k,i)` for a list-valued `loss_type`.
+    `pair_weights` (B,) are optional per-pair weights, e.g. WPO's exp(log w_c + log w_r) from
+    `dpo_cluster.logprobs.compute_wpo_log_weights`; they are refused with the batch-sorted aot losses.
+    Each loss function receives only the hyperparameters it declares, so e.g. `label_smoothing` does
+    not touch `sigmoid` (as in TRL); a non-default `f_divergence_type` is an error for loss types
+    without an f-divergence form (TRL's rule). Pair weights with `sft` scale the broadcast token-mean
+    NLL per pair (TRL 1.16 fails on that combination: it scales the broadcast tensor in place).
+    Rewards are `compute_rewards` of the (possibly LD-weighted) log-probs, detached, for metrics.
+    """
+    if not loss_types:
+        raise ValueError("loss_types must name at least one loss type")
+    unknown = [name for name in loss_types if name not in LOSS_FUNCTIONS]
+    if unknown:
+        raise ValueError(f"unknown loss type(s) {unknown}; valid: {sorted(LOSS_FUNCTIONS)}")
+    weights = [1.0] * len(loss_types) if loss_weights is None else list(loss_weights)
+    if len(weights) != len(loss_types):
+        raise ValueError(f"got {len(weights)} loss_weights for {len(loss_types)} loss_types; they must match")
+    if f_divergence_type not in F_DIVERGENCE_TYPES:
+        raise ValueError(
+            f"unknown f_divergence_type {f_divergence_type!r}; expected one of {F_DIVERGENCE_TYPES}"
+        )
+    if f_divergence_type != "reverse_kl":
+        unsupported = sorted(set(loss_types) - F_DIVERGENCE_LOSS_TYPES)
+        if unsupported:
+            raise ValueError(
+                f"f_divergence_type={f_divergence_type!r} applies only to {sorted(F_DIVERGENCE_LOSS_TYPES)}; "
+                f"{unsupported} have no f-divergence form"
+            )
+    if pair_weights is not None:
+        sorted_types = sorted(BATCH_SORTED_LOSS_TYPES.intersection(loss_types))
+        if sorted_types:
+            raise ValueError(f"pair_weights cannot be used with {sorted_types}: they sort across the batch")
+        if pair_weights.shape != (batch.batch_size,):
+            raise ValueError(
+                f"pair_weights must be (B,) = ({batch.batch_size},), got {tuple(pair_weights.shape)}"
+            )
+
+    hyperparameters = {
+        "beta": beta,
+        "label_smoothing": label_smoothing,
+        "discopop_tau": discopop_tau,
+        "f_divergence_type": f_divergence_type,
+        "f_alpha_divergence_coef": f_alpha_divergence_coef,
+    }
+    loss = torch.zeros_like(batch.policy_chosen_logps)
+    for name, weight in zip(loss_types, weights):
+        fn = LOSS_FUNCTIONS[name]
+        accepted = _keyword_names(fn)
+        per_example = fn(batch, **{key: value for key, value in hyperparameters.items() if key in accepted})
+        if pair_weights is not None:
+            per_example = per_example * pair_weights
+        loss = loss + weight * per_example
+
+    chosen_rewards = compute_rewards(batch.policy_chosen_logps, batch.ref_chosen_logps, beta).detach()
+    rejected_rewards = compute_rewards(batch.policy_rejected_logps, batch.ref_rejected_logps, beta).detach()
+    return loss, chosen_rewards, rejected_rewards
+
+
+@torch.no_grad()
+def preference_metrics(
+    batch: PreferenceLogps,
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    *,
+    chosen_logit_sums: torch.Tensor | None = None,
+    rejected_logit_sums: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """TRL's DPO metrics for one batch: rewards (B,) -> {name: 0-dim tensor}, per-batch means.
+
+    rewards/chosen, rewards/rejected: mean implicit rewards; rewards/accuracies: fraction of pairs
+    with chosen_reward > rejected_reward (strict, so ties, e.g. at the first step where policy ==
+    reference, count as 0); rewards/margins: mean of chosen - rejected; logps/chosen,
+    logps/rejected: mean summed policy log-probs. With `chosen_logit_sums`/`rejected_logit_sums`
+    (B,) from `dpo_cluster.logprobs.compute_mean_logit_sums` (and lengths in `batch`), also
+    logits/chosen, logits/rejected: the vocabulary-mean logit averaged over all completion tokens of
+    the batch (token-weighted; 0 for a batch without tokens). Nothing is reduced across workers here.
+    """
+    metrics = {
+        "rewards/chosen": chosen_rewards.mean(),
+        "rewards/rejected": rejected_rewards.mean(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+        "logps/chosen": batch.policy_chosen_logps.detach().mean(),
+        "logps/rejected": batch.policy_rejected_logps.detach().mean(),
+    }
+    for side, sums, lengths in (
+        ("chosen", chosen_logit_sums, batch.chosen_lengths),
+        ("rejected", rejected_logit_sums, batch.rejected_lengths),
+    ):
+        if sums is None:
+            continue
+        if lengths is None:
+            raise ValueError(f"logits/{side} needs {side}_lengths in PreferenceLogps")
+        tokens = lengths.sum()
+        metrics[f"logits/{side}"] = torch.where(
+            tokens > 0, sums.sum() / tokens.clamp(min=1), torch.zeros((), device=sums.device)
+        )
+    return {name: value.detach() for name, value in metrics.items()}
