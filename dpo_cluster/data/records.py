@@ -9,12 +9,11 @@ rows_in == rows_kept + sum(dropped) always holds.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Union
 
 Message = dict[str, str]
 """One chat message: {"role": "system"|"user"|"assistant"|"tool", "content": str}."""
 
-Text = Union[str, list[Message]]
+Text = str | list[Message]
 """A plain string (standard format) or a list of messages (conversational format)."""
 
 # Reasons that mean the row itself is defective. `data.on_bad_row` and `data.max_bad_fraction`
