@@ -66,10 +66,20 @@ class ModelConfig:
     revision: str | None = None
     # Allow model/tokenizer code from the hub repo to run (needed by some architectures).
     trust_remote_code: bool = False
+    # Weights dtype when loading: float32 | bfloat16 | float16. DeepSpeed mixed precision is
+    # deepspeed.precision; float32 here with bf16 there keeps fp32 master weights.
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # Attention kernel: null (transformers' default) | eager | sdpa | flash_attention_2 (GPU).
+    attn_implementation: str | None = None
+    # Recompute activations in backward to save memory (slower steps).
+    gradient_checkpointing: bool = False
 
     def check(self) -> None:
         if not self.name_or_path:
             raise ConfigError("model.name_or_path: required (a hub id or a local model directory)")
+        path = self.name_or_path
+        if path.startswith(("/", "./", "../", "~")) and not Path(path).expanduser().is_dir():
+            raise ConfigError(f"model.name_or_path: no such local model directory: {path}")
 
 
 @dataclass
@@ -191,17 +201,163 @@ class DataConfig:
 
 
 @dataclass
+class LoraConfig:
+    # Train a LoRA adapter (peft) instead of all weights.
+    enabled: bool = False
+    # Rank of the update matrices. >= 1.
+    r: int = 16
+    # Scaling numerator (the update is scaled by alpha / r).
+    alpha: int = 32
+    # Dropout on the LoRA input, in [0, 1).
+    dropout: float = 0.05
+    # Module names to adapt, or ["all-linear"] for every linear layer but the output head.
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    # QLoRA: load the base in 4-bit (bitsandbytes). Needs CUDA GPUs.
+    load_in_4bit: bool = False
+    # Write final/ as a full model with the adapter merged in, instead of the adapter alone.
+    merge_on_save: bool = False
+
+
+@dataclass
+class ReferenceConfig:
+    # Where reference log-probs come from: auto (adapter_disabled with LoRA, else model) |
+    # model (a frozen copy, never given an optimizer; sharded like the policy under ZeRO-3) |
+    # adapter_disabled (the LoRA policy with its adapter switched off: no second copy) |
+    # precomputed (ref_chosen_logps / ref_rejected_logps columns in the data: none loaded).
+    mode: Literal["auto", "model", "adapter_disabled", "precomputed"] = "auto"
+    # A different reference model (mode: model). null = the policy's starting weights.
+    name_or_path: str | None = None
+
+    def resolved_mode(self, lora: bool) -> str:
+        if self.mode == "auto":
+            return "adapter_disabled" if lora else "model"
+        return self.mode
+
+
+@dataclass
+class DeepSpeedConfig:
+    # ZeRO stage: 0 (plain data parallel) | 1 (shard optimizer state) | 2 (+ gradients) | 3 (+ weights).
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    # Keep optimizer state (stage >= 1) / parameters (stage 3) in CPU memory: none | cpu.
+    offload_optimizer: Literal["none", "cpu"] = "none"
+    offload_params: Literal["none", "cpu"] = "none"
+    # Mixed precision: auto (bf16 on GPUs that support it, else fp32) | fp32 | bf16 | fp16.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # Raw DeepSpeed config merged last (nested keys merge), the escape hatch for anything else.
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class TrainConfig:
     # DPO loss type(s); a list combines several with train.loss_weights. See dpo_cluster.losses.
     loss_type: list[str] = field(default_factory=lambda: ["sigmoid"])
+    # One weight per loss type. null = 1.0 each.
+    loss_weights: list[float] | None = None
     # Temperature of the implicit reward beta * log(pi/pi_ref) (Rafailov et al. 2023). > 0.
     beta: float = 0.1
+    # Label smoothing (conservative DPO) for robust, exo_pair, aot, aot_unpaired; in [0, 0.5).
+    label_smoothing: float = 0.0
+    # Peak learning rate of AdamW.
+    learning_rate: float = 1e-6
+    # linear | cosine (decay to 0 after warmup) | constant (after warmup).
+    lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    # Warmup as a fraction of all optimizer steps, in [0, 1).
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    adam_epsilon: float = 1e-8
+    # Clip the global gradient norm to this; 0 = no clipping.
+    max_grad_norm: float = 1.0
+    # Pairs per worker per forward/backward (each pair is two sequences). >= 1.
+    micro_batch_size: int = 4
+    # Micro batches per optimizer step. >= 1.
+    gradient_accumulation_steps: int = 1
+    # Pairs per optimizer step over all workers; if set it must equal
+    # micro_batch_size * gradient_accumulation_steps * scaling.num_workers.
+    global_batch_size: int | None = None
+    # Passes over the training data.
+    num_epochs: float = 1.0
+    # Stop after this many optimizer steps (null = run num_epochs).
+    max_steps: int | None = None
+    # Shuffle the training pairs every epoch (seeded); false keeps the prepared order.
+    shuffle: bool = True
+    # Seeds model init noise, dropout, data order and the split; same seed, same run on CPU.
+    seed: int = 42
+    # Set every dropout probability to 0 in policy and reference (as TRL does by default), so the
+    # first-step reward is exactly 0 and log-prob differences carry no dropout noise.
+    disable_dropout: bool = True
+    # Log metrics every N optimizer steps (and at the last step).
+    logging_steps: int = 10
+    # Evaluate: steps (every eval_steps) | epoch (end of each epoch) | no. Always also at the end.
+    eval_strategy: Literal["steps", "epoch", "no"] = "epoch"
+    eval_steps: int = 100
+    # Checkpoint: steps (every save_steps) | epoch | no. The final model is written regardless.
+    save_strategy: Literal["steps", "epoch", "no"] = "epoch"
+    save_steps: int = 500
+    # Checkpoints kept (the best one by best_metric is never deleted first).
+    num_checkpoints_to_keep: int = 2
+    # Metric that ranks checkpoints, and whether lower or higher is better.
+    best_metric: str = "eval_loss"
+    best_mode: Literal["min", "max"] = "min"
+    # Write final/ from the best checkpoint instead of the last step.
+    load_best_at_end: bool = False
+    # A checkpoint directory to continue from (a stopped run's output_dir/checkpoints/...).
+    resume_from: str | None = None
+    # Worker failures tolerated; the run restarts from its last checkpoint each time.
+    max_failures: int = 0
 
-    def check(self) -> None:
+    def check(self, num_workers: int) -> None:
+        from dpo_cluster.losses import LOSS_FUNCTIONS
+
         if self.beta <= 0:
             raise ConfigError(f"train.beta: must be > 0, got {self.beta}")
         if not self.loss_type:
             raise ConfigError("train.loss_type: at least one loss type is required")
+        for name in self.loss_type:
+            if name not in LOSS_FUNCTIONS:
+                raise ConfigError(
+                    f"train.loss_type: unknown loss {name!r}; valid: {', '.join(LOSS_FUNCTIONS)}"
+                )
+        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
+            raise ConfigError(
+                f"train.loss_weights: {len(self.loss_weights)} weights for {len(self.loss_type)} loss types"
+            )
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"train.label_smoothing: must be in [0, 0.5), got {self.label_smoothing}")
+        for name in ("learning_rate", "num_epochs"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"train.{name}: must be > 0, got {getattr(self, name)}")
+        for name in (
+            "micro_batch_size",
+            "gradient_accumulation_steps",
+            "logging_steps",
+            "eval_steps",
+            "save_steps",
+            "num_checkpoints_to_keep",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"train.max_steps: must be >= 1, got {self.max_steps}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"train.warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
+        if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):
+            raise ConfigError(f"train.adam_betas: two numbers in [0, 1), got {self.adam_betas}")
+        if self.max_grad_norm < 0:
+            raise ConfigError(f"train.max_grad_norm: must be >= 0, got {self.max_grad_norm}")
+        global_batch = self.micro_batch_size * self.gradient_accumulation_steps * num_workers
+        if self.global_batch_size is not None and self.global_batch_size != global_batch:
+            raise ConfigError(
+                f"train.global_batch_size: {self.global_batch_size} != train.micro_batch_size "
+                f"({self.micro_batch_size}) x train.gradient_accumulation_steps ({self.gradient_accumulation_steps}) "
+                f"x scaling.num_workers ({num_workers}) = {global_batch}"
+            )
+        if self.resume_from is not None and not Path(self.resume_from).is_dir():
+            raise ConfigError(f"train.resume_from: no such checkpoint directory: {self.resume_from}")
+
+    def pairs_per_step(self, num_workers: int) -> int:
+        """Pairs consumed by one optimizer step over all workers."""
+        return self.micro_batch_size * self.gradient_accumulation_steps * num_workers
 
 
 @dataclass
@@ -210,6 +366,13 @@ class ScalingConfig:
     num_workers: int = 2
     # Train on GPUs (NCCL) instead of CPUs (gloo).
     use_gpu: bool = False
+    # Resources each worker reserves, e.g. {CPU: 4, GPU: 1}. {} = Ray Train's default.
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
+    # Worker placement: PACK (fill a node first) | SPREAD (one per node where possible).
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    # Where Ray Train keeps checkpoints: a path every node can reach (NFS, s3://, gs://).
+    # null = output_dir/ray_results (fine on one machine).
+    storage_path: str | None = None
 
     def check(self) -> None:
         if self.num_workers < 1:
@@ -223,6 +386,9 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
 
     def check(self) -> None:
@@ -230,8 +396,41 @@ class Config:
             raise ConfigError("output_dir: required (the directory this run writes to)")
         self.model.check()
         self.data.check()
-        self.train.check()
         self.scaling.check()
+        self.train.check(self.scaling.num_workers)
+        self._check_cross_sections()
+
+    def _check_cross_sections(self) -> None:
+        lora_defaults = LoraConfig()
+        if not self.lora.enabled:
+            changed = [
+                f.name
+                for f in dataclasses.fields(LoraConfig)
+                if f.name != "enabled" and getattr(self.lora, f.name) != getattr(lora_defaults, f.name)
+            ]
+            if changed:
+                raise ConfigError(
+                    f"lora.{changed[0]}: set, but lora.enabled is false (enable LoRA or remove it)"
+                )
+        if self.lora.load_in_4bit and not self.scaling.use_gpu:
+            raise ConfigError(
+                "lora.load_in_4bit: QLoRA needs CUDA GPUs (scaling.use_gpu: true); on CPU use plain LoRA"
+            )
+        mode = self.reference.resolved_mode(self.lora.enabled)
+        if mode == "adapter_disabled" and not self.lora.enabled:
+            raise ConfigError("reference.mode: adapter_disabled needs lora.enabled: true")
+        if self.reference.name_or_path is not None and mode != "model":
+            raise ConfigError(
+                f"reference.name_or_path: only used with reference.mode: model (mode is {mode})"
+            )
+        if self.deepspeed.offload_params != "none" and self.deepspeed.zero_stage != 3:
+            raise ConfigError("deepspeed.offload_params: parameter offload needs deepspeed.zero_stage: 3")
+        if self.deepspeed.offload_optimizer != "none" and self.deepspeed.zero_stage == 0:
+            raise ConfigError(
+                "deepspeed.offload_optimizer: optimizer offload needs deepspeed.zero_stage >= 1"
+            )
+        if not self.scaling.use_gpu and self.deepspeed.precision == "fp16":
+            raise ConfigError("deepspeed.precision: fp16 needs GPUs; use fp32 or bf16 on CPU")
 
     def tokenizer_path(self) -> str:
         return self.data.tokenizer or self.model.name_or_path
@@ -343,6 +542,15 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
     if value is None:
         raise ConfigError(f"{key}: must not be null")
     if origin is Literal:
+        if isinstance(value, bool) and not any(isinstance(a, bool) for a in args):
+            # YAML 1.1 reads no/off/yes/on as booleans; map back to the option spelled that way.
+            spelled = [
+                a
+                for a in args
+                if isinstance(a, str)
+                and a.lower() in (("yes", "on", "true") if value else ("no", "off", "false"))
+            ]
+            value = spelled[0] if spelled else value
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of: {', '.join(map(str, args))}")
         return value
@@ -371,6 +579,12 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str):
+            # YAML 1.1 (PyYAML) reads 1e-6 without a dot as a string; it is meant as a number.
+            try:
+                return float(value)
+            except ValueError:
+                raise ConfigError(f"{key}: expected a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)

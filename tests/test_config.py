@@ -67,7 +67,8 @@ def test_unknown_key_lists_valid_keys() -> None:
 
 def test_unknown_top_level_key(tmp_path: Path) -> None:
     with pytest.raises(
-        ConfigError, match="unknown config key outputdir; valid keys: output_dir, model.name_or_path"
+        ConfigError,
+        match=r"unknown config key outputdir \(did you mean output_dir\?\); valid keys: output_dir, model.name_or_path",
     ):
         load_config(write(tmp_path, "outputdir: x\n"))
 
@@ -159,3 +160,25 @@ def test_file_errors(tmp_path: Path) -> None:
 def test_null_for_a_required_value() -> None:
     with pytest.raises(ConfigError, match="data.max_length: must not be null"):
         load_config(None, [*_overrides(), "data.max_length=null"])
+
+
+def test_exponent_floats_without_a_dot_are_numbers(tmp_path: Path) -> None:
+    config = load_config(
+        write(
+            tmp_path,
+            "output_dir: o\nmodel: {name_or_path: m}\ndata: {train: t}\ntrain: {learning_rate: 5e-7}\n",
+        )
+    )
+    assert config.train.learning_rate == 5e-7
+    with pytest.raises(ConfigError, match="train.learning_rate: expected a number, got 'fast'"):
+        load_config(None, [*_overrides(), "train.learning_rate=fast"])
+
+
+def test_yaml_booleans_map_back_to_spelled_options(tmp_path: Path) -> None:
+    config = load_config(
+        write(
+            tmp_path,
+            "output_dir: o\nmodel: {name_or_path: m}\ndata: {train: t}\ntrain: {eval_strategy: no}\n",
+        )
+    )
+    assert config.train.eval_strategy == "no"
