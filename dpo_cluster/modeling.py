@@ -1,18 +1,34 @@
-"""Loading pretrained artefacts by name: Hugging Face hub ids, local directories, and the
-project's own built-in tiny models ("builtin:tiny"), which are built on first use into a cache
-directory so examples and tests run with no model hub.
+"""Loading pretrained artefacts by name, and the policy and reference models DPO trains against.
+
+Names are Hugging Face hub ids, local directories, or the project's own built-in tiny model
+("builtin:tiny": a byte-level BPE tokenizer and a randomly initialized 2-layer Qwen2), which is
+built on first use into a cache directory so examples and tests run with no model hub.
+
+`load_policy` loads the model being trained: all weights, a LoRA adapter over them, or a LoRA
+adapter over a 4-bit base (QLoRA). `load_reference` loads the frozen reference when the reference
+is a second model; with a LoRA policy the reference is usually the policy itself with its adapter
+switched off (`reference_context`), and with precomputed reference log-probs there is none.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from dpo_cluster import __version__
+from dpo_cluster.config import LoraConfig, ModelConfig, ReferenceConfig
 
 BUILTIN_PREFIX = "builtin:"
 BUILTINS = ("tiny",)
+# A built-in directory is complete only when all of these exist; a cache written by an older
+# layout (the tokenizer alone) is rebuilt rather than trusted.
+BUILTIN_FILES = ("tokenizer.json", "config.json", "model.safetensors")
 
 
 def cache_dir() -> Path:
@@ -29,18 +45,22 @@ def resolve_name_or_path(name_or_path: str) -> str:
         raise ValueError(
             f"unknown built-in {name_or_path!r}; available: {', '.join(BUILTIN_PREFIX + b for b in BUILTINS)}"
         )
-    from dpo_cluster.tiny import build_tiny_tokenizer
+    from dpo_cluster.tiny import build_tiny_model
 
     target = cache_dir() / f"{name}-{__version__}"
-    if not (target / "tokenizer.json").exists():
+    if not all((target / f).exists() for f in BUILTIN_FILES):
         # Build beside the target and rename, so concurrent first uses never see half a directory.
         tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-        build_tiny_tokenizer(tmp)
+        build_tiny_model(tmp)
+        if target.exists() and not all((target / f).exists() for f in BUILTIN_FILES):
+            # An incomplete older layout: move it aside first (rename is atomic, rmtree is not).
+            stale = target.with_name(f"{target.name}.stale-{os.getpid()}")
+            with contextlib.suppress(OSError):  # another process moved it already
+                target.rename(stale)
+            shutil.rmtree(stale, ignore_errors=True)
         try:
             tmp.rename(target)
         except OSError:  # another process won the race; its copy is identical
-            import shutil
-
             shutil.rmtree(tmp, ignore_errors=True)
     return str(target)
 
@@ -52,3 +72,170 @@ def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_
     return AutoTokenizer.from_pretrained(
         resolve_name_or_path(name_or_path), revision=revision, trust_remote_code=trust_remote_code
     )
+
+
+def load_policy(
+    model: ModelConfig, lora: LoraConfig, *, device: torch.device | None = None
+) -> torch.nn.Module:
+    """The model DPO trains: every weight trainable, or (lora.enabled) a peft LoRA model whose
+    adapter weights alone are trainable, over a 4-bit base when lora.load_in_4bit (QLoRA).
+
+    The KV cache is off (training never reuses it, and it conflicts with gradient checkpointing).
+    device: where the weights go; None leaves them on the CPU (DeepSpeed moves them itself).
+    Raises ValueError naming model.name_or_path when it cannot be loaded, and when QLoRA is asked
+    for without a CUDA GPU.
+    """
+    policy = _load_causal_lm(
+        model, model.name_or_path, model.revision, load_in_4bit=lora.load_in_4bit, device=device
+    )
+    checkpointing_kwargs = {"use_reentrant": False}
+    if lora.load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        # Casts norms to fp32, freezes the quantized base and sets up checkpointing for k-bit
+        # training, which activation_checkpointing_enable alone does not do for a 4-bit model.
+        policy = prepare_model_for_kbit_training(
+            policy,
+            use_gradient_checkpointing=model.gradient_checkpointing,
+            gradient_checkpointing_kwargs=checkpointing_kwargs,
+        )
+    elif model.gradient_checkpointing:
+        policy.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing_kwargs)
+        if lora.enabled:
+            # The frozen embeddings' output has no grad. Non-reentrant checkpointing copes, but a
+            # model whose own code uses the reentrant kind would then skip backward through its
+            # checkpointed blocks, leaving LoRA's weights there without gradients.
+            policy.enable_input_require_grads()
+    policy.config.use_cache = False
+
+    if lora.enabled:
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import get_peft_model
+
+        target_modules: str | list[str] = (
+            "all-linear" if lora.target_modules == ["all-linear"] else list(lora.target_modules)
+        )
+        policy = get_peft_model(
+            policy,
+            PeftLoraConfig(
+                r=lora.r,
+                lora_alpha=lora.alpha,
+                lora_dropout=lora.dropout,
+                target_modules=target_modules,
+                task_type="CAUSAL_LM",
+            ),
+        )
+    return policy
+
+
+def load_reference(
+    model: ModelConfig,
+    reference: ReferenceConfig,
+    lora: LoraConfig,
+    *,
+    device: torch.device | None = None,
+) -> torch.nn.Module | None:
+    """The frozen reference model, or None when the reference needs no second model.
+
+    mode "model": reference.name_or_path, else the policy's own starting weights
+    (model.name_or_path at model.revision), loaded with the policy's dtype and attention kernel
+    (and 4-bit when the policy is QLoRA, so both start from the same quantized weights); in eval
+    mode, every parameter with requires_grad False. "adapter_disabled": None, the policy with its
+    adapter off is the reference (see `reference_context`). "precomputed": None, the data carries
+    the reference log-probs.
+    """
+    mode = reference.resolved_mode(lora.enabled)
+    if mode != "model":
+        return None
+    if reference.name_or_path is not None:
+        name_or_path, revision = reference.name_or_path, None
+    else:
+        name_or_path, revision = model.name_or_path, model.revision
+    ref = _load_causal_lm(model, name_or_path, revision, load_in_4bit=lora.load_in_4bit, device=device)
+    ref.eval()
+    ref.requires_grad_(False)
+    ref.config.use_cache = False
+    return ref
+
+
+@contextlib.contextmanager
+def reference_context(policy: torch.nn.Module, mode: str) -> Iterator[None]:
+    """Run reference forwards inside this: gradients off, and for mode "adapter_disabled" the
+    policy's LoRA adapter switched off, so `policy(...)` computes with the base weights alone.
+
+    That base is the reference: DPO's pi_ref is the starting point of training, and a LoRA policy
+    starts with B = 0, i.e. exactly its base. No second copy of the weights is held. For any other
+    mode (a separate reference model, precomputed log-probs) this is `torch.no_grad()` alone.
+    Train/eval mode is left to the caller.
+    """
+    if mode != "adapter_disabled":
+        with torch.no_grad():
+            yield
+        return
+    if not hasattr(policy, "disable_adapter"):
+        raise ValueError(
+            "reference mode 'adapter_disabled' needs a LoRA (peft) policy; "
+            f"got {type(policy).__name__} (set lora.enabled: true or reference.mode: model)"
+        )
+    with policy.disable_adapter(), torch.no_grad():
+        yield
+
+
+def count_parameters(module: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts, tied weights counted once."""
+    trainable = total = 0
+    for param in module.parameters():  # parameters() yields a tied tensor once
+        # ZeRO-3 leaves each rank an empty shard; ds_numel is the full size.
+        numel = getattr(param, "ds_numel", param.numel())
+        if param.__class__.__name__ == "Params4bit":
+            # bitsandbytes packs two 4-bit values per byte of its uint8 storage.
+            numel *= 2 * param.quant_storage.itemsize if hasattr(param, "quant_storage") else 2
+        total += numel
+        if param.requires_grad:
+            trainable += numel
+    return trainable, total
+
+
+def _load_causal_lm(
+    model: ModelConfig,
+    name_or_path: str,
+    revision: str | None,
+    *,
+    load_in_4bit: bool,
+    device: torch.device | None,
+) -> Any:
+    """`AutoModelForCausalLM.from_pretrained` with model's dtype, attention kernel and remote-code
+    setting; 4-bit (nf4, bf16 compute) on the current CUDA device when load_in_4bit."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {
+        "revision": revision,
+        "trust_remote_code": model.trust_remote_code,
+        "dtype": getattr(torch, model.dtype),
+    }
+    if model.attn_implementation is not None:
+        kwargs["attn_implementation"] = model.attn_implementation
+    if load_in_4bit:
+        if not torch.cuda.is_available():
+            raise ValueError(
+                "lora.load_in_4bit: QLoRA needs CUDA GPUs (bitsandbytes 4-bit kernels), and none is "
+                "available; set lora.load_in_4bit: false to train LoRA over full-precision weights"
+            )
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+        )
+        # Quantized weights cannot be moved with .to() after loading: place them while loading.
+        kwargs["device_map"] = {"": device if device is not None else torch.cuda.current_device()}
+    resolved = os.path.expanduser(resolve_name_or_path(name_or_path))
+    if resolved.startswith(("/", ".")) and not Path(resolved).is_dir():
+        # Spelled as a path, so not a hub id: say so, rather than the hub's repo-id complaint.
+        raise ValueError(f"could not load model {name_or_path!r}: no such local directory")
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(resolved, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"could not load model {name_or_path!r}: {exc}") from exc
+    if device is not None and not load_in_4bit:
+        loaded = loaded.to(device)
+    return loaded

@@ -1,4 +1,5 @@
-"""Tiny tokenizers the project builds itself, so tests, benchmarks and the demo run offline.
+"""Tiny tokenizers and models the project builds itself, so tests, benchmarks and the demo run
+offline.
 
 `build_tiny_tokenizer` trains a byte-level BPE (the `tokenizers` library) on a small corpus that
 this module generates deterministically from word lists: English prose, questions and answers,
@@ -13,15 +14,22 @@ It behaves like the real tokenizers the pipeline meets:
 
 Every variant has the same vocabulary and ids; only the post-processor, the special-token map and
 the template differ. Training is deterministic: rebuilding writes a byte-identical tokenizer.json.
+
+`build_tiny_model` saves a randomly initialized 2-layer Qwen2 causal LM (grouped-query attention,
+tied embeddings) sized to such a tokenizer, with the tokenizer beside it, so the directory loads
+with `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained` like a hub model.
+Its weights are a function of the seed alone: rebuilding writes a byte-identical model.safetensors.
 """
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -44,6 +52,20 @@ CHATML_TEMPLATE = (
 
 # 256 byte symbols + the special tokens; below this there is no room for a single merge.
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS) + 1
+
+# The files a Hugging Face tokenizer may be saved as; `build_tiny_model` copies those present, and
+# nothing else, so a model directory given as tokenizer_dir never leaks its weights or config.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+)
 
 _SUBJECTS = [
     "The cat",
@@ -242,3 +264,57 @@ def _train_bpe(vocab_size: int) -> Tokenizer:
     )
     tokenizer.train_from_iterator(corpus_lines(), trainer=trainer)
     return tokenizer
+
+
+def build_tiny_model(
+    out_dir: str | Path,
+    *,
+    tokenizer_dir: str | Path | None = None,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 128,
+    max_position_embeddings: int = 1024,
+    seed: int = 0,
+) -> Path:
+    """Save a randomly initialized Qwen2 causal LM and its tokenizer to `out_dir` (Hugging Face
+    format, float32 safetensors) and return the directory.
+
+    tokenizer_dir: a saved tokenizer whose files are copied in; None builds `build_tiny_tokenizer`
+    into `out_dir`. The vocabulary is len(tokenizer) and the bos/eos/pad ids are the tokenizer's.
+    seed: the weights depend on it alone (same seed -> byte-identical model.safetensors); the
+    caller's torch random state is left as it was.
+    """
+    out_dir = Path(out_dir)
+    if tokenizer_dir is None:
+        build_tiny_tokenizer(out_dir)
+    else:
+        tokenizer_dir = Path(tokenizer_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if tokenizer_dir.resolve() != out_dir.resolve():
+            for name in TOKENIZER_FILES:
+                if (tokenizer_dir / name).is_file():
+                    shutil.copyfile(tokenizer_dir / name, out_dir / name)
+    tokenizer = AutoTokenizer.from_pretrained(out_dir)
+
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        dtype="float32",
+    )
+    # A forked RNG: seeding here must not change the random stream of whoever called us.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(config).to(dtype=torch.float32)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir

@@ -1,4 +1,5 @@
-"""Name resolution for pretrained artefacts: hub ids and paths pass through, built-ins are built."""
+"""Name resolution for pretrained artefacts (hub ids and paths pass through, built-ins are built),
+and the policy and reference models: full, LoRA, adapter-disabled and frozen-copy references."""
 
 from __future__ import annotations
 
@@ -6,8 +7,21 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
 
-from dpo_cluster.modeling import load_tokenizer, resolve_name_or_path
+from dpo_cluster import __version__
+from dpo_cluster.config import LoraConfig, ModelConfig, ReferenceConfig
+from dpo_cluster.modeling import (
+    count_parameters,
+    load_policy,
+    load_reference,
+    load_tokenizer,
+    reference_context,
+    resolve_name_or_path,
+)
+from dpo_cluster.tiny import build_tiny_model, build_tiny_tokenizer
 
 
 def test_hub_ids_and_paths_pass_through() -> None:
@@ -29,3 +43,163 @@ def test_builtin_tiny_is_built_once_into_the_cache(tmp_path: Path, monkeypatch: 
 def test_unknown_builtin_names_the_choices() -> None:
     with pytest.raises(ValueError, match="unknown built-in 'builtin:huge'; available: builtin:tiny"):
         resolve_name_or_path("builtin:huge")
+
+
+def test_builtin_tiny_has_a_model_that_generates() -> None:
+    path = resolve_name_or_path("builtin:tiny")
+    tokenizer = load_tokenizer("builtin:tiny")
+    model = AutoModelForCausalLM.from_pretrained(path)
+    prompt = tokenizer("The cat", return_tensors="pt")
+    out = model.generate(**prompt, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert out.shape == (1, prompt["input_ids"].shape[1] + 3)
+
+
+def test_builtin_cache_without_a_model_is_rebuilt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DPO_CLUSTER_CACHE", str(tmp_path))
+    stale = tmp_path / f"tiny-{__version__}"
+    build_tiny_tokenizer(stale)  # the layout of a cache that held the tokenizer alone
+    path = Path(resolve_name_or_path("builtin:tiny"))
+    assert path == stale and (path / "model.safetensors").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no temporaries left
+
+
+# --- policy and reference -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_model"))
+
+
+def _input_ids() -> torch.Tensor:
+    return torch.tensor([[5, 17, 300, 42, 9, 800], [7, 7, 120, 3, 64, 1000]])
+
+
+def _logits(model: torch.nn.Module) -> torch.Tensor:
+    return model(input_ids=_input_ids()).logits
+
+
+def test_full_policy_trains_every_weight(tiny_model_dir: Path) -> None:
+    policy = load_policy(ModelConfig(name_or_path=str(tiny_model_dir)), LoraConfig())
+    assert all(p.requires_grad for p in policy.parameters())
+    trainable, total = count_parameters(policy)
+    assert trainable == total == sum(p.numel() for p in policy.parameters())
+    assert policy.config.use_cache is False
+    assert policy.is_activation_checkpointing is False
+
+
+def test_gradient_checkpointing_is_honoured(tiny_model_dir: Path) -> None:
+    config = ModelConfig(name_or_path=str(tiny_model_dir), gradient_checkpointing=True)
+    policy = load_policy(config, LoraConfig())
+    assert policy.is_activation_checkpointing and policy.config.use_cache is False
+    policy.train()
+    _logits(policy).sum().backward()
+    assert policy.model.layers[0].mlp.down_proj.weight.grad is not None
+
+
+def test_dtype_and_attention_kernel_are_honoured(tiny_model_dir: Path) -> None:
+    config = ModelConfig(name_or_path=str(tiny_model_dir), dtype="bfloat16", attn_implementation="eager")
+    policy = load_policy(config, LoraConfig())
+    assert all(p.dtype == torch.bfloat16 for p in policy.parameters())
+    assert policy.config._attn_implementation == "eager"
+
+
+@pytest.mark.parametrize(
+    ("target_modules", "expected_trainable"),
+    [
+        # r * (in + out) per adapted linear, hidden 64, kv 2 heads x 16 = 32, intermediate 128, r = 4:
+        # q 4*(64+64)=512, k 4*(64+32)=384, v 384, o 512, gate 4*(64+128)=768, up 768, down 768
+        # -> 4096 per layer, 2 layers -> 8192. The lm_head (tied embedding) is never adapted.
+        (["all-linear"], 8192),
+        # q + v only: (512 + 384) * 2 layers = 1792.
+        (["q_proj", "v_proj"], 1792),
+    ],
+)
+def test_lora_trains_only_the_adapter(
+    tiny_model_dir: Path, target_modules: list[str], expected_trainable: int
+) -> None:
+    base_total = count_parameters(AutoModelForCausalLM.from_pretrained(tiny_model_dir))[1]
+    lora = LoraConfig(enabled=True, r=4, alpha=8, dropout=0.0, target_modules=target_modules)
+    policy = load_policy(ModelConfig(name_or_path=str(tiny_model_dir), gradient_checkpointing=True), lora)
+    assert isinstance(policy, PeftModel)
+    trainable_names = [n for n, p in policy.named_parameters() if p.requires_grad]
+    assert trainable_names and all("lora_" in n for n in trainable_names)
+    assert count_parameters(policy) == (expected_trainable, base_total + expected_trainable)
+    assert policy.config.use_cache is False
+    # Checkpointed blocks still backpropagate into the adapter (enable_input_require_grads).
+    policy.train()
+    _logits(policy).sum().backward()
+    assert all(p.grad is not None for p in policy.parameters() if p.requires_grad)
+
+
+def test_adapter_disabled_reference_is_the_base_model(tiny_model_dir: Path) -> None:
+    model = ModelConfig(name_or_path=str(tiny_model_dir))
+    lora = LoraConfig(enabled=True, r=4, alpha=8)
+    assert ReferenceConfig().resolved_mode(lora.enabled) == "adapter_disabled"
+    assert load_reference(model, ReferenceConfig(), lora) is None
+    base_logits = _logits(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
+    policy = load_policy(model, lora)
+    policy.eval()
+
+    with reference_context(policy, "adapter_disabled"):
+        ref_logits = _logits(policy)
+    assert not ref_logits.requires_grad
+    assert torch.equal(ref_logits, base_logits)
+    # Fresh LoRA has B = 0: the policy starts at its reference.
+    assert torch.equal(_logits(policy), base_logits)
+
+    with torch.no_grad():
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.1)
+    policy_logits = _logits(policy)
+    assert policy_logits.requires_grad
+    assert not torch.allclose(policy_logits, base_logits)
+    with reference_context(policy, "adapter_disabled"):
+        assert torch.equal(_logits(policy), base_logits)
+    # The adapter is back on after the context.
+    assert torch.equal(_logits(policy), policy_logits)
+
+
+def test_reference_context_without_adapter(tiny_model_dir: Path) -> None:
+    policy = load_policy(ModelConfig(name_or_path=str(tiny_model_dir)), LoraConfig())
+    with reference_context(policy, "model"):
+        assert not _logits(policy).requires_grad
+    with pytest.raises(ValueError, match="needs a LoRA"), reference_context(policy, "adapter_disabled"):
+        pass
+
+
+def test_model_reference_is_a_frozen_copy(tiny_model_dir: Path, tmp_path: Path) -> None:
+    model = ModelConfig(name_or_path=str(tiny_model_dir))
+    reference = load_reference(model, ReferenceConfig(), LoraConfig())
+    assert reference is not None and not reference.training
+    assert not any(p.requires_grad for p in reference.parameters())
+    assert count_parameters(reference)[0] == 0
+    assert reference.config.use_cache is False
+    policy = load_policy(model, LoraConfig())
+    ref_logits = _logits(reference)
+    assert not ref_logits.requires_grad
+    assert torch.equal(ref_logits, _logits(policy))
+
+    # A different reference model is loaded from its own path.
+    other = build_tiny_model(tmp_path, seed=1)
+    reference = load_reference(model, ReferenceConfig(name_or_path=str(other)), LoraConfig())
+    assert reference is not None and not torch.allclose(_logits(reference), ref_logits)
+
+
+def test_precomputed_reference_loads_nothing(tiny_model_dir: Path) -> None:
+    model = ModelConfig(name_or_path=str(tiny_model_dir))
+    assert load_reference(model, ReferenceConfig(mode="precomputed"), LoraConfig()) is None
+
+
+def test_qlora_needs_cuda(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    lora = LoraConfig(enabled=True, load_in_4bit=True)
+    with pytest.raises(ValueError, match="QLoRA needs CUDA"):
+        load_policy(ModelConfig(name_or_path=str(tiny_model_dir)), lora)
+
+
+@pytest.mark.parametrize("name", ["/no/such/model-dir", "no-such-org/no-such-model"])
+def test_a_model_that_cannot_load_is_named(name: str) -> None:
+    with pytest.raises(ValueError, match=f"could not load model '{name}'"):
+        load_policy(ModelConfig(name_or_path=name), LoraConfig())

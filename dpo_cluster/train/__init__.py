@@ -1,0 +1,1 @@
+"""DPO training: per-worker loop, DeepSpeed engine, checkpoints."""

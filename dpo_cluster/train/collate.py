@@ -1,0 +1,157 @@
+"""Batch preference pairs into the padded tensors one policy forward pass consumes.
+
+A batch of B pairs becomes 2B right-padded sequences: rows 0..B-1 are prompt + chosen, rows
+B..2B-1 are prompt + rejected, so one forward pass scores both answers and the two halves line up
+pair by pair. The layout, dtypes and masks are those of TRL 1.16's `DataCollatorForPreference`
+(without its truncation: rows arrive already cut to `data.max_length` by the data pipeline), so
+log-probs and losses computed on these tensors match TRL's `DPOTrainer` exactly.
+
+Input is one batch from Ray Data's `iter_batches(batch_format="numpy")`: a mapping of columns in
+which `prompt_ids`, `chosen_ids` and `rejected_ids` hold one 1-D integer sequence per pair (numpy
+object arrays of int32 arrays, a 2-D array when all rows have the same length, or plain lists of
+lists), and the optional `ref_chosen_logps` / `ref_rejected_logps` hold one float per pair when the
+reference log-probs were precomputed. Other columns (row ids, notes) are ignored.
+
+Pure tensor code: no ray, no deepspeed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+ID_COLUMNS: tuple[str, str, str] = ("prompt_ids", "chosen_ids", "rejected_ids")
+REF_COLUMNS: tuple[str, str] = ("ref_chosen_logps", "ref_rejected_logps")
+
+
+@dataclass
+class PreferenceBatch:
+    """B preference pairs as 2B padded sequences (chosen half first, then rejected half).
+
+    input_ids: (2B, T) long; prompt + completion tokens, right-padded with the pad token id.
+    attention_mask: (2B, T) long; 1 on real tokens, 0 on padding.
+    completion_mask: (2B, T) long; 1 on completion tokens. These are label positions before the
+        causal shift: `dpo_cluster.logprobs.build_shifted_labels` moves them one step left.
+    ref_chosen_logps / ref_rejected_logps: (B,) float32 precomputed reference log-probs, or None
+        when the reference model scores the batch during training.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    completion_mask: torch.Tensor
+    ref_chosen_logps: torch.Tensor | None = None
+    ref_rejected_logps: torch.Tensor | None = None
+
+    @property
+    def num_pairs(self) -> int:
+        """B, the number of preference pairs (half the rows)."""
+        return self.input_ids.shape[0] // 2
+
+    @property
+    def num_tokens(self) -> int:
+        """Non-pad tokens over all 2B sequences (prompts counted in both halves)."""
+        return int(self.attention_mask.sum().item())
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> PreferenceBatch:
+        """The same batch with every tensor on `device`."""
+
+        def move(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else tensor.to(device, non_blocking=non_blocking)
+
+        return PreferenceBatch(
+            input_ids=self.input_ids.to(device, non_blocking=non_blocking),
+            attention_mask=self.attention_mask.to(device, non_blocking=non_blocking),
+            completion_mask=self.completion_mask.to(device, non_blocking=non_blocking),
+            ref_chosen_logps=move(self.ref_chosen_logps),
+            ref_rejected_logps=move(self.ref_rejected_logps),
+        )
+
+
+def collate_pairs(
+    batch: Mapping[str, Any], pad_token_id: int, pad_to_multiple_of: int | None = None
+) -> PreferenceBatch:
+    """Pad B pairs into one `PreferenceBatch`.
+
+    batch: columns `prompt_ids`, `chosen_ids`, `rejected_ids` (B sequences each) and optionally
+        `ref_chosen_logps`, `ref_rejected_logps` (B floats each, both or neither).
+    Returns tensors of shape (2B, T) with T the longest prompt + completion, rounded up to a
+    multiple of `pad_to_multiple_of` when given (tensor-core friendly shapes on GPU).
+    Raises ValueError on an empty batch, a missing column, or columns of different lengths.
+    """
+    if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
+        raise ValueError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
+    missing = [name for name in ID_COLUMNS if name not in batch]
+    if missing:
+        raise ValueError(f"preference batch lacks column(s) {', '.join(missing)}; has {', '.join(batch)}")
+    prompts, chosen, rejected = (_id_sequences(batch[name], name) for name in ID_COLUMNS)
+    num_pairs = len(prompts)
+    if num_pairs == 0:
+        raise ValueError("cannot collate an empty preference batch (0 pairs)")
+    if not len(chosen) == len(rejected) == num_pairs:
+        raise ValueError(
+            f"preference batch columns differ in length: prompt_ids {num_pairs}, "
+            f"chosen_ids {len(chosen)}, rejected_ids {len(rejected)}"
+        )
+
+    prompt_lengths = np.array([len(p) for p in prompts] * 2, dtype=np.int64)
+    completions = chosen + rejected
+    total_lengths = prompt_lengths + np.array([len(c) for c in completions], dtype=np.int64)
+    max_length = int(total_lengths.max())
+    if pad_to_multiple_of is not None and max_length % pad_to_multiple_of:
+        max_length += pad_to_multiple_of - max_length % pad_to_multiple_of
+
+    input_ids = np.full((2 * num_pairs, max_length), pad_token_id, dtype=np.int64)
+    for row, (prompt, completion) in enumerate(zip(prompts * 2, completions)):
+        input_ids[row, : len(prompt)] = prompt
+        input_ids[row, len(prompt) : len(prompt) + len(completion)] = completion
+    positions = np.arange(max_length)[None, :]
+    attention_mask = positions < total_lengths[:, None]
+    completion_mask = attention_mask & (positions >= prompt_lengths[:, None])
+
+    ref_chosen_logps, ref_rejected_logps = _ref_logps(batch, num_pairs)
+    return PreferenceBatch(
+        input_ids=torch.from_numpy(input_ids),
+        attention_mask=torch.from_numpy(attention_mask.astype(np.int64)),
+        completion_mask=torch.from_numpy(completion_mask.astype(np.int64)),
+        ref_chosen_logps=ref_chosen_logps,
+        ref_rejected_logps=ref_rejected_logps,
+    )
+
+
+def padding_fraction(batch: PreferenceBatch) -> float:
+    """Share of `input_ids` (2B, T) entries that are padding, in [0, 1): compute wasted on pad."""
+    total = batch.input_ids.numel()
+    return 0.0 if total == 0 else 1.0 - batch.num_tokens / total
+
+
+def _id_sequences(column: Any, name: str) -> list[np.ndarray]:
+    """One int64 1-D array per row of a token-id column (object array, 2-D array or lists)."""
+    sequences = []
+    for index, row in enumerate(column):
+        ids = np.asarray(row, dtype=np.int64)
+        if ids.ndim != 1:
+            raise ValueError(f"{name}[{index}]: expected a 1-D sequence of token ids, got shape {ids.shape}")
+        sequences.append(ids)
+    return sequences
+
+
+def _ref_logps(batch: Mapping[str, Any], num_pairs: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The precomputed reference log-probs as (B,) float32 tensors, or (None, None)."""
+    present = [name for name in REF_COLUMNS if name in batch]
+    if not present:
+        return None, None
+    if len(present) == 1:
+        # The losses need both halves; one alone means the precompute step went wrong.
+        raise ValueError(f"preference batch has {present[0]} but not its pair column; need both or neither")
+    tensors: list[torch.Tensor] = []
+    for name in REF_COLUMNS:
+        values = np.asarray(batch[name], dtype=np.float32)
+        if values.shape != (num_pairs,):
+            raise ValueError(f"{name}: expected {num_pairs} values (one per pair), got shape {values.shape}")
+        # Copy: Ray hands out read-only buffers, and the tensor must not alias the batch.
+        tensors.append(torch.from_numpy(values.copy()))
+    return tensors[0], tensors[1]

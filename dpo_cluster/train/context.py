@@ -1,0 +1,120 @@
+"""What the per-worker training loop needs from its surroundings, and nothing more.
+
+`WorkerContext` carries rank, world size, device, the data, a `report` callback and the checkpoint
+to resume from. Under Ray Train it is built from `ray.train.get_context()` and the dataset shards
+(`dpo_cluster.train.run`); in a plain process (tests, a single GPU) it is built directly, so the same
+loop runs in both.
+
+Data order is part of the contract: every worker streams the same, deterministically ordered
+prepared dataset and keeps micro-batch k when k % world_size == rank. The pairs of a global step
+are therefore the same whatever the worker count and accumulation, which is what makes runs with
+1 x 4, 2 x 2 and 1 x 1 x accumulation 4 equivalent and resumption exact. Reading token ids is cheap
+next to a forward and backward pass of the model, so the extra reading is a fair price.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+Batch = dict[str, Any]
+"""A micro-batch of pairs as columns: prompt_ids, chosen_ids, rejected_ids (and row_id, ...)."""
+
+
+class PairSource(Protocol):
+    """An ordered stream of tokenized pairs."""
+
+    num_rows: int
+
+    def iter_batches(self, batch_size: int, epoch: int) -> Iterator[Batch]:
+        """Full batches of `batch_size` pairs, in an order fixed by (seed, epoch)."""
+        ...
+
+
+@dataclass
+class ParquetPairSource:
+    """Pairs from a prepared split directory, read in a single process (tests, one GPU)."""
+
+    path: Path
+    seed: int
+    shuffle: bool = True
+
+    def __post_init__(self) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        # Files in name order, rows in file order: the order Ray Data reads them in with
+        # preserve_order, so a run here and a Ray Train run see the same unshuffled sequence.
+        files = sorted(Path(self.path).glob("*.parquet"))
+        self._table = pa.concat_tables([pq.read_table(f) for f in files]) if files else None
+        self.num_rows = 0 if self._table is None else self._table.num_rows
+
+    def iter_batches(self, batch_size: int, epoch: int) -> Iterator[Batch]:
+        if self._table is None:
+            return
+        order = np.arange(self.num_rows)
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)
+        for start in range(0, self.num_rows - batch_size + 1, batch_size):
+            rows = self._table.take(order[start : start + batch_size])
+            yield {name: rows.column(name).to_pylist() for name in rows.column_names}
+
+
+@dataclass
+class RayShardPairSource:
+    """Pairs from a Ray Train dataset shard (`ray.train.get_dataset_shard`), unsplit and ordered
+    (see `dpo_cluster.train.run`), shuffled locally with a seed per epoch."""
+
+    shard: Any  # ray.data.DataIterator
+    num_rows: int
+    seed: int
+    shuffle: bool = True
+    shuffle_buffer: int = 4096
+
+    def iter_batches(self, batch_size: int, epoch: int) -> Iterator[Batch]:
+        shuffle = {"local_shuffle_buffer_size": self.shuffle_buffer, "local_shuffle_seed": self.seed + epoch}
+        yield from self.shard.iter_batches(
+            batch_size=batch_size,
+            batch_format="numpy",
+            drop_last=True,
+            **(shuffle if self.shuffle else {}),
+        )
+
+
+Report = Callable[[dict[str, Any], "Path | None", "str | None"], None]
+"""report(metrics, checkpoint_dir, checkpoint_name): every worker calls it the same number of
+times; checkpoint files written by several workers into their checkpoint_dir are merged."""
+
+
+@dataclass
+class WorkerContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    train: PairSource
+    eval: PairSource | None
+    report: Report
+    # Checkpoint to continue from (the latest reported one after a failure, or train.resume_from).
+    resume_checkpoint: Path | None = None
+    # Finds the best reported checkpoint (for train.load_best_at_end); None where there is none.
+    best_checkpoint: Callable[[], Path | None] = lambda: None
+    # Local scratch directory for staging checkpoints before they are reported.
+    scratch_dir: Path = Path("/tmp")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def my_micro_batches(
+        self, source: PairSource, micro_batch_size: int, epoch: int
+    ) -> Iterator[tuple[int, Batch]]:
+        """(global micro-batch index, batch) for the micro-batches this worker owns."""
+        for index, batch in enumerate(source.iter_batches(micro_batch_size, epoch)):
+            if index % self.world_size == self.rank:
+                yield index, batch

@@ -1,0 +1,72 @@
+"""Where logged metrics go on the main worker: `output_dir/metrics.jsonl` (one JSON object per
+logged step, TRL's metric names, eval rows prefixed `eval_`), TensorBoard event files under
+`output_dir/tensorboard/`, and a progress bar with ETA. Other workers write nothing."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+
+
+class MetricsLog:
+    def __init__(self, output_dir: Path, *, total_steps: int, initial_step: int, enabled: bool) -> None:
+        self.enabled = enabled
+        self._bar = None
+        self._writer = None
+        if not enabled:
+            return
+        from tqdm.auto import tqdm
+
+        output_dir.mkdir(parents=True, exist_ok=True)
+        self.path = output_dir / METRICS_FILE
+        if initial_step == 0:
+            self.path.write_text("")  # a fresh run starts a fresh log; a resumed one appends
+        else:
+            self._drop_rows_after(initial_step)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(output_dir / TENSORBOARD_DIR), purge_step=initial_step or None)
+        except ImportError:  # tensorboard is optional; metrics.jsonl has everything
+            self._writer = None
+        self._bar = tqdm(total=total_steps, initial=initial_step, desc="DPO", unit="step", dynamic_ncols=True)
+
+    def _drop_rows_after(self, step: int) -> None:
+        """A run resumed from step N re-does the steps after N: drop their stale rows."""
+        if not self.path.exists():
+            return
+        kept = [
+            line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step
+        ]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def advance(self, steps: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(steps)
+
+    def log(self, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        row = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        step = int(metrics["step"])
+        if self._writer is not None:
+            for key, value in metrics.items():
+                if key not in ("step",) and isinstance(value, (int, float)):
+                    self._writer.add_scalar(key, value, step)
+            self._writer.flush()
+        if self._bar is not None:
+            shown = {k: metrics[k] for k in ("loss", "eval_loss", "rewards/accuracies") if k in metrics}
+            self._bar.set_postfix({k: f"{v:.4f}" for k, v in shown.items()}, refresh=False)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._writer is not None:
+            self._writer.close()

@@ -1,0 +1,175 @@
+"""The training loop in a plain process (world size 1, real DeepSpeed on CPU with gloo) on the
+built-in tiny Qwen2 model and the bundled sample preferences."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from dpo_cluster.config import Config, load_config
+from dpo_cluster.data.pipeline import PreparedData, prepare
+from dpo_cluster.data.samples import SAMPLE_FILE
+from dpo_cluster.train.local import run_local
+from dpo_cluster.train.loop import NonFiniteLossError
+
+pytestmark = pytest.mark.slow
+
+TRL_METRICS = {
+    "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+    "logps/rejected", "logits/chosen", "logits/rejected", "grad_norm", "learning_rate", "step", "epoch",
+    "tokens_per_second",
+}  # fmt: skip
+
+
+def train_config(output_dir: Path, *overrides: str) -> Config:
+    return load_config(
+        None,
+        [
+            f"output_dir={output_dir}",
+            "model.name_or_path=builtin:tiny",
+            f"data.train={SAMPLE_FILE}",
+            "data.eval_fraction=0.1",
+            "data.max_length=128",
+            "train.micro_batch_size=4",
+            "train.max_steps=6",
+            "train.logging_steps=1",
+            "train.learning_rate=1e-3",
+            "train.eval_strategy=no",
+            "train.save_strategy=no",
+            "scaling.num_workers=1",
+            *overrides,
+        ],
+    )
+
+
+def metrics_rows(output_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(output_dir: Path) -> list[float]:
+    return [row["loss"] for row in metrics_rows(output_dir) if "loss" in row]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory, ray_local: None) -> PreparedData:
+    return prepare(train_config(tmp_path_factory.mktemp("prepared")))
+
+
+@pytest.fixture(scope="module")
+def full_run(prepared: PreparedData, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
+    """6 steps with eval and a checkpoint every 3 steps; shared by several tests."""
+    out = tmp_path_factory.mktemp("full")
+    config = train_config(out, "train.eval_strategy=steps", "train.eval_steps=3", "train.save_strategy=steps",
+                          "train.save_steps=3")  # fmt: skip
+    summary, reporter = run_local(config, prepared.split_dir("train"), prepared.split_dir("eval"))
+    return out, reporter
+
+
+def test_first_step_is_ln2_then_the_model_learns(full_run: tuple[Path, Any]) -> None:
+    out, _ = full_run
+    rows = metrics_rows(out)
+    first = rows[0]
+    # policy == reference at step 1: every implicit reward is 0, so the sigmoid loss is -log sigmoid(0)
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert first["rewards/chosen"] == first["rewards/rejected"] == first["rewards/margins"] == 0.0
+    assert first["rewards/accuracies"] == 0.0  # ties count as not preferred, as in TRL
+    assert set(first) >= TRL_METRICS
+    train_rows = [r for r in rows if "loss" in r]
+    assert train_rows[-1]["loss"] < 0.6
+    assert train_rows[-1]["rewards/accuracies"] > 0.8
+    evals = [r for r in rows if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [3, 6]
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] < math.log(2)
+    assert evals[-1]["eval_rewards/accuracies"] > 0.8
+    assert first["learning_rate"] > train_rows[-1]["learning_rate"]  # linear decay
+
+
+def test_final_model_loads_and_changed(full_run: tuple[Path, Any]) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dpo_cluster.modeling import resolve_name_or_path
+
+    out, _ = full_run
+    final = out / "final"
+    tuned = AutoModelForCausalLM.from_pretrained(final)
+    base = AutoModelForCausalLM.from_pretrained(resolve_name_or_path("builtin:tiny"))
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    ids = tokenizer("A Beginner's Guide to Home Espresso", return_tensors="pt")
+    with torch.no_grad():
+        assert not torch.allclose(tuned(**ids).logits, base(**ids).logits)
+    summary = json.loads((final / "metrics_summary.json").read_text())
+    assert summary["steps"] == 6 and "eval_loss" in summary
+    assert "train:" in (final / "dpo_config.yaml").read_text()
+
+
+def test_resume_from_a_checkpoint_matches_the_uninterrupted_run(
+    full_run: tuple[Path, Any], prepared: PreparedData, tmp_path: Path
+) -> None:
+    out, reporter = full_run
+    step3 = next(path for path, _ in reporter.checkpoints if path.name == "step-0000003")
+    config = train_config(
+        tmp_path, "train.eval_strategy=steps", "train.eval_steps=3", f"train.resume_from={step3}"
+    )
+    run_local(config, prepared.split_dir("train"), prepared.split_dir("eval"))
+    resumed = {r["step"]: r["loss"] for r in metrics_rows(tmp_path) if "loss" in r}
+    uninterrupted = {r["step"]: r["loss"] for r in metrics_rows(out) if "loss" in r}
+    assert sorted(resumed) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert resumed[step] == pytest.approx(uninterrupted[step], abs=1e-6)
+
+
+def test_gradient_accumulation_equals_a_bigger_micro_batch(prepared: PreparedData, tmp_path: Path) -> None:
+    runs = {}
+    for name, micro, accum in (("micro4", 4, 1), ("accum4", 1, 4)):
+        config = train_config(tmp_path / name, f"train.micro_batch_size={micro}",
+                              f"train.gradient_accumulation_steps={accum}", "train.max_steps=4")  # fmt: skip
+        run_local(config, prepared.split_dir("train"))
+        runs[name] = losses(tmp_path / name)
+    assert len(runs["micro4"]) == 4
+    assert runs["micro4"] == pytest.approx(runs["accum4"], abs=1e-5)
+
+
+def test_lora_disabled_adapter_reference_equals_a_frozen_copy(prepared: PreparedData, tmp_path: Path) -> None:
+    """With LoRA the policy starts equal to the base, so the base with the adapter switched off and
+    a separately loaded frozen base are the same reference."""
+    from peft import AutoPeftModelForCausalLM
+
+    runs = {}
+    for mode in ("adapter_disabled", "model"):
+        config = train_config(tmp_path / mode, "lora.enabled=true", "lora.r=8", f"reference.mode={mode}",
+                              "train.learning_rate=5e-3", "train.max_steps=4")  # fmt: skip
+        run_local(config, prepared.split_dir("train"))
+        runs[mode] = losses(tmp_path / mode)
+    assert runs["adapter_disabled"][0] == pytest.approx(math.log(2), abs=1e-6)
+    assert runs["adapter_disabled"] == pytest.approx(runs["model"], abs=1e-6)
+    assert runs["adapter_disabled"][-1] < runs["adapter_disabled"][0]
+    adapter = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter_disabled" / "final")
+    assert any("lora_" in name for name, _ in adapter.named_parameters())
+
+
+def test_lora_merged_on_save_is_a_full_model(prepared: PreparedData, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    config = train_config(tmp_path, "lora.enabled=true", "lora.merge_on_save=true", "train.max_steps=2")
+    run_local(config, prepared.split_dir("train"))
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
+    assert not any("lora_" in name for name, _ in merged.named_parameters())
+    assert not (tmp_path / "final" / "adapter_config.json").exists()
+
+
+def test_non_finite_loss_stops_with_step_and_rows(prepared: PreparedData, tmp_path: Path) -> None:
+    config = train_config(tmp_path, "train.learning_rate=1e9", "train.max_grad_norm=0", "train.lr_scheduler=constant",
+                          "train.save_strategy=steps", "train.save_steps=1", "train.max_steps=20")  # fmt: skip
+    with pytest.raises(NonFiniteLossError) as e:
+        run_local(config, prepared.split_dir("train"))
+    message = str(e.value)
+    assert "non-finite loss at optimizer step" in message
+    assert "title_preferences.jsonl:" in message  # the rows of the offending batch
+    failed_step = int(message.split("optimizer step ")[1].split()[0])
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert kept[-1] == f"step-{failed_step - 1:07d}"  # the last good checkpoint is kept
