@@ -5,6 +5,7 @@
     dpo-cluster bench data [--rows N]
 
 Errors the user can fix (config, data) print one clear message and exit 2, never a traceback.
+`python jobs/<name>.py --config PATH [overrides]` runs the same commands inside a Ray job.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from dpo_cluster.data.records import DataError
 
 EXIT_USAGE = 2
 NOT_YET = {
-    "train": "DPO training on Ray Train + DeepSpeed",
     "eval": "evaluation of a tuned model against its base",
     "serve": "the side-by-side Ray Serve app and A/B arena",
     "demo": "the end-to-end demo",
@@ -43,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="tokenize preference pairs with Ray Data; write data_report.json")
     _add_config_args(p)
     p.set_defaults(run=cmd_prepare)
+
+    p = sub.add_parser("train", help="DPO on Ray Train + DeepSpeed (prepares the data first)")
+    _add_config_args(p)
+    p.set_defaults(run=cmd_train)
 
     for name, what in NOT_YET.items():
         p = sub.add_parser(name, help=f"{what} (not available yet)")
@@ -86,6 +90,18 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     state = "reused (cache key matches)" if prepared.cache_hit else "written"
     print(f"\nprepared data {state}: {prepared.prepared_dir}")
     print(f"report: {prepared.output_dir / REPORT_FILE}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from dpo_cluster.train.run import run_training
+
+    config = load_config(args.config, args.overrides)
+    result = run_training(config)
+    shown = ("loss", "rewards/accuracies", "rewards/margins", "eval_loss", "eval_rewards/accuracies")
+    print("final metrics: " + ", ".join(f"{k}={result.metrics[k]:.4f}" for k in shown if k in result.metrics))
+    print(f"model: {result.final_dir}")
+    print(f"metrics: {result.final_dir.parent / 'metrics.jsonl'}")
     return 0
 
 

@@ -182,3 +182,44 @@ def test_yaml_booleans_map_back_to_spelled_options(tmp_path: Path) -> None:
         )
     )
     assert config.train.eval_strategy == "no"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.loss_type=[sigmoid, dpop]"], "train.loss_type: unknown loss 'dpop'; valid: sigmoid, hinge"),
+        (
+            ["train.loss_type=[sigmoid, sft]", "train.loss_weights=[1.0]"],
+            "train.loss_weights: 1 weights for 2",
+        ),
+        (["train.global_batch_size=10"], "train.global_batch_size: 10 != train.micro_batch_size (4)"),
+        (["train.micro_batch_size=0"], "train.micro_batch_size: must be >= 1"),
+        (["lora.r=8"], "lora.r: set, but lora.enabled is false"),
+        (["lora.enabled=true", "lora.load_in_4bit=true"], "lora.load_in_4bit: QLoRA needs CUDA GPUs"),
+        (["reference.mode=adapter_disabled"], "reference.mode: adapter_disabled needs lora.enabled: true"),
+        (
+            ["deepspeed.offload_params=cpu"],
+            "deepspeed.offload_params: parameter offload needs deepspeed.zero_stage: 3",
+        ),
+        (["deepspeed.precision=fp16"], "deepspeed.precision: fp16 needs GPUs"),
+        (
+            ["model.name_or_path=/no/such/model"],
+            "model.name_or_path: no such local model directory: /no/such/model",
+        ),
+        (["train.resume_from=/no/such/ckpt"], "train.resume_from: no such checkpoint directory"),
+        (["train.label_smoothing=0.7"], "train.label_smoothing: must be in [0, 0.5)"),
+    ],
+)
+def test_training_config_errors_name_the_key(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [*_overrides(), *overrides])
+    assert message in str(e.value)
+
+
+def test_global_batch_is_micro_times_accumulation_times_workers() -> None:
+    config = load_config(
+        None,
+        [*_overrides(), "train.micro_batch_size=2", "train.gradient_accumulation_steps=3", "scaling.num_workers=4",
+         "train.global_batch_size=24"],
+    )  # fmt: skip
+    assert config.train.pairs_per_step(config.scaling.num_workers) == 24

@@ -173,3 +173,25 @@ def test_non_finite_loss_stops_with_step_and_rows(prepared: PreparedData, tmp_pa
     failed_step = int(message.split("optimizer step ")[1].split()[0])
     kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert kept[-1] == f"step-{failed_step - 1:07d}"  # the last good checkpoint is kept
+
+
+def test_load_best_at_end_exports_the_best_checkpoint(prepared: PreparedData, tmp_path: Path) -> None:
+    """Ranking by the *highest* eval loss makes the best checkpoint an early one, so exporting it
+    (and not the last step) is visible in the weights."""
+    from safetensors.torch import load_file
+
+    config = train_config(tmp_path, "train.eval_strategy=steps", "train.eval_steps=2", "train.save_strategy=steps",
+                          "train.save_steps=2", "train.num_checkpoints_to_keep=3", "train.load_best_at_end=true",
+                          "train.best_metric=eval_loss", "train.best_mode=max")  # fmt: skip
+    _, reporter = run_local(config, prepared.split_dir("train"), prepared.split_dir("eval"))
+    best, last = reporter.best(), reporter.latest()
+    assert best is not None and last is not None and best != last
+    final = load_file(tmp_path / "final" / "model.safetensors")
+
+    def module_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+        return torch.load(checkpoint / "state" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+
+    for source, expect_equal in ((best, True), (last, False)):
+        weights = module_weights(source)
+        same = all(torch.equal(final[name], weights[name]) for name in final)
+        assert same is expect_equal, source.name
