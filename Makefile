@@ -21,9 +21,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $@
 
-# The main job. Until the end-to-end demo lands it prepares the bundled sample data.
+# The main job: prepare the bundled sample preferences with Ray Data, then DPO-train the built-in
+# tiny model on 2 CPU workers with Ray Train + DeepSpeed.
 demo: setup
-	$(VENV)/bin/dpo-cluster prepare --config configs/sample_prepare.yaml
+	$(VENV)/bin/dpo-cluster train --config configs/sample_train.yaml
 
 # Everything CI runs: lint the whole repository, then the whole test suite.
 test: setup

@@ -259,7 +259,9 @@ def single_process_group() -> Iterator[None]:
         deepspeed.init_distributed(dist_backend="gloo")
     yield
     if created:
-        dist.destroy_process_group()
+        # DeepSpeed's destroy also drops the group references it caches; torch's alone would leave
+        # them pointing at a dead group for the next process group in this process.
+        deepspeed.comm.destroy_process_group()
     for name, value in saved.items():
         if value is None:
             os.environ.pop(name, None)

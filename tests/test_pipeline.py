@@ -421,6 +421,7 @@ def test_file_level_errors(tmp_path: Path, ray_local: None, tiny_tokenizer_dir: 
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no data files found"):
         prepare(make_config(tmp_path, tiny_tokenizer_dir, tmp_path / "empty"))
+    (tmp_path / "no-tokenizer").mkdir()  # a directory with no tokenizer files in it
     with pytest.raises(DataError, match="cannot load the tokenizer from"):
         prepare(make_config(tmp_path, tmp_path / "no-tokenizer", SAMPLE_FILE))
 

@@ -195,3 +195,40 @@ def test_load_best_at_end_exports_the_best_checkpoint(prepared: PreparedData, tm
         weights = module_weights(source)
         same = all(torch.equal(final[name], weights[name]) for name in final)
         assert same is expect_equal, source.name
+
+
+def test_precomputed_reference_logps_equal_the_in_loop_reference(
+    prepared: PreparedData, tmp_path: Path
+) -> None:
+    """Reference log-probs stored as data columns (no reference model loaded) give the same run."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from transformers import AutoModelForCausalLM
+
+    from dpo_cluster.modeling import resolve_name_or_path
+    from dpo_cluster.train.collate import collate_pairs
+    from dpo_cluster.train.forward import sequence_logps
+
+    reference = AutoModelForCausalLM.from_pretrained(resolve_name_or_path("builtin:tiny")).eval()
+    with_ref = tmp_path / "with_ref"
+    with_ref.mkdir()
+    for f in sorted(prepared.split_dir("train").glob("*.parquet")):
+        table = pq.read_table(f)
+        batch = collate_pairs({c: table.column(c).to_pylist() for c in table.column_names}, pad_token_id=1)
+        with torch.no_grad():
+            logps, _, _ = sequence_logps(reference, batch)
+        n = table.num_rows
+        table = table.append_column("ref_chosen_logps", pa.array(logps[:n].tolist(), pa.float64()))
+        table = table.append_column("ref_rejected_logps", pa.array(logps[n:].tolist(), pa.float64()))
+        pq.write_table(table, with_ref / f.name)
+
+    runs = {}
+    for mode, data in (("model", prepared.split_dir("train")), ("precomputed", with_ref)):
+        run_local(train_config(tmp_path / mode, f"reference.mode={mode}", "train.max_steps=4"), data)
+        runs[mode] = losses(tmp_path / mode)
+    assert runs["precomputed"] == pytest.approx(runs["model"], abs=1e-5)
+
+
+def test_tensorboard_events_are_written(full_run: tuple[Path, Any]) -> None:
+    out, _ = full_run
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))

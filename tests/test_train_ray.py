@@ -72,6 +72,8 @@ def test_zero3_shards_policy_and_reference_and_exports_full_weights(tmp_path: Pa
     losses = train_losses(out)
     assert losses[1] == pytest.approx(0.6931471805599453, abs=1e-6)
     assert losses[4] < losses[1]
+    accuracies = [r["rewards/accuracies"] for r in metrics_rows(out) if "rewards/accuracies" in r]
+    assert accuracies[0] == 0.0 and accuracies[-1] > 0.5
     tuned = AutoModelForCausalLM.from_pretrained(out / "final")
     base = AutoModelForCausalLM.from_pretrained(resolve_name_or_path("builtin:tiny"))
     # Every tensor was gathered from the shards: full shapes, and trained values.

@@ -253,7 +253,9 @@ def ensure_ray() -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=True)
+        # The dashboard (on 127.0.0.1 only) also serves the State API that Ray Train uses to
+        # watch its controller; without it Ray Train logs a warning every few seconds.
+        ray.init(log_to_driver=True)
 
 
 def _raw_source(role: str, source: SourceConfig, target_units: int) -> _Source:

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from dataclasses import dataclass
@@ -39,6 +40,8 @@ def _worker_entry(loop_config: dict[str, Any]) -> None:
 
     config: Config = loop_config["config"]
     counts: dict[str, int] = loop_config["counts"]
+    # Iterating the materialized splits logs a line per pass at INFO; keep warnings and errors.
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     context = ray.train.get_context()
     local_rank = context.get_local_rank()
     use_gpu = config.scaling.use_gpu
@@ -104,10 +107,10 @@ def run_training(config: Config) -> TrainingResult:
     # preserve_order fixes the order, so runs repeat and worker counts are interchangeable.
     data_context = ray.data.DataContext.get_current()
     data_context.execution_options.preserve_order = True
-    datasets = {split: ds.materialize() for split, ds in prepared.datasets().items()}
     # Workers iterate these every epoch and evaluation; per-iteration progress bars would flood the
-    # log. The loop's own progress bar (rank 0) shows training progress.
+    # log (a dataset carries the context it was made with). The loop's own bar shows progress.
     data_context.enable_progress_bars = False
+    datasets = {split: ds.materialize() for split, ds in prepared.datasets().items()}
     has_eval = counts.get("eval", 0) > 0
     train = config.train
     output_dir = Path(config.output_dir).resolve()
