@@ -435,6 +435,32 @@ class Config:
     def tokenizer_path(self) -> str:
         return self.data.tokenizer or self.model.name_or_path
 
+    def with_absolute_paths(self) -> Config:
+        """A copy whose local paths are absolute. Ray Train runs each worker in a working directory
+        of its own, so a relative output_dir or model path would resolve somewhere else there.
+        Hub ids and URIs (s3://...) are left as they are."""
+
+        def existing(value: str | None) -> str | None:
+            if value is None or "://" in value or not Path(value).expanduser().exists():
+                return value
+            return str(Path(value).expanduser().resolve())
+
+        def always(value: str | None) -> str | None:
+            if value is None or "://" in value:
+                return value
+            return str(Path(value).expanduser().resolve())
+
+        copy = dataclasses.replace(
+            self,
+            output_dir=always(self.output_dir) or "",
+            model=dataclasses.replace(self.model, name_or_path=existing(self.model.name_or_path) or ""),
+            data=dataclasses.replace(self.data, tokenizer=existing(self.data.tokenizer)),
+            reference=dataclasses.replace(self.reference, name_or_path=existing(self.reference.name_or_path)),
+            train=dataclasses.replace(self.train, resume_from=existing(self.train.resume_from)),
+            scaling=dataclasses.replace(self.scaling, storage_path=always(self.scaling.storage_path)),
+        )
+        return copy
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

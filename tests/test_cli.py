@@ -4,23 +4,26 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from dpo_cluster.data.samples import generate_title_pairs, write_jsonl
+from dpo_cluster.data.samples import SAMPLE_FILE, generate_title_pairs, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_cli(*args: str, cache: Path, timeout: int = 300) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, cache: Path, timeout: int = 300, cwd: Path = REPO
+) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "DPO_CLUSTER_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
     env.pop("RAY_ADDRESS", None)
     return subprocess.run(
         [sys.executable, "-m", "dpo_cluster.cli", *args],
-        cwd=REPO,
+        cwd=cwd,
         env=env,
         capture_output=True,
         text=True,
@@ -93,10 +96,15 @@ def test_help_lists_every_command(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_train_command_end_to_end(tmp_path: Path) -> None:
+    """Relative output_dir and data paths, as in the README: they resolve against the directory
+    the command runs in, although Ray Train workers run in a working directory of their own."""
+    (tmp_path / "data").mkdir()
+    shutil.copy(SAMPLE_FILE, tmp_path / "data" / "pairs.jsonl")
     out = tmp_path / "out"
     result = run_cli(
-        "train", "--config", "configs/sample_train.yaml", f"output_dir={out}", "train.max_steps=4",
-        "train.eval_steps=2", "train.save_steps=2", cache=tmp_path, timeout=900,
+        "train", "--config", str(REPO / "configs" / "sample_train.yaml"), "output_dir=out",
+        "data.train=data/pairs.jsonl", "train.max_steps=4", "train.eval_steps=2", "train.save_steps=2",
+        cache=tmp_path, timeout=900, cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"model: {out.resolve() / 'final'}" in result.stdout

@@ -223,3 +223,18 @@ def test_global_batch_is_micro_times_accumulation_times_workers() -> None:
          "train.global_batch_size=24"],
     )  # fmt: skip
     assert config.train.pairs_per_step(config.scaling.num_workers) == 24
+
+
+def test_with_absolute_paths_resolves_local_paths_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "base").mkdir(parents=True)
+    config = load_config(None, ["output_dir=runs/a", "model.name_or_path=./models/base", "data.train=t",
+                                "data.tokenizer=Qwen/Qwen2-7B", "scaling.storage_path=s3://bucket/ray"])  # fmt: skip
+    absolute = config.with_absolute_paths()
+    assert absolute.output_dir == str(tmp_path / "runs" / "a")
+    assert absolute.model.name_or_path == str(tmp_path / "models" / "base")
+    assert absolute.data.tokenizer == "Qwen/Qwen2-7B"  # a hub id stays a hub id
+    assert absolute.scaling.storage_path == "s3://bucket/ray"
+    assert config.output_dir == "runs/a"  # the original is unchanged

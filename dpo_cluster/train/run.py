@@ -100,6 +100,7 @@ def run_training(config: Config) -> TrainingResult:
 
     from dpo_cluster.data.pipeline import prepare
 
+    config = config.with_absolute_paths()  # workers run in their own working directory
     prepared = prepare(config)  # also joins or starts the Ray cluster
     counts = {split: stats["rows_kept"] for split, stats in prepared.report["splits"].items()}
     # Materialized here, before the workers take their CPUs: iterating it then needs no Ray Data
@@ -113,7 +114,7 @@ def run_training(config: Config) -> TrainingResult:
     datasets = {split: ds.materialize() for split, ds in prepared.datasets().items()}
     has_eval = counts.get("eval", 0) > 0
     train = config.train
-    output_dir = Path(config.output_dir).resolve()
+    output_dir = Path(config.output_dir)
     storage = config.scaling.storage_path or str(output_dir / "ray_results")
     env = {"DS_ACCELERATOR": "cuda" if config.scaling.use_gpu else "cpu"}
     for key in ("HF_HUB_OFFLINE", "DPO_CLUSTER_CACHE", "HF_HOME"):
