@@ -102,6 +102,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     print("final metrics: " + ", ".join(f"{k}={result.metrics[k]:.4f}" for k in shown if k in result.metrics))
     print(f"model: {result.final_dir}")
     print(f"metrics: {result.final_dir.parent / 'metrics.jsonl'}")
+    curves = result.final_dir.parent / "training_curves.png"
+    if curves.exists():
+        print(f"curves: {curves}")
     return 0
 
 

@@ -109,6 +109,7 @@ def test_train_command_end_to_end(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"model: {out.resolve() / 'final'}" in result.stdout
     assert (out / "final" / "model.safetensors").exists()
+    assert f"curves: {out.resolve() / 'training_curves.png'}" in result.stdout
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps[-1] == 4
 

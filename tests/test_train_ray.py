@@ -45,6 +45,8 @@ def test_two_workers_train_and_match_one_worker(zero2_run: Path, tmp_path: Path)
     rows = metrics_rows(zero2_run)
     assert rows[-1]["eval_rewards/accuracies"] > 0.8 and rows[-1]["eval_loss"] < 0.6
     AutoModelForCausalLM.from_pretrained(zero2_run / "final")
+    curves = zero2_run / "training_curves.png"
+    assert curves.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and curves.stat().st_size > 20_000
 
     # The same global batches on one worker with micro batch 4 (no Ray): the same loss curve.
     one_dir = tmp_path / "one"

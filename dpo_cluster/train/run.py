@@ -10,7 +10,8 @@
 - Failures: with `train.max_failures > 0` a failed worker group restarts from the latest
   checkpoint; `train.resume_from` continues a stopped run from a checkpoint directory.
 - Outputs: rank 0 writes `metrics.jsonl`, TensorBoard files and `final/` into `output_dir`, which
-  on a multi-node cluster must be storage every node reaches (like `storage_path`).
+  on a multi-node cluster must be storage every node reaches (like `storage_path`); the driver
+  then draws `training_curves.png` from metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from dpo_cluster.config import Config
+from dpo_cluster.plots import CURVES_FILE, plot_training_curves
 from dpo_cluster.train.context import RayShardPairSource, WorkerContext
 from dpo_cluster.train.loop import FINAL_DIR, train_loop
+from dpo_cluster.train.metrics_log import METRICS_FILE
 
 
 @dataclass
@@ -149,6 +152,9 @@ def run_training(config: Config) -> TrainingResult:
         ),
     )
     result = trainer.fit()
+    metrics_path = output_dir / METRICS_FILE
+    if metrics_path.exists():
+        plot_training_curves(metrics_path, output_dir / CURVES_FILE)
     checkpoint = result.checkpoint
     return TrainingResult(
         final_dir=output_dir / FINAL_DIR,
