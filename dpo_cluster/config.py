@@ -450,7 +450,7 @@ class Config:
                 return value
             return str(Path(value).expanduser().resolve())
 
-        copy = dataclasses.replace(
+        return dataclasses.replace(
             self,
             output_dir=always(self.output_dir) or "",
             model=dataclasses.replace(self.model, name_or_path=existing(self.model.name_or_path) or ""),
@@ -459,7 +459,6 @@ class Config:
             train=dataclasses.replace(self.train, resume_from=existing(self.train.resume_from)),
             scaling=dataclasses.replace(self.scaling, storage_path=always(self.scaling.storage_path)),
         )
-        return copy
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

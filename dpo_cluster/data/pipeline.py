@@ -276,7 +276,7 @@ def _raw_source(role: str, source: SourceConfig, target_units: int) -> _Source:
             sample = _parse_sample(raw["raw"][:_SAMPLE_ROWS])
             break
         ds = ray.data.from_items([dataclasses.asdict(u) for u in units], override_num_blocks=len(units))
-        return _Source(role, source, ds, True, sample, sources.fingerprint(source))
+        return _Source(role, source, ds, True, sample, sources.fingerprint(source, files=files))
     hf = sources.load_hf_dataset(source)
     hf = hf.add_column("__index", list(range(len(hf))))
     sample = [
@@ -285,7 +285,7 @@ def _raw_source(role: str, source: SourceConfig, target_units: int) -> _Source:
     ds = ray.data.from_huggingface(hf).map_batches(
         sources.hf_to_raw, batch_format="pyarrow", fn_kwargs={"name": source.describe()}
     )
-    return _Source(role, source, ds, False, sample, sources.fingerprint(source, hf))
+    return _Source(role, source, ds, False, sample, sources.fingerprint(source, hf_dataset=hf))
 
 
 def _parse_sample(raws: list[bytes]) -> list[Any]:

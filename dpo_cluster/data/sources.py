@@ -312,8 +312,11 @@ def hf_to_raw(batch: pa.Table, name: str) -> pa.Table:
     )
 
 
-def fingerprint(source: SourceConfig, hf_dataset: Any = None) -> dict[str, Any]:
-    """What identifies a source's content for the prepared-data cache key."""
+def fingerprint(
+    source: SourceConfig, *, hf_dataset: Any = None, files: list[tuple[str, str]] | None = None
+) -> dict[str, Any]:
+    """What identifies a source's content for the prepared-data cache key. Local sources pass the
+    `files` already listed for reading, so the fingerprint covers exactly what is read."""
     if source.rows is not None:
         digest = hashlib.sha256(json.dumps(source.rows, sort_keys=True, default=str).encode()).hexdigest()
         return {"rows": digest}
@@ -327,4 +330,5 @@ def fingerprint(source: SourceConfig, hf_dataset: Any = None) -> dict[str, Any]:
             "fingerprint": getattr(hf_dataset, "_fingerprint", None),
         }
     # Local files: size and modification time, as build tools do; rewriting a file changes mtime.
-    return {"files": [[p, os.path.getsize(p), os.stat(p).st_mtime_ns] for p, _ in list_local_files(source)]}
+    assert files is not None, "a local source is fingerprinted from the files listed for reading"
+    return {"files": [[p, os.path.getsize(p), os.stat(p).st_mtime_ns] for p, _ in files]}

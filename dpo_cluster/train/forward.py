@@ -14,7 +14,7 @@ import torch
 
 from dpo_cluster.logprobs import build_shifted_labels, compute_mean_logit_sums, compute_sequence_logps
 from dpo_cluster.losses import PreferenceLogps, compute_dpo_loss
-from dpo_cluster.train.collate import PreferenceBatch, padding_fraction
+from dpo_cluster.train.collate import PreferenceBatch
 
 # Order of the entries of `MicroBatchResult.sums`; the loop all-reduces them as one tensor.
 SUM_KEYS = (
@@ -103,7 +103,7 @@ def compute_micro_batch(
             "chosen_tokens": lengths[:n].sum(),
             "rejected_tokens": lengths[n:].sum(),
             "tokens": float(batch.num_tokens),
-            "padded_tokens": padding_fraction(batch) * total_tokens,
+            "padded_tokens": float(total_tokens - batch.num_tokens),
         }
         sums = torch.tensor([float(values[k]) for k in SUM_KEYS], dtype=torch.float64)
     return MicroBatchResult(loss=losses.mean(), sums=sums)
