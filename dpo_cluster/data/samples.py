@@ -94,7 +94,11 @@ def _title(rng: random.Random, topic: str) -> str:
 
 def _bad_title(rng: random.Random, topic: str) -> str:
     text = rng.choice(_SHORT if rng.random() < 0.5 else _LONG).format(t=topic)
-    return text if not TITLE_MIN <= len(text) <= TITLE_MAX else text + " and much much more to come"
+    if TITLE_MIN <= len(text) <= TITLE_MAX:
+        # A short template can land inside the good range for a long topic; the first long
+        # template always overshoots it (and draws no random number, so later rows are unchanged).
+        text = _LONG[0].format(t=topic)
+    return text
 
 
 def is_good_title(text: str) -> bool:
