@@ -17,6 +17,7 @@ from dpo_cluster.data.tokenize import (
     PLAIN_CHAT_TEMPLATE,
     PairTokenizer,
     TokenizeSpec,
+    chat_template_override,
     load_chat_template,
 )
 
@@ -421,3 +422,17 @@ def test_load_chat_template(tmp_path: Path) -> None:
     # Text that is neither jinja nor an existing file stays inline, even when too long for a path.
     assert load_chat_template("x" * 5000) == "x" * 5000
     assert "Assistant:" in PLAIN_CHAT_TEMPLATE
+
+
+def test_chat_template_override_prefers_config_then_tokenizer_then_plain(
+    tiny_tokenizer_dir: Path, tiny_plain_tokenizer_dir: Path
+) -> None:
+    """Training and serving render chats by this one rule, so a served model sees its training
+    format: a configured template, else the tokenizer's own (None lets transformers pick it),
+    else the plain fallback."""
+    chatml = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    plain = AutoTokenizer.from_pretrained(tiny_plain_tokenizer_dir)
+    assert chat_template_override(chatml, "{{ 'x' }}") == "{{ 'x' }}"
+    assert chat_template_override(plain, "{{ 'x' }}") == "{{ 'x' }}"
+    assert chat_template_override(chatml, None) is None
+    assert chat_template_override(plain, None) == PLAIN_CHAT_TEMPLATE

@@ -121,20 +121,25 @@ def common_prefix_length(ids: list[int], other_ids: list[int]) -> int:
     return length
 
 
+def chat_template_override(tokenizer: PreTrainedTokenizerBase, configured: str | None) -> str | None:
+    """The template to pass to `apply_chat_template`: a configured one wins; otherwise None, the
+    tokenizer's own (letting transformers pick it, including from a dict of named templates); the
+    plain fallback only when the tokenizer has none. Serving formats prompts with the same rule,
+    so a model is asked questions exactly the way it was trained on them."""
+    if configured is not None:
+        return configured
+    if tokenizer.chat_template is not None:
+        return None
+    return PLAIN_CHAT_TEMPLATE
+
+
 class PairTokenizer:
     """Tokenizes batches of pairs with one tokenizer and one `TokenizeSpec`."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, spec: TokenizeSpec) -> None:
         self.tokenizer = tokenizer
         self.spec = spec
-        # A configured template wins; otherwise the tokenizer's own (None lets transformers pick
-        # it, including from a dict of named templates); the plain fallback only when it has none.
-        if spec.chat_template is not None:
-            self.chat_template: str | None = spec.chat_template
-        elif tokenizer.chat_template is not None:
-            self.chat_template = None
-        else:
-            self.chat_template = PLAIN_CHAT_TEMPLATE
+        self.chat_template = chat_template_override(tokenizer, spec.chat_template)
 
     def tokenize(self, pairs: list[Pair]) -> list[TokenizedPair | DropRow]:
         """One result per pair, in order: the tokenized pair, or the `DropRow` that drops it."""

@@ -23,6 +23,7 @@ import torch
 import yaml
 
 from dpo_cluster.config import Config
+from dpo_cluster.data.tokenize import chat_template_override
 
 STATE_TAG = "state"
 
@@ -86,6 +87,12 @@ def export_final(
         shutil.rmtree(adapter_dir, ignore_errors=True)
     else:
         model.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
+    # The tokenizer keeps the chat template the pairs were rendered with (a configured one, or
+    # the plain fallback for a tokenizer without one), so serving and evaluation format prompts
+    # exactly as training did.
+    template = chat_template_override(tokenizer, config.data.tokenize_spec().chat_template)
+    if template is not None:
+        tokenizer.chat_template = template
     tokenizer.save_pretrained(out_dir)
     (out_dir / "dpo_config.yaml").write_text(
         yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True)
