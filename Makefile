@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo yes)
 TORCH_SPEC ?= $(if $(GPU),torch>=2.6,torch==2.13.0)
 
-.PHONY: setup demo test lint bench-data clean
+.PHONY: setup browser demo test lint bench-data bench-serve clean
 
 setup: $(VENV)/.installed
 
@@ -26,14 +26,25 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(VENV)/bin/dpo-cluster train --config configs/sample_train.yaml
 
+# The arena page is tested in Debian's headless Chromium: install it when missing (as root, or
+# through sudo).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; }
+
 # Everything CI runs: lint the whole repository, then the whole test suite.
-test: setup
+test: setup browser
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q
 
 bench-data: setup
 	$(VENV)/bin/dpo-cluster bench data --rows 20000
+
+bench-serve: setup
+	$(VENV)/bin/dpo-cluster bench serve
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache .ruff_cache

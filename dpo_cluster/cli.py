@@ -21,7 +21,6 @@ from dpo_cluster.data.records import DataError
 EXIT_USAGE = 2
 NOT_YET = {
     "eval": "evaluation of a tuned model against its base",
-    "serve": "the side-by-side Ray Serve app and A/B arena",
     "demo": "the end-to-end demo",
 }
 
@@ -48,6 +47,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(run=cmd_train)
 
+    p = sub.add_parser(
+        "serve",
+        help="base and tuned side by side on Ray Serve: OpenAI API, /v1/compare, A/B arena",
+        description="Serve base and tuned models side by side. Give --config (serves model.name_or_path "
+        "and output_dir/final), or --base and --tuned, or both (the flags win).",
+    )
+    p.add_argument("--config", default=None, help="YAML config file (its serve section)")
+    p.add_argument("--base", default=None, help="base model: hub id, directory or builtin:tiny")
+    p.add_argument("--tuned", default=None, help="tuned model: a run's final/ (full model or LoRA adapter)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. serve.port=8080")
+    p.set_defaults(run=cmd_serve)
+
     for name, what in NOT_YET.items():
         p = sub.add_parser(name, help=f"{what} (not available yet)")
         if name != "demo":
@@ -63,6 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--output", default=None, help="also write the results as JSON to this path")
     b.set_defaults(run=cmd_bench_data)
+    b = bench.add_parser("serve", help="/v1/compare (both models) vs one generation: latency p50/p95")
+    b.add_argument("--base", default="builtin:tiny", help="base model (default builtin:tiny)")
+    b.add_argument("--tuned", default=None, help="tuned model or adapter (default: a LoRA over the base)")
+    b.add_argument("--requests", type=int, default=64, help="requests per route (default 64)")
+    b.add_argument("--concurrency", type=int, default=4, help="requests in flight (default 4)")
+    b.add_argument("--max-new-tokens", type=int, default=32, help="tokens per answer (default 32)")
+    b.add_argument("--port", type=int, default=8000, help="Serve HTTP port (default 8000)")
+    b.add_argument("--output", default=None, help="also write the results as JSON to this path")
+    b.set_defaults(run=cmd_bench_serve)
     return parser
 
 
@@ -108,6 +128,39 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import time
+
+    from dpo_cluster.serving.launch import start_serving, stop_serving
+
+    overrides = list(args.overrides)
+    overrides += [
+        f"serve.{key}={json.dumps(value)}" for key in ("base", "tuned") if (value := getattr(args, key))
+    ]
+    config = load_config(args.config, overrides, serving=True)
+    try:
+        urls = start_serving(config)
+    except KeyboardInterrupt:  # interrupted while the replicas were still starting
+        stop_serving()
+        return 0
+    key_note = f"requests need 'Authorization: Bearer <key>' (key from ${config.serve.api_key_env}" + (
+        f" or {config.serve.api_key_file})" if config.serve.api_key_file else ")"
+    )
+    print(f"serving base={config.serve_base()} tuned={config.serve_tuned()}")
+    print(f"  arena:    {urls.arena}")
+    print(f"  compare:  POST {urls.compare}")
+    print(f"  OpenAI:   {urls.openai} (models: base, tuned)")
+    print(f"  API key:  {key_note}, when one is set")
+    print(f"  votes:    {config.arena_db()}")
+    print("Ctrl-C stops the app.", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        stop_serving()
+    return 0
+
+
 def format_report(report: dict) -> str:
     """A short table of the data report for the terminal."""
     lines = [f"{'split':<6} {'rows_in':>8} {'kept':>8} {'dropped':>8}  reasons"]
@@ -124,6 +177,23 @@ def cmd_bench_data(args: argparse.Namespace) -> int:
     from dpo_cluster.bench.data import run_data_benchmark
 
     result = run_data_benchmark(rows=args.rows, num_proc=args.num_proc)
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    from dpo_cluster.bench.serve import run_serve_benchmark
+
+    result = run_serve_benchmark(
+        base=args.base,
+        tuned=args.tuned,
+        requests=args.requests,
+        concurrency=args.concurrency,
+        max_new_tokens=args.max_new_tokens,
+        port=args.port,
+    )
     if args.output:
         with open(args.output, "w") as f:
             json.dump(result, f, indent=2)

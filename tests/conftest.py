@@ -47,3 +47,19 @@ def ray_local() -> Iterator[None]:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def serve_port(ray_local: None) -> Iterator[int]:
+    """A free 127.0.0.1 port for Ray Serve's HTTP proxy. Serve's proxy starts once per Ray
+    instance, so every serving test module deploys its app on this one port (and deletes it)."""
+    import socket
+
+    from ray import serve
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield port
+    serve.shutdown()

@@ -1,0 +1,263 @@
+"""The Ray Serve application: base and tuned models side by side behind one HTTP front.
+
+    Frontend (FastAPI routes, API key, limits, arena store)
+        ├── ModelServer "Models"      base weights once, tuned = base + LoRA adapter switched per row
+        or
+        ├── ModelServer "BaseModel"   full base model
+        └── ModelServer "TunedModel"  full tuned model, with its own replicas and resources
+
+`build_app(config)` picks the layout from what `serve.tuned` is (an adapter directory or full
+weights). `app_builder(args)` is the entry Serve configs and RayService import (through
+`serve/app.py`); `dpo-cluster serve` calls `build_app` directly.
+
+Model replicas batch requests with `@serve.batch` and run the decode loop in a worker thread, so
+the replica's event loop keeps taking requests while a batch computes; streams run the same loop
+per request and interleave with batches step by step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from dpo_cluster.config import Config, ConfigError, load_config
+from dpo_cluster.modeling import resolve_name_or_path
+from dpo_cluster.serving.arena_store import ArenaStore
+from dpo_cluster.serving.gateway import Gateway, Limits, ServedModel
+from dpo_cluster.serving.generation import (
+    GenerationRequest,
+    GenerationResult,
+    StreamDelta,
+    TransformersBackend,
+    adapter_base,
+    is_adapter_dir,
+)
+
+logger = logging.getLogger(__name__)
+APP_NAME = "dpo-cluster"
+_END = object()
+
+
+@serve.deployment
+class ModelServer:
+    """Hosts one set of weights and serves one or more names from it (see TransformersBackend)."""
+
+    def __init__(
+        self,
+        weights: str,
+        names: dict[str, str | None],
+        *,
+        device: str | None,
+        dtype: str,
+        max_batch_size: int,
+        batch_wait_timeout_s: float,
+    ) -> None:
+        self.backend = TransformersBackend(weights, names, device=device, dtype=dtype)
+        self.generate_batch.set_max_batch_size(max_batch_size)
+        self.generate_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.failure: BaseException | None = None
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def generate_batch(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        try:
+            return await asyncio.to_thread(self.backend.generate, requests)
+        except (RuntimeError, MemoryError) as error:  # a broken device: let Serve replace us
+            self.failure = error
+            raise
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        self.backend.validate(request)  # a bad request fails alone, not the batch it would join
+        return await self.generate_batch(request)
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamDelta]:
+        """Deltas of one generation, computed in a thread and handed over through a queue; a
+        client that goes away stops the computation at its next step."""
+        self.backend.validate(request)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        stop = threading.Event()
+
+        def produce() -> None:
+            try:
+                for delta in self.backend.stream(request):
+                    loop.call_soon_threadsafe(queue.put_nowait, delta)
+                    if stop.is_set():
+                        break
+            except BaseException as error:  # re-raised on the event loop below
+                loop.call_soon_threadsafe(queue.put_nowait, error)
+            loop.call_soon_threadsafe(queue.put_nowait, _END)
+
+        worker = asyncio.ensure_future(asyncio.to_thread(produce))
+        try:
+            while (item := await queue.get()) is not _END:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            await asyncio.shield(worker)
+
+    def describe(self) -> dict[str, Any]:
+        return self.backend.describe()
+
+    def check_health(self) -> None:
+        if self.failure is not None:
+            raise RuntimeError(f"generation failed on this replica: {self.failure!r}")
+
+
+@serve.deployment
+@serve.ingress()
+class Frontend:
+    """The HTTP front: routes, API key, limits, the arena's vote store."""
+
+    def __init__(
+        self,
+        models: dict[str, ServedModel],
+        handles: dict[str, DeploymentHandle],
+        settings: dict[str, Any],
+    ) -> None:
+        from dpo_cluster.serving.prompts import load_served_tokenizer
+
+        self.settings = settings
+        tokenizers = {
+            name: load_served_tokenizer(m.source, m.adapter_of or m.source) for name, m in models.items()
+        }
+        limits = Limits(
+            max_prompt_tokens=settings["max_prompt_tokens"],
+            max_new_tokens=settings["max_new_tokens"],
+            default_max_new_tokens=settings["default_max_new_tokens"],
+            request_timeout_s=settings["request_timeout_s"],
+        )
+        self.gateway = Gateway(models, handles, tokenizers, limits)
+        self.store = ArenaStore(settings["arena_db"])
+        self.api_key = read_api_key(settings["api_key_env"], settings["api_key_file"])
+        logger.info(
+            "serving %s; API key %s; arena votes in %s",
+            ", ".join(models),
+            "required" if self.api_key else "NOT required",
+            settings["arena_db"],
+        )
+
+    def __serve_build_asgi_app__(self) -> Any:
+        from dpo_cluster.serving.api import build_api
+
+        return build_api(
+            self.gateway, self.store, api_key=self.api_key, max_body_bytes=self.settings["max_body_bytes"]
+        )
+
+
+def read_api_key(env_var: str | None, key_file: str | None) -> str | None:
+    """The key from the file (a mounted Secret) or else the environment variable; None when
+    neither holds one. Raises ConfigError for a file that does not exist or is empty, so a typo
+    cannot silently leave the server open."""
+    if key_file:
+        path = Path(key_file).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"serve.api_key_file: no such file: {key_file}")
+        key = path.read_text(encoding="utf-8").strip()
+        if not key:
+            raise ConfigError(f"serve.api_key_file: {key_file} is empty")
+        return key
+    value = os.environ.get(env_var or "", "").strip()
+    return value or None
+
+
+def build_app(config: Config) -> serve.Application:
+    """The Serve application for config's serve section (see the module docstring)."""
+    s = config.serve
+    base, tuned = config.serve_base(), config.serve_tuned()
+    base_path = str(Path(base).expanduser().resolve()) if Path(base).expanduser().exists() else base
+    tuned_path = str(Path(tuned).expanduser().resolve()) if Path(tuned).expanduser().exists() else tuned
+    if base_path.startswith(("/", ".", "~")) and not Path(base_path).exists():
+        raise ConfigError(f"serve.base: no such model directory: {base}")
+    if tuned_path.startswith(("/", ".", "~")) and not Path(tuned_path).exists():
+        raise ConfigError(
+            f"serve.tuned: no such model directory: {tuned} (train first, or point it elsewhere)"
+        )
+
+    replica_options: dict[str, Any] = {
+        "ray_actor_options": {"num_cpus": s.num_cpus, "num_gpus": s.num_gpus},
+        "max_ongoing_requests": s.max_ongoing_requests,
+        "health_check_period_s": s.health_check_period_s,
+        "health_check_timeout_s": s.health_check_timeout_s,
+    }
+    if s.max_replicas > s.min_replicas:
+        replica_options["autoscaling_config"] = {
+            "min_replicas": s.min_replicas,
+            "max_replicas": s.max_replicas,
+            "target_ongoing_requests": s.target_ongoing_requests,
+        }
+    else:
+        replica_options["num_replicas"] = s.min_replicas
+    server_args = {
+        "device": s.device,
+        "dtype": s.dtype,
+        "max_batch_size": s.max_batch_size,
+        "batch_wait_timeout_s": s.batch_wait_timeout_s,
+    }
+
+    if is_adapter_dir(tuned_path):
+        declared = adapter_base(tuned_path)
+        if declared and declared not in (base, base_path, resolve_name_or_path(base)):
+            logger.warning(
+                "serve.tuned: adapter %s was trained on %s; serving it over %s", tuned, declared, base
+            )
+        models = {
+            "base": ServedModel("base", base, None, "Models"),
+            "tuned": ServedModel("tuned", tuned_path, base, "Models"),
+        }
+        shared = ModelServer.options(name="Models", **replica_options).bind(
+            base_path, {"base": None, "tuned": tuned_path}, **server_args
+        )
+        handles = {"base": shared, "tuned": shared}
+    else:
+        models = {
+            "base": ServedModel("base", base, None, "BaseModel"),
+            "tuned": ServedModel("tuned", tuned_path, None, "TunedModel"),
+        }
+        handles = {
+            "base": ModelServer.options(name="BaseModel", **replica_options).bind(
+                base_path, {"base": None}, **server_args
+            ),
+            "tuned": ModelServer.options(name="TunedModel", **replica_options).bind(
+                tuned_path, {"tuned": None}, **server_args
+            ),
+        }
+    settings = {
+        "max_prompt_tokens": s.max_prompt_tokens,
+        "max_new_tokens": s.max_new_tokens,
+        "default_max_new_tokens": s.default_max_new_tokens,
+        "request_timeout_s": s.request_timeout_s,
+        "max_body_bytes": s.max_body_bytes,
+        "arena_db": str(Path(config.arena_db()).expanduser().resolve()),
+        "api_key_env": s.api_key_env,
+        "api_key_file": str(Path(s.api_key_file).expanduser().resolve()) if s.api_key_file else None,
+    }
+    return Frontend.options(num_replicas=s.ingress_replicas, ray_actor_options={"num_cpus": 0}).bind(
+        models, handles, settings
+    )
+
+
+def app_builder(args: dict[str, Any]) -> serve.Application:
+    """Entry for Serve config files and RayService: `args` may name a dpo-cluster YAML
+    (`config`), dotted `overrides`, and serve.* keys directly (`base`, `tuned`, `port`, ...):
+
+        applications:
+          - name: dpo-cluster
+            import_path: serve.app:app_builder
+            args: {config: configs/sample_train.yaml, api_key_file: /secrets/api-key}
+    """
+    args = dict(args or {})
+    path = args.pop("config", None)
+    overrides = list(args.pop("overrides", []) or [])
+    overrides += [f"serve.{key}={json.dumps(value)}" for key, value in args.items()]
+    return build_app(load_config(path, overrides, serving=True))

@@ -1,0 +1,134 @@
+"""Request bodies of the HTTP API, validated with pydantic (the only place pydantic is used).
+
+Shapes follow OpenAI's chat and completions APIs closely enough that the official `openai`
+client works unchanged: unknown fields are ignored (clients send `user`, `presence_penalty`...),
+while fields this server cannot honour with a non-default value (`n` > 1, `logprobs`) are a 400
+rather than silently ignored. `/v1/compare` and arena battles take the same sampling fields with
+one prompt: a text `prompt` or a chat `messages`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MAX_STOP_STRINGS = 4
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str
+
+
+class Sampling(BaseModel):
+    """Sampling fields shared by every generating route."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    # OpenAI's names for the token budget (the newer one wins) and this API's own.
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_new_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    stop: str | list[str] | None = None
+    n: int = 1
+    logprobs: bool | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
+        stops = [value] if isinstance(value, str) else (value or [])
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
+        if any(not s for s in stops):
+            raise ValueError("stop strings must not be empty")
+        return value
+
+    @field_validator("n")
+    @classmethod
+    def _check_n(cls, value: int) -> int:
+        if value != 1:
+            raise ValueError("only n=1 is supported")
+        return value
+
+    @field_validator("logprobs")
+    @classmethod
+    def _check_logprobs(cls, value: bool | None) -> bool | None:
+        if value:
+            raise ValueError("logprobs are not supported")
+        return value
+
+    def requested_tokens(self) -> int | None:
+        return self.max_new_tokens or self.max_completion_tokens or self.max_tokens
+
+    def stop_strings(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    def params_dict(self, max_new_tokens: int) -> dict[str, Any]:
+        """The sampling parameters as recorded with an arena battle."""
+        return {
+            "max_new_tokens": max_new_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "seed": self.seed,
+            "stop": list(self.stop_strings()),
+        }
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(Sampling):
+    model: str
+    messages: list[Message] = Field(min_length=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+
+class CompletionRequest(Sampling):
+    model: str
+    # OpenAI also allows a list of prompts; one prompt per request here (a one-item list is fine).
+    prompt: str | list[str]
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and len(value) != 1:
+            raise ValueError("exactly one prompt per request")
+        return value
+
+    def prompt_text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+
+class OnePrompt(Sampling):
+    """`/v1/compare` and arena battles: a text prompt or a chat, both models answer it."""
+
+    prompt: str | None = None
+    messages: list[Message] | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> OnePrompt:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'prompt' (text) or 'messages' (a chat)")
+        return self
+
+    def message_dicts(self) -> list[dict[str, str]] | None:
+        return None if self.messages is None else [m.model_dump() for m in self.messages]
+
+
+class VoteRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    winner: Literal["A", "B", "tie", "both_bad"]

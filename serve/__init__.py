@@ -1,0 +1,1 @@
+"""The dpo-cluster Ray Serve application, as Serve config files and RayService import it."""

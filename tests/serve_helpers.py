@@ -1,0 +1,90 @@
+"""Builders and HTTP helpers shared by the serving tests: a tiny base model, a LoRA adapter over
+it laid out like a training run's final/, a full tuned copy, and a small JSON client."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import requests
+import torch
+
+from dpo_cluster.modeling import resolve_name_or_path
+
+API_KEY = "test-key-0123456789"
+
+
+def build_lora_final(out_dir: Path, *, seed: int = 1) -> Path:
+    """A peft LoRA adapter over "builtin:tiny" with non-zero weights (so tuned != base), saved
+    with its tokenizer, as `dpo-cluster train` saves a LoRA run's final/."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = resolve_name_or_path("builtin:tiny")
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    peft_model = get_peft_model(
+        model,
+        LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
+    for name, param in peft_model.named_parameters():  # large enough to change greedy choices
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.5)
+    peft_model.save_pretrained(out_dir)
+    AutoTokenizer.from_pretrained(base).save_pretrained(out_dir)
+    return out_dir
+
+
+def build_full_tuned(out_dir: Path, *, seed: int = 2) -> Path:
+    """A full copy of "builtin:tiny" with perturbed weights, as a full fine-tune's final/."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = resolve_name_or_path("builtin:tiny")
+    model = AutoModelForCausalLM.from_pretrained(base)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn(param.shape, generator=generator) * 0.05)
+    model.save_pretrained(out_dir)
+    AutoTokenizer.from_pretrained(base).save_pretrained(out_dir)
+    return out_dir
+
+
+class Client:
+    """requests against one server, with the API key by default."""
+
+    def __init__(self, base_url: str, key: str | None = API_KEY) -> None:
+        self.base_url = base_url
+        self.key = key
+
+    def headers(self, key: str | None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+    def get(self, path: str, *, key: str | None = "default", **kwargs: Any) -> requests.Response:
+        key = self.key if key == "default" else key
+        return requests.get(self.base_url + path, headers=self.headers(key), timeout=120, **kwargs)
+
+    def post(
+        self,
+        path: str,
+        body: Any = None,
+        *,
+        key: str | None = "default",
+        raw: bytes | None = None,
+        **kwargs: Any,
+    ) -> requests.Response:
+        key = self.key if key == "default" else key
+        headers = self.headers(key) | {"Content-Type": "application/json"}
+        data = raw if raw is not None else json.dumps(body).encode()
+        return requests.post(self.base_url + path, data=data, headers=headers, timeout=120, **kwargs)
+
+
+def sse_events(response: requests.Response) -> list[Any]:
+    """The JSON payloads of a server-sent-events body, ending with the literal "[DONE]"."""
+    events: list[Any] = []
+    for line in response.text.splitlines():
+        if line.startswith("data: "):
+            payload = line[len("data: ") :]
+            events.append(payload if payload == "[DONE]" else json.loads(payload))
+    return events
