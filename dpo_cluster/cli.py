@@ -157,7 +157,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
+        print("stopping the app (Ctrl-C again to exit at once)", flush=True)
+    try:
         stop_serving()
+    except KeyboardInterrupt:
+        return 130
     return 0
 
 
