@@ -1,0 +1,103 @@
+"""The base and tuned models of an evaluation, loaded once for generation and log-probs alike.
+
+A tuned LoRA adapter is served the way the serve app serves it: one `TransformersBackend` holds
+the base weights once and answers as "base" (adapter off) and "tuned" (adapter on). The same
+module scores log-probs, as the policy with its adapter on and as the DPO reference with it
+switched off (`dpo_cluster.modeling.reference_context`): a LoRA policy starts from its base, so
+the base is its reference. A full tuned model gets a backend of its own, and the base backend's
+model is the reference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from dpo_cluster.modeling import reference_context
+from dpo_cluster.serving.generation import TransformersBackend, is_adapter_dir
+
+BASE, TUNED = "base", "tuned"
+
+
+def torch_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """ "auto" -> bfloat16 on CUDA, float32 elsewhere; otherwise the torch dtype of that name."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    resolved = getattr(torch, dtype, None)
+    if not isinstance(resolved, torch.dtype):
+        raise ValueError(f"dtype must be 'auto' or a torch dtype name such as 'bfloat16', got {dtype!r}")
+    return resolved
+
+
+@dataclass
+class EvalModels:
+    """Base and tuned behind their generation backends (one shared backend for an adapter)."""
+
+    base: str
+    tuned: str
+    tuned_is_adapter: bool
+    # "base" / "tuned" -> the backend serving that name; the same object when tuned is an adapter.
+    backends: dict[str, TransformersBackend]
+
+    @property
+    def device(self) -> torch.device:
+        return self.backends[TUNED].device
+
+    def tokenizer(self, name: str) -> Any:
+        """The tokenizer the serve app would use for `name` (an adapter's own, when it has one)."""
+        return self.backends[name].tokenizer(name)
+
+    def policy_forward(self) -> Callable[..., Any]:
+        """The tuned model's forward, `(input_ids (B, T), attention_mask (B, T), ...) -> outputs`."""
+        return self.backends[TUNED].model
+
+    def reference_forward(self) -> Callable[..., Any]:
+        """The reference's forward: the base model, or for an adapter the tuned module with its
+        adapter switched off, under no_grad either way."""
+        if not self.tuned_is_adapter:
+            model = self.backends[BASE].model
+
+            def forward_model(**kwargs: Any) -> Any:
+                with reference_context(model, "model"):
+                    return model(**kwargs)
+
+            return forward_model
+        policy = self.backends[TUNED].model
+
+        def forward_adapter_disabled(**kwargs: Any) -> Any:
+            with reference_context(policy, "adapter_disabled"):
+                return policy(**kwargs)
+
+        return forward_adapter_disabled
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "base": self.base,
+            "tuned": self.tuned,
+            "tuned_kind": "lora_adapter" if self.tuned_is_adapter else "full_model",
+            "device": str(self.device),
+            "dtype": str(self.backends[TUNED].dtype).removeprefix("torch."),
+        }
+
+
+def load_eval_models(
+    base: str,
+    tuned: str,
+    *,
+    device: str | None = None,
+    dtype: str = "auto",
+    base_revision: str | None = None,
+    trust_remote_code: bool = False,
+) -> EvalModels:
+    """Load base and tuned: one backend {"base": None, "tuned": adapter} when `tuned` is a LoRA
+    adapter directory, else a backend each. Raises ValueError naming the path that failed."""
+    options: dict[str, Any] = {"device": device, "dtype": dtype, "trust_remote_code": trust_remote_code}
+    if is_adapter_dir(tuned):
+        shared = TransformersBackend(base, {BASE: None, TUNED: tuned}, revision=base_revision, **options)
+        return EvalModels(base, tuned, True, {BASE: shared, TUNED: shared})
+    base_backend = TransformersBackend(base, {BASE: None}, revision=base_revision, **options)
+    tuned_backend = TransformersBackend(tuned, {TUNED: None}, **options)
+    return EvalModels(base, tuned, False, {BASE: base_backend, TUNED: tuned_backend})

@@ -1,0 +1,20 @@
+"""Ray job entrypoint: evaluation of a tuned model against its base (reward accuracy on the eval
+split, win rate on a prompt set by a rule, a reward model or the arena's votes).
+
+Submit from the repository root to a running cluster (token auth on; see README), with
+dpo-cluster installed in the cluster's Python environment:
+
+    ray job submit --working-dir . -- python jobs/evaluate.py --config configs/sample_train.yaml \
+        evaluation.rule=title_length
+
+Inside the job RAY_ADDRESS is set, so data preparation joins the cluster.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from dpo_cluster.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["eval", *sys.argv[1:]]))
