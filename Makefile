@@ -21,10 +21,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $@
 
-# The main job: prepare the bundled sample preferences with Ray Data, then DPO-train the built-in
-# tiny model on 2 CPU workers with Ray Train + DeepSpeed.
+# The main job: the whole system on its embedded default (demo model, title preferences): Ray Data
+# prepares, Ray Train + DeepSpeed runs DPO on 2 CPU workers, evaluation, report, then Ray Serve
+# with base and tuned side by side until Ctrl-C.
 demo: setup
-	$(VENV)/bin/dpo-cluster train --config configs/sample_train.yaml
+	$(VENV)/bin/dpo-cluster demo
 
 # The arena page is tested in Debian's headless Chromium: install it when missing (as root, or
 # through sudo).

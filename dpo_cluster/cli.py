@@ -13,16 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
+from typing import Any
 
 from dpo_cluster.config import ConfigError, load_config
 from dpo_cluster.data.records import DataError
 
 EXIT_USAGE = 2
-NOT_YET = {
-    "eval": "evaluation of a tuned model against its base",
-    "demo": "the end-to-end demo",
-}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,11 +55,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. serve.port=8080")
     p.set_defaults(run=cmd_serve)
 
-    for name, what in NOT_YET.items():
-        p = sub.add_parser(name, help=f"{what} (not available yet)")
-        if name != "demo":
-            _add_config_args(p)
-        p.set_defaults(run=_not_yet(name, what))
+    p = sub.add_parser(
+        "eval",
+        help="tuned vs base: held-out reward accuracy and a judged win rate; writes eval_report.json",
+        description="Evaluate a tuned model against its base (the DPO reference): reward accuracy on the "
+        "eval split, and the win rate of tuned over base on a prompt set by a judge (evaluation.* keys).",
+    )
+    _add_config_args(p)
+    p.add_argument("--tuned", default=None, help="tuned model: a run's final/ (full model or LoRA adapter)")
+    p.add_argument(
+        "--base", default=None, help="base model (the reference): hub id, directory or builtin:tiny"
+    )
+    p.add_argument(
+        "--judge", default=None, choices=["rule", "reward_model", "arena"], help="who decides the win rate"
+    )
+    p.add_argument("--output", default=None, help="the JSON report (default: output_dir/eval_report.json)")
+    p.set_defaults(run=cmd_eval)
+
+    p = sub.add_parser(
+        "demo",
+        help="the whole system on its embedded default: data, DPO, evaluation, report, serving",
+    )
+    p.add_argument(
+        "--output-dir", default="outputs/demo", help="where everything goes (default outputs/demo)"
+    )
+    p.add_argument("--pairs", type=int, default=3000, help="preference pairs to generate (default 3000)")
+    p.add_argument("--no-serve", action="store_true", help="stop after the report; do not start Serve")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. serve.port=8080")
+    p.set_defaults(run=cmd_demo)
 
     p = sub.add_parser("bench", help="benchmarks that print side-by-side ratios against a peer")
     bench = p.add_subparsers(dest="bench", required=True, metavar="WHAT")
@@ -93,14 +112,6 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _not_yet(name: str, what: str) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        print(f"dpo-cluster {name}: {what} is not available yet in this version.", file=sys.stderr)
-        return EXIT_USAGE
-
-    return run
-
-
 def cmd_prepare(args: argparse.Namespace) -> int:
     from dpo_cluster.data.pipeline import REPORT_FILE, prepare
 
@@ -128,9 +139,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    import time
+def cmd_eval(args: argparse.Namespace) -> int:
+    from dpo_cluster.evaluation.report import format_eval_report
+    from dpo_cluster.evaluation.run import run_evaluation
 
+    overrides = list(args.overrides)
+    # The flags win over the same keys given as overrides; JSON quoting keeps a path a string.
+    overrides += [
+        f"evaluation.{key}={json.dumps(value)}"
+        for key in ("tuned", "base", "judge", "output")
+        if (value := getattr(args, key))
+    ]
+    config = load_config(args.config, overrides)
+    report = run_evaluation(config)
+    print(format_eval_report(report))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
     from dpo_cluster.serving.launch import start_serving, stop_serving
 
     overrides = list(args.overrides)
@@ -143,10 +169,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # interrupted while the replicas were still starting
         stop_serving()
         return 0
+    print(f"serving base={config.serve_base()} tuned={config.serve_tuned()}")
+    return serve_until_interrupted(config, urls)
+
+
+def serve_until_interrupted(config: Any, urls: Any) -> int:
+    """Print where the app is, then block until Ctrl-C and take the app down."""
+    import time
+
+    from dpo_cluster.serving.launch import stop_serving
+
     key_note = f"requests need 'Authorization: Bearer <key>' (key from ${config.serve.api_key_env}" + (
         f" or {config.serve.api_key_file})" if config.serve.api_key_file else ")"
     )
-    print(f"serving base={config.serve_base()} tuned={config.serve_tuned()}")
     print(f"  arena:    {urls.arena}")
     print(f"  compare:  POST {urls.compare}")
     print(f"  OpenAI:   {urls.openai} (models: base, tuned)")
@@ -163,6 +198,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from dpo_cluster.demo.run import live_comparison, run_demo
+    from dpo_cluster.evaluation.report import format_eval_report
+
+    result = run_demo(args.output_dir, pairs=args.pairs, overrides=args.overrides)
+    config, training = result["config"], result["training"]
+    shown = ("loss", "rewards/accuracies", "rewards/margins", "eval_loss", "eval_rewards/accuracies")
+    print(
+        "\nfinal training metrics: "
+        + ", ".join(f"{k}={training.metrics[k]:.4f}" for k in shown if k in training.metrics)
+    )
+    print(format_eval_report(result["evaluation"]))
+    print(f"\nreport: {result['report']}")
+    print(f"curves: {result['report'].parent / 'training_curves.png'}")
+    if args.no_serve:
+        return 0
+    from dpo_cluster.serving.launch import start_serving
+
+    urls = start_serving(config)
+    print(f"\nserving base={config.serve_base()} tuned={config.serve_tuned()}")
+    print(live_comparison(urls.compare, config))
+    return serve_until_interrupted(config, urls)
 
 
 def format_report(report: dict) -> str:

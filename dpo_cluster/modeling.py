@@ -1,8 +1,9 @@
 """Loading pretrained artefacts by name, and the policy and reference models DPO trains against.
 
-Names are Hugging Face hub ids, local directories, or the project's own built-in tiny model
-("builtin:tiny": a byte-level BPE tokenizer and a randomly initialized 2-layer Qwen2), which is
-built on first use into a cache directory so examples and tests run with no model hub.
+Names are Hugging Face hub ids, local directories, or the project's own built-in models, built on
+first use into a cache directory so examples and tests run with no model hub: "builtin:tiny" (a
+byte-level BPE tokenizer and a randomly initialized 2-layer Qwen2) and "builtin:demo" (a 4-layer
+Qwen2 warmed up to write video titles, `dpo_cluster.demo.model`).
 
 `load_policy` loads the model being trained: all weights, a LoRA adapter over them, or a LoRA
 adapter over a 4-bit base (QLoRA). `load_reference` loads the frozen reference when the reference
@@ -25,7 +26,7 @@ from dpo_cluster import __version__
 from dpo_cluster.config import LoraConfig, ModelConfig, ReferenceConfig
 
 BUILTIN_PREFIX = "builtin:"
-BUILTINS = ("tiny",)
+BUILTINS = ("tiny", "demo")
 # A built-in directory is complete only when all of these exist; a cache written by an older
 # layout (the tokenizer alone) is rebuilt rather than trusted.
 BUILTIN_FILES = ("tokenizer.json", "config.json", "model.safetensors")
@@ -45,13 +46,11 @@ def resolve_name_or_path(name_or_path: str) -> str:
         raise ValueError(
             f"unknown built-in {name_or_path!r}; available: {', '.join(BUILTIN_PREFIX + b for b in BUILTINS)}"
         )
-    from dpo_cluster.tiny import build_tiny_model
-
     target = cache_dir() / f"{name}-{__version__}"
     if not all((target / f).exists() for f in BUILTIN_FILES):
         # Build beside the target and rename, so concurrent first uses never see half a directory.
         tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-        build_tiny_model(tmp)
+        _build_builtin(name, tmp)
         if target.exists() and not all((target / f).exists() for f in BUILTIN_FILES):
             # An incomplete older layout: move it aside first (rename is atomic, rmtree is not).
             stale = target.with_name(f"{target.name}.stale-{os.getpid()}")
@@ -63,6 +62,17 @@ def resolve_name_or_path(name_or_path: str) -> str:
         except OSError:  # another process won the race; its copy is identical
             shutil.rmtree(tmp, ignore_errors=True)
     return str(target)
+
+
+def _build_builtin(name: str, out_dir: Path) -> None:
+    if name == "demo":
+        from dpo_cluster.demo.model import build_demo_model
+
+        build_demo_model(out_dir)
+    else:
+        from dpo_cluster.tiny import build_tiny_model
+
+        build_tiny_model(out_dir)
 
 
 def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False) -> Any:

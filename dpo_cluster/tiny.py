@@ -23,8 +23,9 @@ Its weights are a function of the seed alone: rebuilding writes a byte-identical
 
 from __future__ import annotations
 
+import itertools
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -203,6 +204,7 @@ def build_tiny_tokenizer(
     vocab_size: int = 1024,
     bos: bool = False,
     chat_template: bool = True,
+    extra_corpus: Iterable[str] = (),
 ) -> Path:
     """Train a tiny byte-level BPE tokenizer, save it to `out_dir` in Hugging Face format and return
     the directory.
@@ -210,11 +212,12 @@ def build_tiny_tokenizer(
     vocab_size: the most tokens the vocabulary holds, special tokens included (the small corpus may
     run out of merges before reaching it). bos: `tokenizer(text)` prepends "<|bos|>".
     chat_template: save a ChatML chat template; False saves none.
+    extra_corpus: lines trained on after the built-in corpus (a domain's words become tokens).
     """
     if vocab_size < MIN_VOCAB_SIZE:
         raise ValueError(f"vocab_size must be at least {MIN_VOCAB_SIZE}, got {vocab_size}")
     out_dir = Path(out_dir)
-    backend = _train_bpe(vocab_size)
+    backend = _train_bpe(vocab_size, extra_corpus)
     if bos:
         # As Llama's tokenizer.json does: the bos is added by the post-processor, so every
         # `tokenizer(text)` call with add_special_tokens=True starts with it.
@@ -248,8 +251,9 @@ def build_tiny_tokenizer(
     return out_dir
 
 
-def _train_bpe(vocab_size: int) -> Tokenizer:
-    """Train the byte-level BPE model on `corpus_lines()`; special tokens get ids 0..4."""
+def _train_bpe(vocab_size: int, extra_corpus: Iterable[str] = ()) -> Tokenizer:
+    """Train the byte-level BPE model on `corpus_lines()` and extra_corpus; special tokens get ids
+    0..4."""
     tokenizer = Tokenizer(models.BPE())
     # No normalizer: NFC or lower-casing would break exact round trips of arbitrary text.
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -262,7 +266,7 @@ def _train_bpe(vocab_size: int) -> Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(corpus_lines(), trainer=trainer)
+    tokenizer.train_from_iterator(itertools.chain(corpus_lines(), extra_corpus), trainer=trainer)
     return tokenizer
 
 

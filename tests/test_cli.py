@@ -80,11 +80,11 @@ def test_config_errors_exit_2_without_traceback(tmp_path: Path) -> None:
     assert missing.returncode == 2 and "config file not found: no/such.yaml" in missing.stderr
 
 
-@pytest.mark.parametrize("command", ["eval"])
-def test_commands_not_available_yet_say_so(command: str, tmp_path: Path) -> None:
-    result = run_cli(command, "--config", "configs/sample_prepare.yaml", cache=tmp_path)
-    assert result.returncode == 2
-    assert "not available yet" in result.stderr
+def test_demo_help_lists_its_options(tmp_path: Path) -> None:
+    result = run_cli("demo", "--help", cache=tmp_path)
+    assert result.returncode == 0
+    for option in ("--output-dir", "--pairs", "--no-serve"):
+        assert option in result.stdout
 
 
 def test_help_lists_every_command(tmp_path: Path) -> None:

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -151,7 +153,14 @@ def run_training(config: Config) -> TrainingResult:
             execution_options=ray.data.ExecutionOptions(preserve_order=True),
         ),
     )
-    result = trainer.fit()
+    # Ray Train installs its own Ctrl-C handler (abort the run) and leaves it in place: put the
+    # caller's back, or a later Ctrl-C (stopping the demo's server, say) would go unheard.
+    sigint = signal.getsignal(signal.SIGINT)
+    try:
+        result = trainer.fit()
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, sigint)
     metrics_path = output_dir / METRICS_FILE
     if metrics_path.exists():
         plot_training_curves(metrics_path, output_dir / CURVES_FILE)
