@@ -45,8 +45,25 @@ def test_demo_model_writes_titles_in_both_styles(demo_model: Path) -> None:
     assert 4 <= good <= 30, texts
     # Readable and on topic: most answers name a word of the video's topic from the prompt.
     template_words = set(
-        "write youtube title video about catchy suggest covering should aimed beginners friendly "
-        "twelve minutes audience mostly students".split()
+        [
+            "write",
+            "youtube",
+            "title",
+            "video",
+            "about",
+            "catchy",
+            "suggest",
+            "covering",
+            "should",
+            "aimed",
+            "beginners",
+            "friendly",
+            "twelve",
+            "minutes",
+            "audience",
+            "mostly",
+            "students",
+        ]
     )
     mentions = 0
     for row, text in zip(rows, texts):
