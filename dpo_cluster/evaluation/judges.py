@@ -183,8 +183,8 @@ class RewardModelJudge:
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from dpo_cluster.evaluation.models import torch_dtype
         from dpo_cluster.modeling import resolve_name_or_path
+        from dpo_cluster.serving.generation import resolve_dtype
 
         self.name_or_path = name_or_path
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -195,7 +195,7 @@ class RewardModelJudge:
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
             self.model = AutoModelForSequenceClassification.from_pretrained(
-                path, dtype=torch_dtype(dtype, self.device), trust_remote_code=trust_remote_code
+                path, dtype=resolve_dtype(dtype, self.device), trust_remote_code=trust_remote_code
             )
         except (OSError, ValueError, KeyError) as exc:
             raise ValueError(f"could not load reward model {name_or_path!r}: {exc}") from exc

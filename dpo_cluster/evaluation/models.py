@@ -22,16 +22,6 @@ from dpo_cluster.serving.generation import TransformersBackend, is_adapter_dir
 BASE, TUNED = "base", "tuned"
 
 
-def torch_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """ "auto" -> bfloat16 on CUDA, float32 elsewhere; otherwise the torch dtype of that name."""
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    resolved = getattr(torch, dtype, None)
-    if not isinstance(resolved, torch.dtype):
-        raise ValueError(f"dtype must be 'auto' or a torch dtype name such as 'bfloat16', got {dtype!r}")
-    return resolved
-
-
 @dataclass
 class EvalModels:
     """Base and tuned behind their generation backends (one shared backend for an adapter)."""

@@ -176,7 +176,7 @@ class TransformersBackend:
         self.names: tuple[str, ...] = tuple(names)
         self._adapter_paths: dict[str, str | None] = dict(names)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.dtype = _resolve_dtype(dtype, self.device)
+        self.dtype = resolve_dtype(dtype, self.device)
 
         base_path = os.path.expanduser(resolve_name_or_path(weights))
         model = _load_model(weights, base_path, revision, self.dtype, trust_remote_code).to(self.device)
@@ -557,7 +557,8 @@ def _stable_length(text: str, stops: Sequence[str]) -> int:
     return end - hold
 
 
-def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """ "auto" -> bfloat16 on CUDA, float32 elsewhere; otherwise the torch dtype of that name."""
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     resolved = getattr(torch, dtype, None)
