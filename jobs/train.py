@@ -1,7 +1,8 @@
 """Ray job entrypoint: DPO training (prepares the data first, then Ray Train + DeepSpeed).
 
 Submit from the repository root to a running cluster (token auth on; see README), with
-dpo-cluster installed in the cluster's Python environment (`pip install -e .` on every node):
+dpo-cluster importable on the cluster (installed on every node, or shipped as the working_dir
+with its dependencies in the runtime env, as k8s/ray-job.dpo-train.yaml does):
 
     ray job submit --working-dir . -- python jobs/train.py --config configs/sample_train.yaml
 

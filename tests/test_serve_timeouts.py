@@ -40,7 +40,13 @@ def client(tmp_path_factory: pytest.TempPathFactory, serve_port: int) -> Iterato
 def test_slow_generation_is_a_504_and_stops(client: Client) -> None:
     # 1000 tokens take seconds on the tiny model; the limit is 0.3 s. Stop strings force a
     # decode per token, making each step slower still.
-    body = {"model": "base", "prompt": "Once upon", "max_tokens": 1000, "temperature": 0, "stop": ["\u0000never"]}
+    body = {
+        "model": "base",
+        "prompt": "Once upon",
+        "max_tokens": 1000,
+        "temperature": 0,
+        "stop": ["\u0000never"],
+    }
     response = client.post("/v1/completions", body)
     assert response.status_code == 504, response.text
     error = response.json()["error"]
