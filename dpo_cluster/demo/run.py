@@ -28,7 +28,9 @@ def demo_config(output_dir: str | Path, *, pairs: int, overrides: list[str] | No
     """The demo's config: the built-in demo model, the generated pairs, DPO on 2 CPU workers."""
     output_dir = Path(output_dir)
     data_file = output_dir / "data" / "title_pairs.jsonl"
-    if not data_file.exists() or sum(1 for _ in data_file.open()) != pairs:
+    # Rewritten only when missing or of another size: an unchanged file keeps its mtime, so the
+    # data pipeline's cache of prepared pairs is reused on the next run.
+    if not data_file.exists() or _count_lines(data_file) != pairs:
         write_jsonl(generate_title_pairs(pairs, seed=DEMO_SEED), data_file)
     base = [
         f"output_dir={output_dir}",
@@ -136,6 +138,11 @@ def live_comparison(compare_url: str, config: Config, prompt: str = DEMO_PROMPT)
             f"  tuned:  {result['tuned']['text']}  ({result['tuned']['latency_s']:.2f} s)",
         ]
     )
+
+
+def _count_lines(path: Path) -> int:
+    with path.open(encoding="utf-8") as f:
+        return sum(1 for _ in f)
 
 
 def _cell(value: Any) -> str:

@@ -135,6 +135,12 @@ def is_adapter_dir(path: str) -> bool:
     return (Path(path).expanduser() / "adapter_config.json").is_file()
 
 
+def has_own_tokenizer(path: str) -> bool:
+    """Whether a directory carries its own tokenizer files (a training run's final/ always does;
+    a bare LoRA adapter may not, and then uses its base's)."""
+    return any((Path(path).expanduser() / f).is_file() for f in TOKENIZER_FILES)
+
+
 def adapter_base(path: str) -> str | None:
     """The base model an adapter directory was trained over (its base_model_name_or_path), or None
     when it is not an adapter directory or does not say."""
@@ -202,9 +208,10 @@ class TransformersBackend:
                 adapter_of_path[path] = f"adapter_{len(adapter_of_path)}"
                 model = _load_adapter(model, path, adapter_of_path[path], weights, base_path)
             self._adapter_of_name[name] = adapter_of_path[path]
-            has_tokenizer = any((Path(path) / f).is_file() for f in TOKENIZER_FILES)
             self._tokenizers[name] = (
-                _load_tokenizer(path, path, None, trust_remote_code) if has_tokenizer else base_tokenizer
+                _load_tokenizer(path, path, None, trust_remote_code)
+                if has_own_tokenizer(path)
+                else base_tokenizer
             )
         self._mixed_batch = bool(adapter_of_path)
         model.eval()

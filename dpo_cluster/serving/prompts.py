@@ -14,9 +14,7 @@ from typing import Any
 
 from dpo_cluster.data.tokenize import chat_template_override
 from dpo_cluster.modeling import load_tokenizer
-
-# Files whose presence means a directory carries its own tokenizer.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+from dpo_cluster.serving.generation import has_own_tokenizer
 
 
 class PromptError(ValueError):
@@ -30,8 +28,7 @@ class PromptError(ValueError):
 def tokenizer_source(served: str, base: str) -> str:
     """Where a served model's tokenizer lives: its own directory when it has tokenizer files (a
     training run's final/ always does), else the base it applies to (a bare LoRA adapter)."""
-    path = Path(served).expanduser()
-    if path.is_dir() and not any((path / f).exists() for f in TOKENIZER_FILES):
+    if Path(served).expanduser().is_dir() and not has_own_tokenizer(served):
         return base
     return served
 
