@@ -9,13 +9,15 @@
   `train.num_checkpoints_to_keep`, ranked by `train.best_metric` when there is eval data.
 - Failures: with `train.max_failures > 0` a failed worker group restarts from the latest
   checkpoint; `train.resume_from` continues a stopped run from a checkpoint directory.
-- Outputs: rank 0 writes `metrics.jsonl`, TensorBoard files and `final/` into `output_dir`, which
+- Outputs: rank 0 writes `metrics.jsonl`, TensorBoard files, `workers.json` (which node, node rank
+  and local rank each worker ran on) and `final/` into `output_dir`, which
   on a multi-node cluster must be storage every node reaches (like `storage_path`); the driver
   then draws `training_curves.png` from metrics.jsonl.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -30,6 +32,8 @@ from dpo_cluster.plots import CURVES_FILE, plot_training_curves
 from dpo_cluster.train.context import RayShardPairSource, WorkerContext
 from dpo_cluster.train.loop import FINAL_DIR, train_loop
 from dpo_cluster.train.metrics_log import METRICS_FILE
+
+WORKERS_FILE = "workers.json"
 
 
 @dataclass
@@ -51,6 +55,7 @@ def _worker_entry(loop_config: dict[str, Any]) -> None:
     local_rank = context.get_local_rank()
     use_gpu = config.scaling.use_gpu
     device = torch.device(f"cuda:{local_rank}" if use_gpu else "cpu")
+    _record_placement(Path(config.output_dir), context)
 
     def source(split: str, shuffle: bool) -> RayShardPairSource | None:
         if counts.get(split, 0) == 0:
@@ -95,6 +100,29 @@ def _worker_entry(loop_config: dict[str, Any]) -> None:
         scratch_dir=Path(tempfile.mkdtemp(prefix="dpo-worker-")),
     )
     train_loop(config, ctx)
+
+
+def _record_placement(output_dir: Path, context: Any) -> None:
+    """Rank 0 writes where every worker runs (`workers.json`): the first thing to check when a
+    multi-node run is slow or hangs. A collective, so every worker calls it."""
+    import socket
+
+    import ray
+    import torch.distributed as dist
+
+    mine = {
+        "world_rank": context.get_world_rank(),
+        "local_rank": context.get_local_rank(),
+        "node_rank": context.get_node_rank(),
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "hostname": socket.gethostname(),
+        "pid": os.getpid(),
+    }
+    everyone: list[Any] = [None] * context.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    if context.get_world_rank() == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / WORKERS_FILE).write_text(json.dumps(everyone, indent=2) + "\n")
 
 
 def run_training(config: Config) -> TrainingResult:

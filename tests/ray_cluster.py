@@ -1,0 +1,189 @@
+"""A real Ray cluster of `ray start` processes on this machine, with token authentication on, for
+tests that go through the same commands a user types (`ray start`, `ray job submit`, `serve run`).
+
+Each cluster gets its own token file, temp dir and ports, so it never touches the test session's
+own Ray (`ray_local`) or `~/.ray`. `ray stop` would stop every Ray on the machine; instead the
+cluster's processes are found by the token path in their environment (every Ray process inherits
+it, also workers that left the process group) and stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _agent_ports() -> list[str]:
+    """Ports every node opens; the defaults are fixed numbers, which two nodes on one machine (or
+    the test session's own Ray) would share."""
+    return [
+        f"--node-manager-port={free_port()}",
+        f"--object-manager-port={free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
+    ]
+
+
+@dataclass
+class LocalRayCluster:
+    """`ray start --head` plus optional worker nodes, each a `ray start --block` process."""
+
+    root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="rc", dir="/tmp")))
+    gcs_port: int = field(default_factory=free_port)
+    dashboard_port: int = field(default_factory=free_port)
+    nodes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.token_path = self.root / "auth_token"
+        self.token_path.write_text(secrets.token_hex(32))
+        self.token_path.chmod(0o600)
+
+    @property
+    def dashboard(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    @property
+    def gcs_address(self) -> str:
+        return f"127.0.0.1:{self.gcs_port}"
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """The environment of a client of this cluster: token auth on, its token, no other Ray."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        env |= {
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": str(self.token_path),
+            "PYTHONUNBUFFERED": "1",
+        }
+        return env | extra
+
+    def start_head(self, num_cpus: int, resources: dict[str, float] | None = None) -> None:
+        args = [
+            "--head",
+            f"--port={self.gcs_port}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={self.dashboard_port}",
+            f"--ray-client-server-port={free_port()}",
+            # Short: Ray's unix socket paths under it must stay under 108 characters.
+            f"--temp-dir={self.root / 'ray'}",
+        ]
+        self._start("head", args, num_cpus, resources)
+        self.wait_for_nodes(1)
+
+    def add_node(self, name: str, num_cpus: int, resources: dict[str, float] | None = None) -> None:
+        self._start(name, [f"--address={self.gcs_address}"], num_cpus, resources)
+        self.wait_for_nodes(len(self.nodes))
+
+    def _start(self, name: str, args: list[str], num_cpus: int, resources: dict[str, float] | None) -> None:
+        command = [str(BIN / "ray"), "start", *args, "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}",
+                   "--num-gpus=0", *_agent_ports(), "--block"]  # fmt: skip
+        if resources:
+            command.append(f"--resources={json.dumps(resources)}")
+        log = open(self.root / f"{name}.log", "wb")  # noqa: SIM115 - the process keeps it
+        self.nodes.append(
+            subprocess.Popen(
+                command, env=self.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        )
+
+    def wait_for_nodes(self, count: int, timeout: float = 120) -> None:
+        """Until `count` nodes are alive (asked through the dashboard, with the token)."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            for node in self.nodes:
+                if node.poll() is not None:
+                    raise RuntimeError(f"ray start exited with {node.returncode}:\n{self.logs()}")
+            alive = self._alive_nodes()
+            if alive is not None and len(alive) >= count:
+                return
+            time.sleep(1)
+        raise TimeoutError(f"{count} Ray nodes not up after {timeout:.0f}s:\n{self.logs()}")
+
+    def _alive_nodes(self) -> list[Any] | None:
+        import urllib.request
+
+        request = urllib.request.Request(
+            f"{self.dashboard}/nodes?view=summary",
+            headers={"Authorization": f"Bearer {self.token_path.read_text().strip()}"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                summary = json.load(response)["data"]["summary"]
+        except (OSError, KeyError, ValueError):
+            return None
+        return [n for n in summary if n.get("raylet", {}).get("state") == "ALIVE"]
+
+    def run(
+        self,
+        *args: str,
+        timeout: float = 120,
+        check: bool = True,
+        cwd: Path = REPO,
+        env: dict[str, str] | None = None,
+    ) -> str:
+        """A Ray CLI command (`ray ...`, `serve ...`) as a client of this cluster; its output."""
+        done = subprocess.run(
+            [str(BIN / args[0]), *args[1:]],
+            env=self.env(**(env or {})),
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if check and done.returncode != 0:
+            raise RuntimeError(f"{' '.join(args)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
+        return done.stdout + done.stderr
+
+    def logs(self) -> str:
+        return "\n".join(
+            f"== {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in self.root.glob("*.log")
+        )
+
+    def processes(self) -> list[int]:
+        """Every process of this cluster: they all carry its token path in their environment."""
+        marker = f"RAY_AUTH_TOKEN_PATH={self.token_path}".encode()
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and int(entry.name) != os.getpid():
+                try:
+                    if marker in (entry / "environ").read_bytes().split(b"\0"):
+                        pids.append(int(entry.name))
+                except OSError:
+                    continue
+        return pids
+
+    def stop(self) -> None:
+        for node in reversed(self.nodes):
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGTERM)
+        deadline = time.time() + 10
+        while time.time() < deadline and any(n.poll() is None for n in self.nodes):
+            time.sleep(0.5)
+        for pid in self.processes():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for node in self.nodes:
+            node.wait(timeout=30)
+        shutil.rmtree(self.root, ignore_errors=True)
