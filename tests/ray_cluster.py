@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -89,16 +90,22 @@ class LocalRayCluster:
             # Short: Ray's unix socket paths under it must stay under 108 characters.
             f"--temp-dir={self.root / 'ray'}",
         ]
-        self._start("head", args, num_cpus, resources)
+        self._start("head", [*args, "--node-ip-address=127.0.0.1"], num_cpus, resources)
         self.wait_for_nodes(1)
 
     def add_node(self, name: str, num_cpus: int, resources: dict[str, float] | None = None) -> None:
-        self._start(name, [f"--address={self.gcs_address}"], num_cpus, resources)
+        """A worker node with its own loopback address (127.0.0.2, .3, ...): Ray Train ranks
+        nodes by IP, so nodes sharing 127.0.0.1 would count as one machine."""
+        # Its own temp dir, as on a machine of its own: nodes sharing one would share (and clean
+        # up under each other) the unpacked working_dir of a job.
+        ip = f"127.0.0.{len(self.nodes) + 1}"
+        args = [f"--address={self.gcs_address}", f"--temp-dir={self.root / name}", f"--node-ip-address={ip}"]
+        self._start(name, args, num_cpus, resources)
         self.wait_for_nodes(len(self.nodes))
 
     def _start(self, name: str, args: list[str], num_cpus: int, resources: dict[str, float] | None) -> None:
-        command = [str(BIN / "ray"), "start", *args, "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}",
-                   "--num-gpus=0", *_agent_ports(), "--block"]  # fmt: skip
+        command = [str(BIN / "ray"), "start", *args, f"--num-cpus={num_cpus}", "--num-gpus=0", *_agent_ports(),
+                   "--block"]  # fmt: skip
         if resources:
             command.append(f"--resources={json.dumps(resources)}")
         log = open(self.root / f"{name}.log", "wb")  # noqa: SIM115 - the process keeps it
@@ -155,6 +162,35 @@ class LocalRayCluster:
         if check and done.returncode != 0:
             raise RuntimeError(f"{' '.join(args)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
         return done.stdout + done.stderr
+
+    def submit(self, *entrypoint: str, runtime_env: str = "runtime_env.yaml") -> str:
+        """`ray job submit --working-dir .` from the repository root; the job id."""
+        out = self.run("ray", "job", "submit", "--address", self.dashboard, "--working-dir", ".",
+                       "--runtime-env", runtime_env, "--no-wait", "--", *entrypoint)  # fmt: skip
+        match = re.search(r"raysubmit_\w+", out)
+        if match is None:
+            raise RuntimeError(f"no job id in:\n{out}")
+        return match.group(0)
+
+    def job_status(self, job_id: str) -> str:
+        out = self.run("ray", "job", "status", "--address", self.dashboard, job_id)
+        for status in ("SUCCEEDED", "FAILED", "STOPPED", "RUNNING", "PENDING"):
+            if re.search(rf"\b{status}\b", out, re.IGNORECASE):
+                return status
+        raise RuntimeError(f"no job status in:\n{out}")
+
+    def wait_for_job(self, job_id: str, timeout: float = 900) -> str:
+        """The job's final status (SUCCEEDED, FAILED or STOPPED)."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            status = self.job_status(job_id)
+            if status in ("SUCCEEDED", "FAILED", "STOPPED"):
+                return status
+            time.sleep(3)
+        raise TimeoutError(f"job {job_id} still running after {timeout:.0f}s")
+
+    def job_logs(self, job_id: str) -> str:
+        return self.run("ray", "job", "logs", "--address", self.dashboard, job_id)
 
     def logs(self) -> str:
         return "\n".join(

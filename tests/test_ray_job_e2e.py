@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import time
 import urllib.error
 import urllib.request
@@ -39,32 +38,6 @@ def cluster() -> Iterator[LocalRayCluster]:
         cluster.stop()
 
 
-def submit(cluster: LocalRayCluster, *entrypoint: str) -> str:
-    out = cluster.run("ray", "job", "submit", "--address", cluster.dashboard, "--working-dir", ".",
-                      "--runtime-env", "runtime_env.yaml", "--no-wait", "--", *entrypoint)  # fmt: skip
-    match = re.search(r"raysubmit_\w+", out)
-    assert match, out
-    return match.group(0)
-
-
-def job_status(cluster: LocalRayCluster, job_id: str) -> str:
-    out = cluster.run("ray", "job", "status", "--address", cluster.dashboard, job_id)
-    for status in ("SUCCEEDED", "FAILED", "STOPPED", "RUNNING", "PENDING"):
-        if re.search(rf"\b{status}\b", out, re.IGNORECASE):
-            return status
-    raise AssertionError(f"no job status in:\n{out}")
-
-
-def wait_for_job(cluster: LocalRayCluster, job_id: str, timeout: float = 900) -> str:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        status = job_status(cluster, job_id)
-        if status in ("SUCCEEDED", "FAILED", "STOPPED"):
-            return status
-        time.sleep(3)
-    raise TimeoutError(f"job {job_id} still running after {timeout:.0f}s")
-
-
 def http(url: str, body: dict[str, Any] | None = None, key: str | None = None) -> tuple[int, Any]:
     """(status, JSON body or text) of a GET, or of a POST when `body` is given."""
     headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
@@ -94,13 +67,13 @@ def test_a_client_without_the_token_is_refused(cluster: LocalRayCluster, tmp_pat
 
 
 def test_ray_job_stop_stops_a_running_job(cluster: LocalRayCluster) -> None:
-    job_id = submit(cluster, "python", "-c", "import time; time.sleep(600)")
+    job_id = cluster.submit("python", "-c", "import time; time.sleep(600)")
     deadline = time.time() + 120
-    while job_status(cluster, job_id) != "RUNNING":
+    while cluster.job_status(job_id) != "RUNNING":
         assert time.time() < deadline, "the job never started"
         time.sleep(1)
     cluster.run("ray", "job", "stop", "--address", cluster.dashboard, job_id)
-    assert wait_for_job(cluster, job_id, timeout=120) == "STOPPED"
+    assert cluster.wait_for_job(job_id, timeout=120) == "STOPPED"
 
 
 def test_submitted_training_job_then_serve_on_the_same_cluster(
@@ -109,9 +82,9 @@ def test_submitted_training_job_then_serve_on_the_same_cluster(
     from transformers import AutoModelForCausalLM
 
     run_dir = tmp_path / "run"
-    job_id = submit(cluster, "python", "jobs/train.py", "--config", SMOKE, f"output_dir={run_dir}", LEARN)
-    status = wait_for_job(cluster, job_id)
-    logs = cluster.run("ray", "job", "logs", "--address", cluster.dashboard, job_id)
+    job_id = cluster.submit("python", "jobs/train.py", "--config", SMOKE, f"output_dir={run_dir}", LEARN)
+    status = cluster.wait_for_job(job_id)
+    logs = cluster.job_logs(job_id)
     assert status == "SUCCEEDED", logs[-5000:]
     assert f"model: {run_dir / 'final'}" in logs and "final metrics: loss=" in logs
     assert "Logging error" not in logs  # runtime_env.yaml's env_vars reached the job
