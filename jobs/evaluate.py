@@ -1,20 +1,25 @@
-"""Ray job entrypoint: evaluation of a tuned model against its base (reward accuracy on the eval
+r"""Ray job entrypoint: evaluation of a tuned model against its base (reward accuracy on the eval
 split, win rate on a prompt set by a rule, a reward model or the arena's votes).
 
-Submit from the repository root to a running cluster (token auth on; see README), with
-dpo-cluster installed in the cluster's Python environment:
+Submit from the repository root to a running cluster (token auth on; see README):
 
-    ray job submit --working-dir . -- python jobs/evaluate.py --config configs/sample_train.yaml \
-        evaluation.rule=title_length
+    ray job submit --working-dir . --runtime-env runtime_env.yaml -- \
+        python jobs/evaluate.py --config configs/sample_train.yaml evaluation.rule=title_length
 
-Inside the job RAY_ADDRESS is set, so data preparation joins the cluster.
+Arguments are those of `dpo-cluster eval`. Inside the job RAY_ADDRESS is set, so data preparation
+joins the cluster.
 """
 
 from __future__ import annotations
 
 import sys
 
-from dpo_cluster.cli import main
+from dpo_cluster.cli import main as cli_main
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli_main(["eval", *(sys.argv[1:] if argv is None else argv)])
+
 
 if __name__ == "__main__":
-    sys.exit(main(["eval", *sys.argv[1:]]))
+    sys.exit(main())

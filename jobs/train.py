@@ -1,19 +1,27 @@
-"""Ray job entrypoint: DPO training (prepares the data first, then Ray Train + DeepSpeed).
+r"""Ray job entrypoint: DPO training (prepares the data first, then Ray Train + DeepSpeed).
 
-Submit from the repository root to a running cluster (token auth on; see README), with
-dpo-cluster importable on the cluster (installed on every node, or shipped as the working_dir
-with its dependencies in the runtime env, as k8s/ray-job.dpo-train.yaml does):
+Submit from the repository root to a running cluster (token auth on; see README):
 
-    ray job submit --working-dir . -- python jobs/train.py --config configs/sample_train.yaml
+    ray job submit --working-dir . --runtime-env runtime_env.yaml -- \
+        python jobs/train.py --config configs/qwen2.5-0.5b-youtube-titles_smoke.yaml
 
-Inside the job RAY_ADDRESS is set, so the run joins the cluster instead of starting one.
+Arguments are those of `dpo-cluster train`: `--config FILE` and dotted overrides
+(`train.learning_rate=5e-4 output_dir=/mnt/shared/run-1`). The job's working directory is the
+uploaded checkout, so relative paths in the config resolve against it; outputs belong on storage
+every node reaches. Inside the job RAY_ADDRESS is set, so the run joins the cluster instead of
+starting one. On Kubernetes the same entrypoint runs in k8s/ray-job.dpo-train.yaml.
 """
 
 from __future__ import annotations
 
 import sys
 
-from dpo_cluster.cli import main
+from dpo_cluster.cli import main as cli_main
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
+
 
 if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]]))
+    sys.exit(main())
