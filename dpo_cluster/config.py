@@ -223,15 +223,61 @@ class ReferenceConfig:
     # Where reference log-probs come from: auto (adapter_disabled with LoRA, else model) |
     # model (a frozen copy, never given an optimizer; sharded like the policy under ZeRO-3) |
     # adapter_disabled (the LoRA policy with its adapter switched off: no second copy) |
+    # precompute (before training, a Ray Data actor pool of the reference scores every train and
+    # eval pair, cached under output_dir/reference_logps/; the training workers load none) |
     # precomputed (ref_chosen_logps / ref_rejected_logps columns in the data: none loaded).
-    mode: Literal["auto", "model", "adapter_disabled", "precomputed"] = "auto"
-    # A different reference model (mode: model). null = the policy's starting weights.
+    mode: Literal["auto", "model", "adapter_disabled", "precompute", "precomputed"] = "auto"
+    # A different reference model (mode: model or precompute): hub id or local directory.
+    # null = the policy's starting weights (model.name_or_path at model.revision; with LoRA the
+    # base model without the adapter, which is what the LoRA policy starts as).
     name_or_path: str | None = None
+    # The fields below are for mode: precompute only.
+    # Reference actors scoring at once (the actor pool's size), >= 1; each holds one reference copy.
+    concurrency: int = 1
+    # Pairs per reference forward, >= 1 (each pair is two sequences, so 2 x batch_size rows).
+    batch_size: int = 8
+    # GPUs per actor, >= 0: 0 scores on CPU; a fraction (0.5) packs several actors on one GPU.
+    num_gpus: float = 0.0
+    # CPUs per actor, >= 0; fractions allowed. Ray sets the actor's OMP_NUM_THREADS from it (>= 1).
+    num_cpus: float = 1.0
+    # Ray accelerator type the actors' GPUs must be (e.g. L4, A10G, T4), so scoring can run on
+    # cheaper devices than training. null = any GPU. Needs num_gpus > 0.
+    accelerator_type: str | None = None
+    # Reference weights dtype: auto (model.dtype: the values the in-loop reference would give) |
+    # float32 | bfloat16 | float16 (float16 needs num_gpus > 0). Stored log-probs are float32.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # Keep the scored pairs (Parquet) under output_dir/reference_logps/<cache key>/ and reuse them
+    # when a later run has the same key; false scores every run and writes nothing.
+    cache: bool = True
 
     def resolved_mode(self, lora: bool) -> str:
         if self.mode == "auto":
             return "adapter_disabled" if lora else "model"
         return self.mode
+
+    def resolved_dtype(self, model_dtype: str) -> str:
+        """The dtype the precompute actors load the reference in."""
+        return model_dtype if self.dtype == "auto" else self.dtype
+
+    def check(self) -> None:
+        if self.concurrency < 1:
+            raise ConfigError(f"reference.concurrency: must be >= 1, got {self.concurrency}")
+        if self.batch_size < 1:
+            raise ConfigError(f"reference.batch_size: must be >= 1, got {self.batch_size}")
+        if self.num_gpus < 0 or self.num_cpus < 0:
+            raise ConfigError(
+                f"reference.num_gpus, reference.num_cpus: must be >= 0, got {self.num_gpus}, {self.num_cpus}"
+            )
+        if self.accelerator_type is not None and self.num_gpus == 0:
+            raise ConfigError("reference.accelerator_type: set, but reference.num_gpus is 0 (CPU actors)")
+        if self.dtype == "float16" and self.num_gpus == 0:
+            raise ConfigError("reference.dtype: float16 needs GPU actors (reference.num_gpus > 0)")
+        path = self.name_or_path
+        # Spelled as a path (not a hub id, which is checked when it loads): a missing one is a
+        # mistake to report now.
+        looks_local = path is not None and path.startswith(("/", "./", "../", "~"))
+        if looks_local and not Path(str(path)).expanduser().is_dir():
+            raise ConfigError(f"reference.name_or_path: no such local model directory: {path}")
 
 
 @dataclass
@@ -275,6 +321,24 @@ class TrainConfig:
     # Pairs per optimizer step over all workers; if set it must equal
     # micro_batch_size * gradient_accumulation_steps * scaling.num_workers.
     global_batch_size: int | None = None
+    # Pack the 2B sequences of a micro-batch into rows without padding (position ids restart per
+    # sequence, attention never crosses sequences; same pairs, same loss): true | false. Needs
+    # transformers' own modeling code with attention eager, sdpa (block-diagonal masks) or
+    # flash_attention_2/3 (varlen kernels); otherwise the run logs why and falls back to padded
+    # micro-batches grouped by length. See dpo_cluster.train.packing.
+    packing: bool = False
+    # Tokens per packed row, >= 2 (raised to the micro-batch's longest sequence, which is never
+    # split). null = that longest sequence rounded up to a multiple of 8 (eager, sdpa: a row costs
+    # no more attention than a padded row), or one row for the whole micro-batch (flash_attention_*).
+    packing_row_tokens: int | None = None
+    # Sort pairs by length within windows of consecutive micro-batches and re-cut them, so each
+    # micro-batch holds similar lengths (less padding) while the epoch order stays random: true | false.
+    # Changes which pairs share a micro-batch and an optimizer step (deterministically, identically
+    # on every worker).
+    group_by_length: bool = False
+    # Micro-batches of the global stream (all workers) per length-grouping window, >= 1. Larger
+    # windows group lengths more tightly; 1 leaves every micro-batch's pairs as they are.
+    length_group_window: int = 64
     # Passes over the training data.
     num_epochs: float = 1.0
     # Stop after this many optimizer steps (null = run num_epochs).
@@ -334,9 +398,21 @@ class TrainConfig:
             "eval_steps",
             "save_steps",
             "num_checkpoints_to_keep",
+            "length_group_window",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.packing_row_tokens is not None:
+            if not self.packing:
+                raise ConfigError("train.packing_row_tokens: set, but train.packing is false")
+            if self.packing_row_tokens < 2:
+                raise ConfigError(f"train.packing_row_tokens: must be >= 2, got {self.packing_row_tokens}")
+        window_default = next(f.default for f in dataclasses.fields(self) if f.name == "length_group_window")
+        if self.length_group_window != window_default and not (self.group_by_length or self.packing):
+            # With packing on, the window is used by the padded fallback (see dpo_cluster.train.packing).
+            raise ConfigError(
+                "train.length_group_window: set, but neither train.group_by_length nor train.packing is true"
+            )
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"train.max_steps: must be >= 1, got {self.max_steps}")
         if not 0.0 <= self.warmup_ratio < 1.0:
@@ -648,9 +724,29 @@ class Config:
         mode = self.reference.resolved_mode(self.lora.enabled)
         if mode == "adapter_disabled" and not self.lora.enabled:
             raise ConfigError("reference.mode: adapter_disabled needs lora.enabled: true")
-        if self.reference.name_or_path is not None and mode != "model":
+        if self.reference.name_or_path is not None and mode not in ("model", "precompute"):
             raise ConfigError(
-                f"reference.name_or_path: only used with reference.mode: model (mode is {mode})"
+                f"reference.name_or_path: only used with reference.mode: model or precompute (mode is {mode})"
+            )
+        self.reference.check()
+        if mode != "precompute":
+            reference_defaults = ReferenceConfig()
+            changed = [
+                f.name
+                for f in dataclasses.fields(ReferenceConfig)
+                if f.name not in ("mode", "name_or_path")
+                and getattr(self.reference, f.name) != getattr(reference_defaults, f.name)
+            ]
+            if changed:
+                raise ConfigError(
+                    f"reference.{changed[0]}: only used with reference.mode: precompute (mode is {mode})"
+                )
+        elif self.lora.load_in_4bit and self.reference.num_gpus == 0:
+            # The LoRA policy's reference is its 4-bit base; the actors load that same quantized
+            # base, which bitsandbytes can only do on a CUDA GPU.
+            raise ConfigError(
+                "reference.num_gpus: precompute with lora.load_in_4bit loads the 4-bit base on the "
+                "actors' GPUs; set reference.num_gpus > 0"
             )
         if self.deepspeed.offload_params != "none" and self.deepspeed.zero_stage != 3:
             raise ConfigError("deepspeed.offload_params: parameter offload needs deepspeed.zero_stage: 3")

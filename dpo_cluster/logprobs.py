@@ -182,6 +182,23 @@ def compute_sequence_logps(
 
 
 @torch.no_grad()
+def compute_mean_logits(
+    logits: torch.Tensor, completion_mask: torch.Tensor, *, chunk_rows: int | None = None
+) -> torch.Tensor:
+    """Vocabulary-mean logit per scored position: `logits (B, T, V), mask (B, T) -> (B, T)` fp32, no grad.
+
+    `out[b, t] = mask[b, t] * mean_v logits[b, t, v]`. Per position rather than per row, so packed
+    rows holding several sequences can be summed per sequence (`dpo_cluster.train.packing`).
+    """
+    _check_shapes(logits, None, completion_mask)
+    batch, seq, vocab = logits.shape
+    logits_2d = logits.detach().reshape(batch * seq, vocab)
+    rows = _selected_rows(completion_mask, batch * seq, logits.device)
+    means = _map_rows(logits_2d, rows, _rows_per_chunk(vocab, chunk_rows), lambda z, _part: z.mean(dim=-1))
+    return _scatter_rows(means, rows, logits.shape[:2])
+
+
+@torch.no_grad()
 def compute_mean_logit_sums(
     logits: torch.Tensor, completion_mask: torch.Tensor, *, chunk_rows: int | None = None
 ) -> torch.Tensor:
@@ -191,12 +208,7 @@ def compute_mean_logit_sums(
     token count over a batch it is TRL's `logits/chosen` / `logits/rejected` metric (see
     `dpo_cluster.losses.preference_metrics`).
     """
-    _check_shapes(logits, None, completion_mask)
-    batch, seq, vocab = logits.shape
-    logits_2d = logits.detach().reshape(batch * seq, vocab)
-    rows = _selected_rows(completion_mask, batch * seq, logits.device)
-    means = _map_rows(logits_2d, rows, _rows_per_chunk(vocab, chunk_rows), lambda z, _part: z.mean(dim=-1))
-    return _scatter_rows(means, rows, logits.shape[:2]).sum(dim=1)
+    return compute_mean_logits(logits, completion_mask, chunk_rows=chunk_rows).sum(dim=1)
 
 
 @torch.no_grad()

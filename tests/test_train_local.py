@@ -89,6 +89,19 @@ def test_first_step_is_ln2_then_the_model_learns(full_run: tuple[Path, Any]) -> 
     assert first["learning_rate"] > train_rows[-1]["learning_rate"]  # linear decay
 
 
+def test_grad_norm_is_reported_without_zero_and_equals_zeros(prepared: PreparedData, tmp_path: Path) -> None:
+    """DeepSpeed measures the gradient norm under ZeRO only; without ZeRO the loop does, and the
+    two agree on the same step (the same gradients, before clipping)."""
+    norms = {}
+    for stage in (0, 2):
+        out = tmp_path / f"zero{stage}"
+        run_local(train_config(out, f"deepspeed.zero_stage={stage}", "train.max_steps=2"),
+                  prepared.split_dir("train"))  # fmt: skip
+        norms[stage] = [r["grad_norm"] for r in metrics_rows(out) if "loss" in r]
+    assert all(isinstance(n, float) and n > 0 for n in norms[0]), norms
+    assert norms[0] == pytest.approx(norms[2], rel=1e-4)
+
+
 def test_final_model_loads_and_changed(full_run: tuple[Path, Any]) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

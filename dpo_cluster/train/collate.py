@@ -84,18 +84,8 @@ def collate_pairs(
     """
     if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
         raise ValueError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
-    missing = [name for name in ID_COLUMNS if name not in batch]
-    if missing:
-        raise ValueError(f"preference batch lacks column(s) {', '.join(missing)}; has {', '.join(batch)}")
-    prompts, chosen, rejected = (_id_sequences(batch[name], name) for name in ID_COLUMNS)
+    prompts, chosen, rejected = read_pair_sequences(batch)
     num_pairs = len(prompts)
-    if num_pairs == 0:
-        raise ValueError("cannot collate an empty preference batch (0 pairs)")
-    if not len(chosen) == len(rejected) == num_pairs:
-        raise ValueError(
-            f"preference batch columns differ in length: prompt_ids {num_pairs}, "
-            f"chosen_ids {len(chosen)}, rejected_ids {len(rejected)}"
-        )
 
     prompt_lengths = np.array([len(p) for p in prompts] * 2, dtype=np.int64)
     completions = chosen + rejected
@@ -112,7 +102,7 @@ def collate_pairs(
     attention_mask = positions < total_lengths[:, None]
     completion_mask = attention_mask & (positions >= prompt_lengths[:, None])
 
-    ref_chosen_logps, ref_rejected_logps = _ref_logps(batch, num_pairs)
+    ref_chosen_logps, ref_rejected_logps = read_ref_logps(batch, num_pairs)
     return PreferenceBatch(
         input_ids=torch.from_numpy(input_ids),
         attention_mask=torch.from_numpy(attention_mask.astype(np.int64)),
@@ -123,9 +113,33 @@ def collate_pairs(
 
 
 def padding_fraction(batch: PreferenceBatch) -> float:
-    """Share of `input_ids` (2B, T) entries that are padding, in [0, 1): compute wasted on pad."""
+    """Share of `input_ids` (2B, T) entries that are padding, in [0, 1): compute wasted on pad.
+
+    Also right for a `dpo_cluster.train.packing.PackedBatch`, whose `input_ids` are (R, L)."""
     total = batch.input_ids.numel()
     return 0.0 if total == 0 else 1.0 - batch.num_tokens / total
+
+
+def read_pair_sequences(
+    batch: Mapping[str, Any],
+) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+    """The B prompts, chosen and rejected completions of a batch as int64 1-D arrays.
+
+    Raises ValueError on an empty batch, a missing column, or columns of different lengths.
+    """
+    missing = [name for name in ID_COLUMNS if name not in batch]
+    if missing:
+        raise ValueError(f"preference batch lacks column(s) {', '.join(missing)}; has {', '.join(batch)}")
+    prompts, chosen, rejected = (_id_sequences(batch[name], name) for name in ID_COLUMNS)
+    num_pairs = len(prompts)
+    if num_pairs == 0:
+        raise ValueError("cannot collate an empty preference batch (0 pairs)")
+    if not len(chosen) == len(rejected) == num_pairs:
+        raise ValueError(
+            f"preference batch columns differ in length: prompt_ids {num_pairs}, "
+            f"chosen_ids {len(chosen)}, rejected_ids {len(rejected)}"
+        )
+    return prompts, chosen, rejected
 
 
 def _id_sequences(column: Any, name: str) -> list[np.ndarray]:
@@ -139,8 +153,10 @@ def _id_sequences(column: Any, name: str) -> list[np.ndarray]:
     return sequences
 
 
-def _ref_logps(batch: Mapping[str, Any], num_pairs: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The precomputed reference log-probs as (B,) float32 tensors, or (None, None)."""
+def read_ref_logps(
+    batch: Mapping[str, Any], num_pairs: int
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The precomputed reference log-probs as (B,) float32 tensors, or (None, None) when absent."""
     present = [name for name in REF_COLUMNS if name in batch]
     if not present:
         return None, None

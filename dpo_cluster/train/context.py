@@ -9,7 +9,9 @@ Data order is part of the contract: every worker streams the same, deterministic
 prepared dataset and keeps micro-batch k when k % world_size == rank. The pairs of a global step
 are therefore the same whatever the worker count and accumulation, which is what makes runs with
 1 x 4, 2 x 2 and 1 x 1 x accumulation 4 equivalent and resumption exact. Reading token ids is cheap
-next to a forward and backward pass of the model, so the extra reading is a fair price.
+next to a forward and backward pass of the model, so the extra reading is a fair price. Length
+grouping (`train.group_by_length`) re-cuts that stream the same way on every worker before the
+ownership rule applies, so it keeps this contract for a fixed micro-batch size.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+
+from dpo_cluster.train.packing import group_by_length
 
 Batch = dict[str, Any]
 """A micro-batch of pairs as columns: prompt_ids, chosen_ids, rejected_ids (and row_id, ...)."""
@@ -112,9 +116,23 @@ class WorkerContext:
         return self.rank == 0
 
     def my_micro_batches(
-        self, source: PairSource, micro_batch_size: int, epoch: int
+        self,
+        source: PairSource,
+        micro_batch_size: int,
+        epoch: int,
+        *,
+        length_group_window: int | None = None,
+        seed: int = 0,
     ) -> Iterator[tuple[int, Batch]]:
-        """(global micro-batch index, batch) for the micro-batches this worker owns."""
-        for index, batch in enumerate(source.iter_batches(micro_batch_size, epoch)):
+        """(global micro-batch index, batch) for the micro-batches this worker owns.
+
+        With `length_group_window`, the whole ordered stream is first re-cut by length in windows
+        of that many micro-batches (`dpo_cluster.train.packing.group_by_length`, seeded by
+        (seed, epoch)); every worker computes the same re-cut stream, so ownership is unchanged.
+        """
+        stream = source.iter_batches(micro_batch_size, epoch)
+        if length_group_window is not None:
+            stream = group_by_length(stream, length_group_window, seed=(seed, epoch))
+        for index, batch in enumerate(stream):
             if index % self.world_size == self.rank:
                 yield index, batch

@@ -1,8 +1,11 @@
 """One DPO micro-batch: policy and reference log-probs, the loss, and metric sums.
 
-Chosen and rejected sequences go through the policy in one concatenated forward (rows 0..B-1
-chosen, B..2B-1 rejected). Metrics are returned as per-pair *sums* plus counts, so the loop can add
-them over micro-batches and all-reduce them over workers and still get exact batch means.
+Chosen and rejected sequences go through the policy in one concatenated forward: either padded
+(`PreferenceBatch`, rows 0..B-1 chosen, B..2B-1 rejected) or packed into rows without padding
+(`dpo_cluster.train.packing.PackedBatch`). Both give per-sequence results in the same (2B,) order,
+so the loss code is the same for both. Metrics are returned as per-pair *sums* plus counts, so the
+loop can add them over micro-batches and all-reduce them over workers and still get exact batch
+means; `padded_tokens` counts the pad entries the forward actually computed, for either layout.
 """
 
 from __future__ import annotations
@@ -12,9 +15,19 @@ from dataclasses import dataclass
 
 import torch
 
-from dpo_cluster.logprobs import build_shifted_labels, compute_mean_logit_sums, compute_sequence_logps
+from dpo_cluster.logprobs import (
+    build_shifted_labels,
+    compute_mean_logit_sums,
+    compute_mean_logits,
+    compute_sequence_logps,
+    compute_token_logps,
+)
 from dpo_cluster.losses import PreferenceLogps, compute_dpo_loss
 from dpo_cluster.train.collate import PreferenceBatch
+from dpo_cluster.train.packing import PackedBatch
+
+MicroBatch = PreferenceBatch | PackedBatch
+"""A micro-batch of B pairs as 2B padded rows or as packed rows; see `sequence_logps`."""
 
 # Order of the entries of `MicroBatchResult.sums`; the loop all-reduces them as one tensor.
 SUM_KEYS = (
@@ -50,10 +63,17 @@ class MicroBatchResult:
 
 
 def sequence_logps(
-    forward: Callable[..., object], batch: PreferenceBatch
+    forward: Callable[..., object], batch: MicroBatch
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One forward over the chosen+rejected rows (2B, T) -> (summed completion log-probs (2B,),
-    summed mean logits (2B,), completion token counts (2B,)); log-probs carry the forward's grad."""
+    """One forward over the chosen+rejected sequences -> (summed completion log-probs (2B,), summed
+    mean logits (2B,), completion token counts (2B,)); log-probs carry the forward's grad.
+
+    Padded: rows (2B, T) with an attention mask. Packed: rows (R, L) with position ids (see
+    `PackedBatch.model_inputs`); per-token values (R, L) are unpacked to (2B, T) before the sums,
+    so both layouts return the same values in the same order.
+    """
+    if isinstance(batch, PackedBatch):
+        return _packed_sequence_logps(forward, batch)
     outputs = forward(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
     logits = outputs.logits  # type: ignore[attr-defined]
     labels, label_mask = build_shifted_labels(batch.input_ids, batch.completion_mask)
@@ -62,13 +82,28 @@ def sequence_logps(
     return logps, logit_sums, label_mask.sum(dim=1)
 
 
+def _packed_sequence_logps(
+    forward: Callable[..., object], batch: PackedBatch
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    outputs = forward(**batch.model_inputs())
+    logits = outputs.logits  # type: ignore[attr-defined]  # (R, L, V)
+    labels, label_mask = batch.shifted_labels()
+    token_logps = compute_token_logps(logits, labels, label_mask)  # (R, L)
+    mean_logits = compute_mean_logits(logits, label_mask)  # (R, L)
+    return (
+        batch.unpack(token_logps).sum(dim=1),
+        batch.unpack(mean_logits).sum(dim=1),
+        batch.unpack(label_mask).sum(dim=1),
+    )
+
+
 def compute_micro_batch(
     policy_forward: Callable[..., object],
-    reference_logps: Callable[[PreferenceBatch], tuple[torch.Tensor, torch.Tensor]],
-    batch: PreferenceBatch,
+    reference_logps: Callable[[MicroBatch], tuple[torch.Tensor, torch.Tensor]],
+    batch: MicroBatch,
     settings: LossSettings,
 ) -> MicroBatchResult:
-    """DPO loss and metric sums of one micro-batch."""
+    """DPO loss and metric sums of one micro-batch (padded or packed)."""
     n = batch.num_pairs
     logps, logit_sums, lengths = sequence_logps(policy_forward, batch)
     ref_chosen, ref_rejected = reference_logps(batch)
@@ -88,7 +123,7 @@ def compute_micro_batch(
         label_smoothing=settings.label_smoothing,
     )
     with torch.no_grad():
-        total_tokens = batch.input_ids.numel()
+        total_tokens = batch.input_ids.numel()  # (2B, T) padded or (R, L) packed entries computed
         values = {
             "pairs": float(n),
             "loss": losses.detach().sum(),

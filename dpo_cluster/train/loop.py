@@ -3,8 +3,9 @@
 The same function runs in every Ray Train worker and in a plain process (tests, one GPU):
 
     model + reference -> deepspeed.initialize -> [resume] -> for each optimizer step:
-        for each of this worker's micro-batches: one concatenated chosen/rejected forward,
-        reference log-probs, DPO loss, engine.backward, engine.step (DeepSpeed accumulates)
+        for each of this worker's micro-batches: one concatenated chosen/rejected forward
+        (padded, or packed without padding: train.packing), reference log-probs, DPO loss,
+        engine.backward, engine.step (DeepSpeed accumulates)
         -> metric sums all-reduced over workers -> log / evaluate / checkpoint when due
     -> [load best] -> final/ in Hugging Face format
 
@@ -14,6 +15,7 @@ DeepSpeed (gradient reduction, ZeRO-3 parameter gathering) always line up.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import socket
@@ -27,10 +29,11 @@ import torch
 
 from dpo_cluster.config import Config
 from dpo_cluster.train.checkpoint import export_final, load_state, save_state
-from dpo_cluster.train.context import Batch, WorkerContext
+from dpo_cluster.train.context import Batch, PairSource, WorkerContext
 from dpo_cluster.train.forward import (
     SUM_KEYS,
     LossSettings,
+    MicroBatch,
     compute_micro_batch,
     sequence_logps,
     sums_to_metrics,
@@ -38,6 +41,8 @@ from dpo_cluster.train.forward import (
 from dpo_cluster.train.metrics_log import MetricsLog
 
 FINAL_DIR = "final"
+
+logger = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -70,7 +75,9 @@ def _ensure_distributed(ctx: WorkerContext, backend: str) -> None:
         port = s.getsockname()[1]
     for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
                        "LOCAL_RANK": "0"}.items():  # fmt: skip
-        os.environ.setdefault(key, value)
+        # Set, not defaulted: values inherited from a parent process that trained in-process too
+        # name a port that process still listens on.
+        os.environ[key] = value
     deepspeed.init_distributed(dist_backend=backend)
 
 
@@ -84,6 +91,12 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
+
+
+def _plain_grad_norm(engine: Any) -> float:
+    """2-norm of all gradients of a DeepSpeed engine without ZeRO (full gradients on every worker)."""
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
 
 def _disable_dropout(model: torch.nn.Module) -> None:
@@ -105,6 +118,7 @@ def train_loop(config: Config, ctx: WorkerContext) -> dict[str, Any]:
     from dpo_cluster.modeling import load_policy, load_reference, load_tokenizer, reference_context
     from dpo_cluster.train.collate import collate_pairs
     from dpo_cluster.train.deepspeed_config import build_deepspeed_config, resolve_precision
+    from dpo_cluster.train.packing import pack_pairs, packing_route
 
     _ensure_distributed(ctx, "nccl" if use_gpu else "gloo")
     _seed_everything(config.train.seed)
@@ -123,6 +137,8 @@ def train_loop(config: Config, ctx: WorkerContext) -> dict[str, Any]:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     policy = load_policy(config.model, config.lora)
     ref_mode = config.reference.resolved_mode(config.lora.enabled)
+    # None unless mode is model: adapter_disabled reuses the policy, precompute / precomputed read
+    # the reference log-probs from the data, so those workers hold no second model.
     reference = load_reference(config.model, config.reference, config.lora)
     if train.disable_dropout:
         _disable_dropout(policy)
@@ -148,9 +164,20 @@ def train_loop(config: Config, ctx: WorkerContext) -> dict[str, Any]:
 
     def reference_logps(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         n = batch.num_pairs
-        if ref_mode == "precomputed":
+        # precompute: the reference stage (dpo_cluster.data.reference_logps) has added the columns
+        # to the data before training; from here on it is the same as precomputed.
+        if ref_mode in ("precompute", "precomputed"):
             if batch.ref_chosen_logps is None or batch.ref_rejected_logps is None:
-                raise ValueError("reference.mode is precomputed but the data has no ref_chosen_logps columns")
+                where = (
+                    "run_training adds them; with run_local pass the reference stage's split "
+                    "directories (ReferenceLogps.split_dir)"
+                    if ref_mode == "precompute"
+                    else "add them to the data"
+                )
+                raise ValueError(
+                    f"reference.mode is {ref_mode} but the data has no ref_chosen_logps / "
+                    f"ref_rejected_logps columns ({where})"
+                )
             return batch.ref_chosen_logps, batch.ref_rejected_logps
         model = engine.module if ref_mode == "adapter_disabled" else reference
         with reference_context(engine.module, ref_mode):
@@ -160,27 +187,52 @@ def train_loop(config: Config, ctx: WorkerContext) -> dict[str, Any]:
     settings = LossSettings(train.loss_type, train.loss_weights, train.beta, train.label_smoothing)
     precision = resolve_precision(config.deepspeed.precision, use_gpu, bf16_ok)
 
+    # Micro-batch layout (dpo_cluster.train.packing): packed rows where every model scoring them
+    # supports it, else padded rows, grouped by length when asked for or when packing falls back.
+    group_window = train.length_group_window if train.group_by_length else None
+    route, route_note = packing_route(engine.module, reference) if train.packing else (None, "")
+    if train.packing and route is None:
+        group_window = train.length_group_window
+        if ctx.is_main:
+            logger.warning("train.packing: padded micro-batches grouped by length instead, as %s", route_note)
+    elif route is not None and ctx.is_main:
+        logger.info("train.packing: %s", route_note)
+
+    def make_batch(raw: Batch) -> MicroBatch:
+        if route is None:
+            return collate_pairs(raw, pad_id)
+        return pack_pairs(raw, pad_id, row_tokens=train.packing_row_tokens, varlen=route == "varlen")
+
+    def my_micro_batches(source: PairSource, epoch: int) -> Iterator[tuple[int, Batch]]:
+        return ctx.my_micro_batches(source, micro, epoch, length_group_window=group_window, seed=train.seed)
+
     def run_micro_batches(
         batches: Iterator[tuple[int, Batch]], count: int, *, learn: bool, step: int
     ) -> torch.Tensor:
         sums = torch.zeros(len(SUM_KEYS), dtype=torch.float64)
         for _ in range(count):
             _, raw = next(batches)
-            batch = collate_pairs(raw, pad_id).to(device)
+            batch = make_batch(raw).to(device)
             with torch.set_grad_enabled(learn):
                 result = compute_micro_batch(engine, reference_logps, batch, settings)
             if learn:
                 _check_finite(result.loss, step, raw, device)
                 engine.backward(result.loss)
+                if engine.is_gradient_accumulation_boundary():
+                    grad_norm[0] = _plain_grad_norm(engine) if config.deepspeed.zero_stage == 0 else None
                 engine.step()
             sums += result.sums
         return sums
+
+    # DeepSpeed reports the gradient norm under ZeRO 1-3 only; without ZeRO it is measured here,
+    # after the gradients are averaged over workers and before clipping (as DeepSpeed reports it).
+    grad_norm: list[float | None] = [None]
 
     def evaluate(step: int) -> dict[str, float]:
         assert ctx.eval is not None
         engine.eval()
         count = (ctx.eval.num_rows // micro) // ctx.world_size  # the same on every worker (ZeRO-3 gathers)
-        sums = run_micro_batches(ctx.my_micro_batches(ctx.eval, micro, 0), count, learn=False, step=step)
+        sums = run_micro_batches(my_micro_batches(ctx.eval, 0), count, learn=False, step=step)
         engine.train()
         return sums_to_metrics(_all_reduce(sums, device), prefix="eval_") | {
             "eval_pairs": count * micro * ctx.world_size
@@ -201,7 +253,7 @@ def train_loop(config: Config, ctx: WorkerContext) -> dict[str, Any]:
     try:
         while step < steps:
             epoch, done_in_epoch = divmod(step, per_epoch)
-            batches = ctx.my_micro_batches(ctx.train, micro, epoch)
+            batches = my_micro_batches(ctx.train, epoch)
             for _ in range(done_in_epoch * accum):  # the data position of a resumed run
                 next(batches)
             for _ in range(done_in_epoch, per_epoch):
@@ -217,7 +269,9 @@ def train_loop(config: Config, ctx: WorkerContext) -> dict[str, Any]:
                 if step % train.logging_steps == 0 or last:
                     elapsed = time.perf_counter() - window_started
                     metrics = sums_to_metrics(window) | {
-                        "grad_norm": _float(engine.get_global_grad_norm()),
+                        "grad_norm": _float(
+                            grad_norm[0] if grad_norm[0] is not None else engine.get_global_grad_norm()
+                        ),
                         "learning_rate": scheduler.get_last_lr()[0],
                         "tokens_per_second": window[SUM_KEYS.index("tokens")].item() / max(elapsed, 1e-9),
                         "seconds_per_step": elapsed / max(window_steps, 1),

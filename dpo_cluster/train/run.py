@@ -4,6 +4,8 @@
 - Data: the prepared splits are materialized in the object store (spilling to disk if large) and
   stream into every worker via `get_dataset_shard`, unsplit and in a fixed order; each worker keeps
   its own micro-batches (see `dpo_cluster.train.context`). No worker reads or tokenizes raw data.
+  With `reference.mode: precompute` an actor pool of the reference first adds the reference
+  log-probs to every pair (`dpo_cluster.data.reference_logps`), and the workers load no reference.
 - Checkpoints: every worker reports its DeepSpeed shard files and Ray Train merges them into one
   checkpoint under `scaling.storage_path` (default `output_dir/ray_results`), keeping
   `train.num_checkpoints_to_keep`, ranked by `train.best_metric` when there is eval data.
@@ -144,7 +146,14 @@ def run_training(config: Config) -> TrainingResult:
     # Workers iterate these every epoch and evaluation; per-iteration progress bars would flood the
     # log (a dataset carries the context it was made with). The loop's own bar shows progress.
     data_context.enable_progress_bars = False
-    datasets = {split: ds.materialize() for split, ds in prepared.datasets().items()}
+    if config.reference.resolved_mode(config.lora.enabled) == "precompute":
+        from dpo_cluster.data.reference_logps import compute_reference_logps
+
+        # The reference actor pool scores (or the cache supplies) every pair now, and its actors
+        # exit before the workers start: the trainer's datasets are the stage's output, in order.
+        datasets = compute_reference_logps(config, prepared).datasets
+    else:
+        datasets = {split: ds.materialize() for split, ds in prepared.datasets().items()}
     has_eval = counts.get("eval", 0) > 0
     train = config.train
     output_dir = Path(config.output_dir)

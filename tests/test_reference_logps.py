@@ -1,0 +1,363 @@
+"""The reference log-prob stage (`reference.mode: precompute`) on a real local Ray: its values are
+the in-process reference's, rows keep their order and ids, the cache is reused by key and only by
+key, an interrupted write is never trusted, and training on its output equals training with the
+in-loop reference (Ray Train with 2 workers, and in one process with LoRA)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from dpo_cluster.config import Config, ConfigError, LoraConfig, ReferenceConfig, load_config
+from dpo_cluster.data import reference_logps
+from dpo_cluster.data.pipeline import PreparedData, prepare
+from dpo_cluster.data.reference_logps import (
+    REFERENCE_DIR,
+    REPORT_FILE,
+    ReferenceLogps,
+    compute_reference_key,
+    compute_reference_logps,
+    hash_weights,
+)
+from dpo_cluster.modeling import load_reference, resolve_name_or_path
+from dpo_cluster.train.collate import ID_COLUMNS, REF_COLUMNS, collate_pairs
+from dpo_cluster.train.forward import sequence_logps
+from tests.test_train_local import losses, metrics_rows, train_config
+
+pytestmark = pytest.mark.slow
+
+# Two actors, and a batch size that divides neither split, so batches end mid-block and the pool
+# really has rows to reorder.
+STAGE = ("reference.mode=precompute", "reference.concurrency=2", "reference.batch_size=3")
+
+
+def precompute_config(output_dir: Path, *overrides: str) -> Config:
+    return train_config(output_dir, *STAGE, *overrides)
+
+
+def split_table(result: ReferenceLogps, split: str) -> pa.Table:
+    import ray
+
+    return pa.concat_tables(ray.get(result.datasets[split].to_arrow_refs()))
+
+
+def prepared_table(prepared: PreparedData, split: str) -> pa.Table:
+    """The prepared rows in the order training reads them (files by name, rows in file order)."""
+    split_dir = prepared.split_dir(split)
+    assert split_dir is not None
+    files = sorted(split_dir.glob("*.parquet"))
+    return pa.concat_tables([pq.read_table(f) for f in files])
+
+
+def in_process_logps(name_or_path: str, table: pa.Table, batch_size: int = 5) -> torch.Tensor:
+    """(N, 2) chosen/rejected reference log-probs of `table`'s pairs, scored here in fp32."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(resolve_name_or_path(name_or_path)).eval()
+    out = []
+    for start in range(0, table.num_rows, batch_size):
+        rows = table.slice(start, batch_size)
+        batch = collate_pairs({name: rows.column(name).to_pylist() for name in ID_COLUMNS}, pad_token_id=1)
+        with torch.no_grad():
+            logps, _, _ = sequence_logps(model, batch)
+        out.append(torch.stack([logps[: batch.num_pairs], logps[batch.num_pairs :]], dim=1))
+    return torch.cat(out)
+
+
+def stage_logps(table: pa.Table) -> torch.Tensor:
+    return torch.tensor([table.column(name).to_pylist() for name in REF_COLUMNS], dtype=torch.float32).T
+
+
+def cache_files(result: ReferenceLogps) -> dict[str, int]:
+    """Every file of the cache directory -> its modification time (ns)."""
+    assert result.cache_dir is not None
+    return {str(p.relative_to(result.cache_dir)): p.stat().st_mtime_ns for p in result.cache_dir.rglob("*")}
+
+
+@pytest.fixture(scope="module")
+def stage_run(
+    tmp_path_factory: pytest.TempPathFactory, ray_local: None
+) -> tuple[Config, PreparedData, ReferenceLogps]:
+    config = precompute_config(tmp_path_factory.mktemp("stage"))
+    prepared = prepare(config)
+    return config, prepared, compute_reference_logps(config, prepared)
+
+
+# ----------------------------------------------------------------------------------------------
+# Values, order, columns.
+
+
+def test_stage_values_equal_the_reference_scored_in_process(
+    stage_run: tuple[Config, PreparedData, ReferenceLogps],
+) -> None:
+    _, prepared, result = stage_run
+    assert set(result.datasets) == {"train", "eval"}
+    for split in ("train", "eval"):
+        got, want = split_table(result, split), prepared_table(prepared, split)
+        assert got.num_rows == want.num_rows == prepared.report["splits"][split]["rows_kept"]
+        # Same rows, same order, same ids and tokens; the reference columns added, float32, no nulls.
+        assert got.column("row_id").to_pylist() == want.column("row_id").to_pylist()
+        for name in ID_COLUMNS:
+            assert got.column(name).to_pylist() == want.column(name).to_pylist(), name
+        for name in REF_COLUMNS:
+            assert got.schema.field(name).type == pa.float32()
+            assert got.column(name).null_count == 0
+        # The stage pads 3 pairs per batch, the in-process reference 5: other shapes, so the sums
+        # (|logp| of several hundred, where one float32 ulp is 3e-5) agree to a few ulps.
+        expected = in_process_logps("builtin:tiny", want)
+        torch.testing.assert_close(stage_logps(got), expected, atol=1e-5, rtol=1e-6)
+        assert (expected < 0).all()
+        # The cached Parquet (what run_local reads) holds the same rows in the same order.
+        split_dir = result.split_dir(split)
+        assert split_dir is not None
+        cached = pa.concat_tables([pq.read_table(f) for f in sorted(split_dir.glob("*.parquet"))])
+        assert cached.equals(got.select(cached.column_names))
+
+
+def test_the_report_and_the_workers_side(stage_run: tuple[Config, PreparedData, ReferenceLogps]) -> None:
+    config, prepared, result = stage_run
+    report = json.loads((Path(config.output_dir) / REPORT_FILE).read_text())
+    counts = {split: prepared.report["splits"][split]["rows_kept"] for split in ("train", "eval")}
+    assert report["reused"] is False and report["rows"] == counts
+    assert report["rows_scored"] == sum(counts.values()) and report["seconds"] > 0
+    assert report["cache_dir"] == str(Path(config.output_dir) / REFERENCE_DIR / report["cache_key"])
+    assert report["key_parts"]["reference"]["name_or_path"] == "builtin:tiny"
+    assert len(report["key_parts"]["reference"]["weights_sha256"]) == 64
+    assert report["actors"]["concurrency"] == 2 and report["actors"]["batch_size"] == 3
+    # Training workers in this mode load no reference model.
+    assert load_reference(config.model, config.reference, config.lora) is None
+
+
+# ----------------------------------------------------------------------------------------------
+# The cache.
+
+
+def test_a_second_run_reuses_the_cache_without_scoring(
+    stage_run: tuple[Config, PreparedData, ReferenceLogps],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    config, prepared, first = stage_run
+    before = cache_files(first)
+
+    def no_scoring(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the reference stage ran although its cache matches")
+
+    monkeypatch.setattr(reference_logps, "build_scored_dataset", no_scoring)
+    with caplog.at_level(logging.INFO, logger=reference_logps.__name__):
+        second = compute_reference_logps(config, prepared)
+    assert second.report["reused"] is True and second.report["rows_scored"] == 0
+    assert second.report["cache_key"] == first.report["cache_key"]
+    assert json.loads((Path(config.output_dir) / REPORT_FILE).read_text())["reused"] is True
+    assert any(
+        "reusing" in r.getMessage() and first.report["cache_key"] in r.getMessage() for r in caplog.records
+    )
+    assert cache_files(second) == before  # nothing rewritten
+    for split in ("train", "eval"):
+        assert split_table(second, split).equals(split_table(first, split))
+
+
+def test_a_changed_key_recomputes_and_the_old_key_still_reuses(tmp_path: Path, ray_local: None) -> None:
+    from dpo_cluster.tiny import build_tiny_model
+
+    other = build_tiny_model(tmp_path / "other_reference", seed=1)
+    out = tmp_path / "run"
+    runs: dict[str, ReferenceLogps] = {}
+    for name, overrides in (
+        ("base", ()),
+        ("max_length", ("data.max_length=96",)),
+        ("other_reference", (f"reference.name_or_path={other}",)),
+        ("base_again", ()),
+    ):
+        config = precompute_config(out, "reference.concurrency=1", *overrides)
+        runs[name] = compute_reference_logps(config, prepare(config))
+    keys = {name: run.report["cache_key"] for name, run in runs.items()}
+    assert len({keys["base"], keys["max_length"], keys["other_reference"]}) == 3
+    assert [runs[n].report["reused"] for n in ("base", "max_length", "other_reference")] == [False] * 3
+    assert runs["base_again"].report["reused"] is True and keys["base_again"] == keys["base"]
+    assert sorted(p.name for p in (out / REFERENCE_DIR).iterdir()) == sorted(set(keys.values()))
+    # Another reference, other values on the same pairs.
+    base, changed = (stage_logps(split_table(runs[n], "train")) for n in ("base", "other_reference"))
+    assert not torch.allclose(base, changed)
+    expected = in_process_logps(str(other), split_table(runs["other_reference"], "train"))
+    torch.testing.assert_close(changed, expected, atol=1e-5, rtol=1e-6)  # other batch shapes: a few ulps
+
+
+def test_an_interrupted_write_leaves_no_usable_cache(
+    tmp_path: Path, ray_local: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = precompute_config(tmp_path, "reference.concurrency=1")
+    prepared = prepare(config)
+    root = tmp_path / REFERENCE_DIR
+
+    def killed(*args: Any) -> None:
+        raise RuntimeError("killed after the Parquet was written, before the rename")
+
+    # Interrupted between writing and installing: nothing under the key.
+    with monkeypatch.context() as m:
+        m.setattr(reference_logps, "_install", killed)
+        with pytest.raises(RuntimeError, match="killed"):
+            compute_reference_logps(config, prepared)
+    assert not [p for p in root.iterdir() if not p.name.startswith(".")]
+
+    # What a hard kill leaves: a complete staging directory (never renamed), and a key directory
+    # copied without its manifest. Neither is trusted; both are replaced by a fresh, whole cache.
+    done = compute_reference_logps(config, prepared)
+    key = done.report["cache_key"]
+    shutil.copytree(root / key, root / f".tmp-{key}-deadbeef")
+    (root / key / "manifest.json").unlink()
+    again = compute_reference_logps(config, prepared)
+    assert again.report["reused"] is False and again.report["rows_scored"] > 0
+    assert (root / key / "manifest.json").is_file()
+    assert [p.name for p in root.iterdir()] == [key]
+    assert compute_reference_logps(config, prepared).report["reused"] is True
+
+
+def test_cache_off_scores_every_run_and_writes_nothing(
+    stage_run: tuple[Config, PreparedData, ReferenceLogps],
+) -> None:
+    """Also one pair per batch, the shapes the in-process reference gets here: equal to 1e-5."""
+    _, prepared, cached = stage_run
+    config = precompute_config(Path(prepared.output_dir), "reference.cache=false", "reference.batch_size=1")
+    result = compute_reference_logps(config, prepared)
+    assert result.cache_dir is None and result.split_dir("train") is None
+    assert result.report["reused"] is False and result.report["cache_dir"] is None
+    assert [p.name for p in (Path(prepared.output_dir) / REFERENCE_DIR).iterdir()] == [
+        cached.report["cache_key"]
+    ]
+    for split in ("train", "eval"):
+        got, want = split_table(result, split), split_table(cached, split)
+        assert got.column("row_id").to_pylist() == want.column("row_id").to_pylist()
+        expected = in_process_logps("builtin:tiny", prepared_table(prepared, split), batch_size=1)
+        torch.testing.assert_close(stage_logps(got), expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(stage_logps(got), stage_logps(want), atol=1e-5, rtol=1e-6)
+
+
+def test_the_key_covers_weights_dtype_and_data_but_not_the_loss(tmp_path: Path) -> None:
+    base = load_config(None, ["output_dir=/tmp/x", "model.name_or_path=builtin:tiny", "data.train=a.jsonl",
+                              "reference.mode=precompute"])  # fmt: skip
+
+    def key(config: Config, prepared_key: str = "p1") -> str:
+        return compute_reference_key(config, prepared_key)[0]
+
+    def changed(*overrides: str) -> Config:
+        return load_config(None, ["output_dir=/tmp/x", "model.name_or_path=builtin:tiny", "data.train=a.jsonl",
+                                  "reference.mode=precompute", *overrides])  # fmt: skip
+
+    assert key(base) == key(changed())
+    assert key(base) != key(base, "p2")  # other prepared data (data, tokenizer, template, lengths)
+    assert key(base) != key(changed("reference.dtype=bfloat16"))
+    assert key(base) != key(changed("model.attn_implementation=eager"))
+    # The loss acts on the stored values; it never changes them.
+    assert key(base) == key(changed("train.beta=0.5", "train.loss_type=ipo", "reference.concurrency=4"))
+    # A local copy of the same weights, then the same copy with one weight file changed.
+    copy = tmp_path / "copy"
+    shutil.copytree(resolve_name_or_path("builtin:tiny"), copy)
+    same = hash_weights(copy)
+    assert same == hash_weights(Path(resolve_name_or_path("builtin:tiny")))
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    assert hash_weights(copy) != same
+    assert key(changed(f"reference.name_or_path={copy}")) != key(base)
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration.
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["reference.batch_size=4"], "reference.batch_size: only used with reference.mode: precompute"),
+        (["reference.mode=adapter_disabled", "lora.enabled=true", "reference.cache=false"],
+         "reference.cache: only used with reference.mode: precompute"),
+        (["reference.mode=precompute", "reference.concurrency=0"], "reference.concurrency: must be >= 1"),
+        (["reference.mode=precompute", "reference.batch_size=0"], "reference.batch_size: must be >= 1"),
+        (["reference.mode=precompute", "reference.num_gpus=-1"], "must be >= 0"),
+        (["reference.mode=precompute", "reference.accelerator_type=L4"], "reference.num_gpus is 0"),
+        (["reference.mode=precompute", "reference.dtype=float16"], "float16 needs GPU actors"),
+        (["reference.mode=precompute", "reference.name_or_path=/no/such/model"], "no such local model directory"),
+        (["reference.mode=precompute", "lora.enabled=true", "lora.load_in_4bit=true", "scaling.use_gpu=true"],
+         "set reference.num_gpus > 0"),
+        (["reference.mode=adapter_disabled", "lora.enabled=true", "reference.name_or_path=org/ref"],
+         "only used with reference.mode: model or precompute"),
+    ],
+)  # fmt: skip
+def test_config_rejects(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(
+            None, ["output_dir=/tmp/x", "model.name_or_path=builtin:tiny", "data.train=a.jsonl", *overrides]
+        )
+
+
+def test_config_accepts_hub_ids_gpu_fractions_and_lora_base() -> None:
+    config = load_config(None, ["output_dir=/tmp/x", "model.name_or_path=builtin:tiny", "data.train=a.jsonl",
+                                "reference.mode=precompute", "reference.name_or_path=org/reference-7b",
+                                "reference.num_gpus=0.25", "reference.accelerator_type=L4",
+                                "reference.dtype=bfloat16", "lora.enabled=true"])  # fmt: skip
+    assert config.reference.resolved_mode(True) == "precompute"
+    assert config.reference.resolved_dtype(config.model.dtype) == "bfloat16"
+    assert ReferenceConfig().resolved_dtype("float32") == "float32"
+    assert load_reference(config.model, config.reference, LoraConfig(enabled=True)) is None
+
+
+# ----------------------------------------------------------------------------------------------
+# Training on the stage's output equals training with the in-loop reference.
+
+
+def test_ray_training_with_precompute_equals_the_in_loop_reference(tmp_path: Path, ray_local: None) -> None:
+    from dpo_cluster.train.run import run_training
+
+    common = ("train.micro_batch_size=2", "scaling.num_workers=2", "train.shuffle=false", "train.max_steps=4",
+              "train.eval_strategy=steps", "train.eval_steps=2")  # fmt: skip
+    run_training(train_config(tmp_path / "model", *common, "reference.mode=model"))
+    run_training(train_config(tmp_path / "precompute", *common, "reference.mode=precompute"))
+    in_loop, stage = losses(tmp_path / "model"), losses(tmp_path / "precompute")
+    assert len(stage) == 4
+    assert stage[0] == pytest.approx(math.log(2), abs=1e-6)
+    assert stage == pytest.approx(in_loop, abs=1e-4)
+    assert stage[-1] < stage[0]
+    evals = {name: [r["eval_loss"] for r in metrics_rows(tmp_path / name) if "eval_loss" in r]
+             for name in ("model", "precompute")}  # fmt: skip
+    assert len(evals["precompute"]) == 2
+    assert evals["precompute"] == pytest.approx(evals["model"], abs=1e-4)
+    report = json.loads((tmp_path / "precompute" / REPORT_FILE).read_text())
+    assert report["reused"] is False and report["rows"]["train"] > 0
+    assert not (tmp_path / "model" / REPORT_FILE).exists()
+
+
+def test_lora_precompute_scores_with_the_base_and_run_local_equals_adapter_disabled(
+    stage_run: tuple[Config, PreparedData, ReferenceLogps], tmp_path: Path
+) -> None:
+    """With LoRA the reference is the base without adapter: the stage (same key as without LoRA,
+    so the cache is reused) trains the same curve as the in-loop adapter-disabled reference."""
+    from dpo_cluster.train.local import run_local
+
+    _, prepared, plain = stage_run
+    lora = ("lora.enabled=true", "lora.r=8", "train.learning_rate=5e-3", "train.max_steps=4")
+    config = precompute_config(Path(prepared.output_dir), *lora)
+    result = compute_reference_logps(config, prepared)
+    assert result.report["reused"] is True and result.report["cache_key"] == plain.report["cache_key"]
+
+    scored_dir, plain_dir = result.split_dir("train"), prepared.split_dir("train")
+    assert scored_dir is not None and plain_dir is not None
+    runs = {}
+    for mode, data in (("precompute", scored_dir), ("adapter_disabled", plain_dir)):
+        run_local(train_config(tmp_path / mode, *lora, f"reference.mode={mode}"), data)
+        runs[mode] = losses(tmp_path / mode)
+    assert runs["precompute"][0] == pytest.approx(math.log(2), abs=1e-6)
+    assert runs["precompute"] == pytest.approx(runs["adapter_disabled"], abs=1e-4)
+    # Without the stage's columns the loop says where they come from.
+    with pytest.raises(ValueError, match="ReferenceLogps.split_dir"):
+        run_local(train_config(tmp_path / "missing", *lora, "reference.mode=precompute"), plain_dir)
