@@ -1,0 +1,274 @@
+"""What each subprocess of `dpo-cluster bench train` runs; `dpo_cluster.bench.train` orchestrates.
+
+    python -m dpo_cluster.bench.train_stages STAGE SETTINGS_JSON RESULT_JSON
+
+- `setup`: the model directory (a Qwen2 built locally, unless a model is given), the generated
+  pairs as JSONL, their dpo-cluster preparation and the non-pad token count of both tokenizations
+  (`dpo_cluster.bench.train_data`).
+- `precompute`: the reference log-probs of the prepared pairs (`compute_reference_logps`), timed.
+- `trl`, `dpo-cluster`, `dpo-cluster-fast`: one mode's training. Each records, per optimizer step,
+  the wall seconds since the previous step ended (the first: since training began), the non-pad
+  tokens and the entries (pad included) of the policy forwards, and the loss.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from dpo_cluster.bench.train import BenchSettings
+from dpo_cluster.bench.train_data import (
+    count_trl_tokens,
+    generate_length_pairs,
+    prepare_pairs,
+    read_ids,
+    read_jsonl,
+)
+
+
+def run_setup(s: BenchSettings) -> dict[str, Any]:
+    from dpo_cluster.data.samples import write_jsonl
+    from dpo_cluster.modeling import load_tokenizer
+
+    if s.model is None:
+        from dpo_cluster.tiny import build_tiny_model
+
+        shutil.rmtree(s.model_dir, ignore_errors=True)
+        shape = s.model_shape()
+        build_tiny_model(s.model_dir, max_position_embeddings=max(1024, s.max_length), seed=s.seed, **shape)
+    tokenizer = load_tokenizer(s.model_dir)
+    rows = generate_length_pairs(
+        s.pairs,
+        tokenizer,
+        seed=s.seed,
+        prompt_median=s.prompt_median,
+        chosen_median=s.chosen_median,
+        rejected_median=s.rejected_median,
+        sigma=s.length_sigma,
+        max_length=s.max_length,
+    )
+    write_jsonl(rows, s.data_file)
+    train_dir, prepared_with = prepare_pairs(s)
+    prompts, chosen, rejected = read_ids(train_dir)
+    if len(prompts) != s.pairs:
+        raise RuntimeError(f"{len(prompts)} of the {s.pairs} generated pairs were kept by the preparation")
+    ours = sum(2 * len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosen, rejected))
+    return {
+        "train_dir": str(train_dir),
+        "parameters": _count_parameters(s.model_dir),
+        "device": _device_name(s.use_gpu),
+        "tokens": {"dpo_cluster": ours, "trl": count_trl_tokens(rows, tokenizer, s.max_length)},
+        "data": {
+            "prepared_with": prepared_with,
+            "prompt_tokens_median": statistics.median(map(len, prompts)),
+            "chosen_tokens_median": statistics.median(map(len, chosen)),
+            "rejected_tokens_median": statistics.median(map(len, rejected)),
+            "sequence_tokens_max": max(
+                len(p) + max(len(c), len(r)) for p, c, r in zip(prompts, chosen, rejected)
+            ),
+        },
+    }
+
+
+def _count_parameters(name_or_path: str) -> int:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(name_or_path))
+    return sum(p.numel() for p in model.parameters())
+
+
+def _device_name(use_gpu: bool) -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if use_gpu else f"cpu ({torch.get_num_threads()} threads)"
+
+
+def _gpu_peak_mb(use_gpu: bool) -> float | None:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / (1 << 20) if use_gpu else None
+
+
+def run_precompute(s: BenchSettings) -> dict[str, Any]:
+    import ray
+
+    from dpo_cluster.config import load_config
+    from dpo_cluster.data.pipeline import REPORT_FILE, PreparedData
+    from dpo_cluster.data.reference_logps import REFERENCE_DIR, compute_reference_logps
+
+    config = load_config(None, s.dpo_cluster_overrides("dpo-cluster-fast", s.prepare_dir))
+    prepared = PreparedData(
+        s.prepare_dir, json.loads((s.prepare_dir / REPORT_FILE).read_text()), cache_hit=True
+    )
+    # Score every pair, the one-off cost, rather than reuse a cache of an earlier run in this workdir.
+    shutil.rmtree(s.prepare_dir / REFERENCE_DIR, ignore_errors=True)
+    # One logical CPU more than the machine has: the actor gets as many CPUs (threads) as a training
+    # process uses, and Ray Data's read and write tasks still find one to run on.
+    ray.init(
+        address="local", num_cpus=(os.cpu_count() or 1) + 1, include_dashboard=False, log_to_driver=False
+    )
+    try:
+        started = time.perf_counter()
+        reference = compute_reference_logps(config, prepared)
+        seconds = time.perf_counter() - started
+    finally:
+        ray.shutdown()
+    return {"seconds": seconds, "train_dir": str(reference.split_dir("train")), "report": reference.report}
+
+
+def run_trl(s: BenchSettings) -> dict[str, Any]:
+    import datasets
+    import torch
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    started = time.perf_counter()
+
+    class StepClock(TrainerCallback):
+        """Wall-clock stamps: training start, then the end of every optimizer step."""
+
+        def __init__(self) -> None:
+            self.stamps: list[float] = []
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.stamps = [time.perf_counter()]
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if s.use_gpu:
+                torch.cuda.synchronize()
+            self.stamps.append(time.perf_counter())
+
+    class BatchRecorder:
+        """Wraps the trainer's collator: non-pad tokens and entries of every padded batch."""
+
+        def __init__(self, collate: Any) -> None:
+            self.collate = collate
+            self.batches: list[tuple[int, int]] = []
+
+        def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+            batch = self.collate(examples)
+            self.batches.append((int(batch["attention_mask"].sum()), batch["input_ids"].numel()))
+            return batch
+
+    args = DPOConfig(
+        output_dir=str(s.run_dir("trl")),
+        per_device_train_batch_size=s.micro_batch_size,
+        gradient_accumulation_steps=s.gradient_accumulation_steps,
+        max_steps=s.steps,
+        learning_rate=s.learning_rate,
+        lr_scheduler_type="linear",
+        beta=s.beta,
+        max_length=s.max_length,
+        seed=s.seed,
+        bf16=s.dtype == "bf16",
+        use_cpu=not s.use_gpu,
+        # TRL turns it on by default; both sides run with the same setting.
+        gradient_checkpointing=s.gradient_checkpointing,
+        logging_steps=1,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+    )
+    clock = StepClock()
+    trainer = DPOTrainer(
+        model=s.model_dir,
+        args=args,
+        train_dataset=datasets.Dataset.from_list(read_jsonl(s.data_file)),
+        processing_class=AutoTokenizer.from_pretrained(s.model_dir),
+        callbacks=[clock],
+    )
+    recorder = BatchRecorder(trainer.data_collator)
+    trainer.data_collator = recorder
+    trainer.train()
+    losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
+    accum = s.gradient_accumulation_steps
+    if len(losses) != s.steps or len(recorder.batches) != s.steps * accum or len(clock.stamps) != s.steps + 1:
+        raise RuntimeError(
+            f"expected {s.steps} steps of {accum} batches; TRL logged {len(losses)} losses, collated "
+            f"{len(recorder.batches)} batches and ended {len(clock.stamps) - 1} steps"
+        )
+    steps = []
+    for k in range(s.steps):
+        batches = recorder.batches[k * accum : (k + 1) * accum]
+        steps.append(
+            {
+                "seconds": clock.stamps[k + 1] - clock.stamps[k],
+                "tokens": sum(b[0] for b in batches),
+                "entries": sum(b[1] for b in batches),
+                "loss": losses[k],
+            }
+        )
+    return {
+        "steps": steps,
+        "device": _device_name(s.use_gpu),
+        "gpu_max_allocated_mb": _gpu_peak_mb(s.use_gpu),
+        "outside_steps_seconds": time.perf_counter() - started - (clock.stamps[-1] - clock.stamps[0]),
+        "notes": [
+            f"optimizer {getattr(args.optim, 'value', args.optim)}",
+            f"attention {trainer.model.config._attn_implementation}",
+        ],
+    }
+
+
+def run_dpo_cluster(s: BenchSettings, mode: str) -> dict[str, Any]:
+    from dpo_cluster.config import load_config
+    from dpo_cluster.train.local import run_local
+
+    started = time.perf_counter()
+    source = "precompute" if mode == "dpo-cluster-fast" else "setup"
+    train_dir = Path(json.loads((Path(s.workdir) / "results" / f"{source}.json").read_text())["train_dir"])
+    output_dir = s.run_dir(mode)
+    shutil.rmtree(output_dir, ignore_errors=True)
+    config = load_config(None, s.dpo_cluster_overrides(mode, output_dir))
+    run_local(config, train_dir)
+    rows = [row for row in read_jsonl(output_dir / "metrics.jsonl") if "loss" in row]
+    steps = []
+    for row in rows:
+        # One row per step (logging_steps=1): tokens_per_second and padding_fraction are the step's.
+        tokens = round(row["tokens_per_second"] * row["seconds_per_step"])
+        entries = round(tokens / (1.0 - row["padding_fraction"]))
+        steps.append(
+            {"seconds": row["seconds_per_step"], "tokens": tokens, "entries": entries, "loss": row["loss"]}
+        )
+    return {
+        "steps": steps,
+        "device": _device_name(s.use_gpu),
+        "gpu_max_allocated_mb": _gpu_peak_mb(s.use_gpu),
+        "outside_steps_seconds": time.perf_counter() - started - sum(step["seconds"] for step in steps),
+        "notes": [
+            "optimizer torch AdamW via DeepSpeed",
+            f"deepspeed zero stage {config.deepspeed.zero_stage}",
+        ],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    stage, settings_path, result_path = argv if argv is not None else sys.argv[1:]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    s = BenchSettings(**json.loads(Path(settings_path).read_text()))
+    if stage == "setup":
+        result = run_setup(s)
+    elif stage == "precompute":
+        result = run_precompute(s)
+    elif stage == "trl":
+        result = run_trl(s)
+    elif stage in ("dpo-cluster", "dpo-cluster-fast"):
+        result = run_dpo_cluster(s, stage)
+    else:
+        raise SystemExit(f"unknown stage {stage!r}")
+    Path(result_path).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
