@@ -3,6 +3,7 @@
     dpo-cluster {prepare,train,eval,serve,bench} --config PATH [dotted.key=value ...]
     dpo-cluster demo
     dpo-cluster bench data [--rows N]
+    dpo-cluster bench train [--steps N] [--modes trl,dpo-cluster,dpo-cluster-fast]
 
 Errors the user can fix (config, data) print one clear message and exit 2, never a traceback.
 `python jobs/<name>.py --config PATH [overrides]` runs the same commands inside a Ray job.
@@ -102,7 +103,44 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--port", type=int, default=8000, help="Serve HTTP port (default 8000)")
     b.add_argument("--output", default=None, help="also write the results as JSON to this path")
     b.set_defaults(run=cmd_bench_serve)
+    _add_bench_train_parser(bench)
     return parser
+
+
+def _add_bench_train_parser(bench: Any) -> None:
+    from dpo_cluster.bench.train import MODES, BenchSettings
+
+    d = BenchSettings(workdir="")
+    b = bench.add_parser(
+        "train",
+        help="DPO training vs TRL's DPOTrainer: tokens/s, s/step, peak memory, same model and pairs",
+        description="Train the same model on the same generated pairs with the same hyperparameters in "
+        "each mode (one subprocess per mode) and print tokens/s, seconds/step, peak memory and "
+        "padding with the ratio to TRL. Modes: trl (DPOTrainer), dpo-cluster (in-loop reference, "
+        "padded), dpo-cluster-fast (precomputed reference, packed).",
+    )
+    b.add_argument("--model", default=None, help="hub id or directory (default: a Qwen2 built locally)")
+    b.add_argument(
+        "--hidden-size", type=int, default=d.hidden_size, help=f"built model (default {d.hidden_size})"
+    )
+    b.add_argument("--layers", type=int, default=d.num_layers, help=f"built model (default {d.num_layers})")
+    b.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 on GPU")
+    b.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda if present"
+    )
+    b.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps}; >= 2)")
+    b.add_argument("--micro-batch-size", type=int, default=d.micro_batch_size, help="pairs per forward")
+    b.add_argument("--gradient-accumulation-steps", type=int, default=d.gradient_accumulation_steps)
+    b.add_argument("--max-length", type=int, default=d.max_length, help=f"tokens (default {d.max_length})")
+    b.add_argument("--beta", type=float, default=d.beta)
+    b.add_argument("--learning-rate", type=float, default=d.learning_rate)
+    b.add_argument("--seed", type=int, default=d.seed)
+    b.add_argument("--gradient-checkpointing", action="store_true", help="in every mode (default off)")
+    b.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
+    b.add_argument("--peak-tflops", type=float, default=None, help="peak for MFU (default: by GPU name)")
+    b.add_argument("--workdir", default=None, help="keep model, data and logs here (default: a temp dir)")
+    b.add_argument("--output", default=None, help="also write the results as JSON to this path")
+    b.set_defaults(run=cmd_bench_train)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -131,6 +169,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = run_training(config)
     shown = ("loss", "rewards/accuracies", "rewards/margins", "eval_loss", "eval_rewards/accuracies")
     print("final metrics: " + ", ".join(f"{k}={result.metrics[k]:.4f}" for k in shown if k in result.metrics))
+    reference = result.final_dir.parent / "reference_report.json"
+    if config.reference.mode == "precompute" and reference.is_file():
+        report = json.loads(reference.read_text())
+        done = (
+            "reused"
+            if report["reused"]
+            else f"scored {report['rows_scored']} pairs in {report['seconds']:.1f}s"
+        )
+        print(f"reference log-probs: {done} (cache key {report['cache_key']}): {reference}")
     print(f"model: {result.final_dir}")
     print(f"metrics: {result.final_dir.parent / 'metrics.jsonl'}")
     curves = result.final_dir.parent / "training_curves.png"
@@ -260,6 +307,31 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     if args.output:
         with open(args.output, "w") as f:
             json.dump(result, f, indent=2)
+    return 0
+
+
+def cmd_bench_train(args: argparse.Namespace) -> int:
+    from dpo_cluster.bench.train import run_benchmark
+
+    run_benchmark(
+        modes=[m.strip() for m in args.modes.split(",") if m.strip()],
+        dtype=args.dtype,
+        device=args.device,
+        output=args.output,
+        workdir=args.workdir,
+        peak_tflops=args.peak_tflops,
+        model=args.model,
+        hidden_size=args.hidden_size,
+        num_layers=args.layers,
+        steps=args.steps,
+        micro_batch_size=args.micro_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        max_length=args.max_length,
+        beta=args.beta,
+        learning_rate=args.learning_rate,
+        seed=args.seed,
+        gradient_checkpointing=args.gradient_checkpointing,
+    )
     return 0
 
 

@@ -104,10 +104,13 @@ def test_train_command_end_to_end(tmp_path: Path) -> None:
     result = run_cli(
         "train", "--config", str(REPO / "configs" / "sample_train.yaml"), "output_dir=out",
         "data.train=data/pairs.jsonl", "train.max_steps=4", "train.eval_steps=2", "train.save_steps=2",
+        # The fast path, as a user turns it on: reference scored by the Ray Data stage, packed rows.
+        "reference.mode=precompute", "train.packing=true",
         cache=tmp_path, timeout=900, cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"model: {out.resolve() / 'final'}" in result.stdout
+    assert "reference log-probs: scored " in result.stdout and "reference_report.json" in result.stdout
     assert (out / "final" / "model.safetensors").exists()
     assert f"curves: {out.resolve() / 'training_curves.png'}" in result.stdout
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]

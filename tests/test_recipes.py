@@ -3,8 +3,9 @@ promises what its header says (model, dataset, data path, LoRA, ZeRO, precision)
 twin only swaps what a CPU run without hubs must swap, with bundled data that goes through the
 recipe's own format path (checked on a real local Ray).
 
-No training runs here (`dpo-cluster train --config configs/<recipe>_smoke.yaml` does that in a few
-minutes); `load_config` reads YAML and checks it, it never downloads.
+`load_config` reads YAML and checks it, it never downloads. Each smoke twin also trains here, as
+`dpo-cluster train --config configs/<recipe>_smoke.yaml` would (the youtube-titles one through
+`ray job submit` in tests/test_ray_job_e2e.py).
 """
 
 from __future__ import annotations
@@ -314,3 +315,41 @@ def test_smoke_data_prepares_on_ray(smoke: str, tmp_path: Path, ray_local: None)
         eos = AutoTokenizer.from_pretrained(resolve_name_or_path("builtin:tiny")).eos_token_id
         rejected = [r["rejected_ids"] for r in _prepared_rows(prepared)]
         assert rejected and all(ids == [eos] for ids in rejected), "an empty rejected answer is the eos alone"
+
+
+# ----------------------------------------------------------------------------------------------
+# Every smoke twin trains
+
+
+# The youtube-titles twin trains through `ray job submit` in tests/test_ray_job_e2e.py; the
+# stack-exchange one (LoRA, ZeRO-2) shares its training path with tests/test_train_local.py's LoRA
+# runs. These three each add one: ZeRO-0 with empty rejected answers, LoRA under ZeRO-3 with an
+# implicit prompt, ZeRO-3 with CPU offload and the [INST] template.
+TRAINED_HERE = [s for s in SMOKES if "youtube" not in s and "stack-exchange" not in s]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("smoke", TRAINED_HERE)
+def test_smoke_twin_trains(smoke: str, tmp_path: Path, ray_local: None) -> None:
+    """The twin's whole path on Ray Train + DeepSpeed (its ZeRO stage, offload, LoRA, template):
+    every step logged, ln 2 first (policy == reference), finite gradients, a final/ that loads."""
+    import json
+    import math
+
+    from transformers import AutoModelForCausalLM
+
+    from dpo_cluster.train.run import run_training
+
+    config = load_config(smoke, [f"output_dir={tmp_path / 'run'}"])
+    result = run_training(config)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train] == list(range(1, (config.train.max_steps or 0) + 1))
+    assert train[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert all(math.isfinite(r["loss"]) and r["grad_norm"] is not None and r["grad_norm"] > 0 for r in train)
+    if config.lora.enabled and not config.lora.merge_on_save:
+        from peft import AutoPeftModelForCausalLM
+
+        AutoPeftModelForCausalLM.from_pretrained(result.final_dir)
+    else:
+        AutoModelForCausalLM.from_pretrained(result.final_dir)
