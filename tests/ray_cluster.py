@@ -78,6 +78,13 @@ class LocalRayCluster:
             "RAY_AUTH_TOKEN_PATH": str(self.token_path),
             "PYTHONUNBUFFERED": "1",
         }
+        # As in an activated virtualenv: a job's `python ...` entrypoint is this Python, with Ray and
+        # the dependencies, not whatever `python` comes first on the caller's PATH.
+        env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+        # Rendezvous settings that a one-process training run in this process left behind are not
+        # the cluster's.
+        for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+            env.pop(key, None)
         return env | extra
 
     def start_head(self, num_cpus: int, resources: dict[str, float] | None = None) -> None:

@@ -315,12 +315,20 @@ def compute_reference_logps(config: Config, prepared: PreparedData) -> Reference
         else:
             logger.info("reference log-probs: scoring %d pairs (%s)", total, problem)
             scored = build_scored_dataset(config, prepared, build_reference_spec(config)).materialize()
+            tables = {
+                split: _in_prepared_order(prepared, split, ds)
+                for split, ds in _split_in_memory(scored, counts).items()
+            }
             if reference.cache:
-                _write_cache(scored, root, final, key, parts, counts)
+                _write_cache(tables, root, final, key, parts, counts)
             else:
-                datasets = _split_in_memory(scored, counts)
+                datasets = {
+                    split: ray.data.from_arrow(table).materialize() for split, table in tables.items()
+                }
         if reference.cache:
             datasets = {split: ray.data.read_parquet(str(final / split)).materialize() for split in counts}
+            for split in counts:
+                _check_order(prepared, split, _file_row_ids(final / split))
 
     report = {
         "cache_key": key,
@@ -412,10 +420,48 @@ def _cache_problem(final: Path, key: str, counts: dict[str, int]) -> str | None:
     return None
 
 
+def _file_row_ids(directory: Path) -> pa.ChunkedArray:
+    """The row_id column of a split directory, files in name order (the order Ray Data reads them
+    in with preserve_order)."""
+    files = sorted(directory.glob("*.parquet"))
+    return pa.chunked_array([c for f in files for c in pq.read_table(f, columns=["row_id"]).column(0).chunks])
+
+
+def _in_prepared_order(prepared: PreparedData, split: str, ds: Any) -> pa.Table:
+    """The rows of `ds` (a scored split) as one table in the prepared split's order, which training
+    depends on. Collected in this process, once: the actor pool keeps the order with
+    preserve_order, but where a run returns the rows otherwise they are put back in order here."""
+    path = prepared.split_dir(split)
+    expected = _file_row_ids(path).to_pylist() if path is not None else []
+    table = pa.concat_tables(list(ds.iter_batches(batch_format="pyarrow", batch_size=None)))
+    row_ids = table.column("row_id").to_pylist()
+    if row_ids != expected:
+        logger.warning(
+            "reference log-probs: the %s split came back reordered; restoring the prepared order", split
+        )
+        position = {row_id: i for i, row_id in enumerate(row_ids)}
+        table = table.take([position[row_id] for row_id in expected])
+    return table
+
+
+def _check_order(prepared: PreparedData, split: str, row_ids: pa.ChunkedArray) -> None:
+    """The scored split must list the prepared split's rows in the prepared order: training reads
+    both the same way, so a reordered split would change which pairs share a step (or an eval)."""
+    path = prepared.split_dir(split)
+    expected = _file_row_ids(path) if path is not None else pa.chunked_array([], pa.string())
+    if row_ids.to_pylist() != expected.to_pylist():
+        raise RuntimeError(f"reference stage changed the order of the {split} split's rows")
+
+
 def _write_cache(
-    scored: Any, root: Path, final: Path, key: str, parts: dict[str, Any], counts: dict[str, int]
+    tables: dict[str, pa.Table],
+    root: Path,
+    final: Path,
+    key: str,
+    parts: dict[str, Any],
+    counts: dict[str, int],
 ) -> None:
-    """Write the scored rows (materialized) into a staging directory, check it, write its manifest,
+    """Write the scored splits (in order) into a staging directory, check it, write its manifest,
     then rename it to `final`: a run killed at any point leaves only a .tmp-* directory, which
     nothing trusts."""
     root.mkdir(parents=True, exist_ok=True)
@@ -423,11 +469,11 @@ def _write_cache(
         shutil.rmtree(leftover, ignore_errors=True)
     staging = root / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
     try:
-        scored.write_parquet(str(staging), partition_cols=[SPLIT_COLUMN], min_rows_per_file=_ROWS_PER_FILE)
-        for split in counts:
-            # Plain split names, like prepared/: `split=train` would read back as a Hive partition
-            # column.
-            (staging / f"{SPLIT_COLUMN}={split}").rename(staging / split)
+        # One file per split written here, in order: Ray Data's writers name files in an order
+        # that need not be the rows' order, and training reads files in name order.
+        for split, table in tables.items():
+            (staging / split).mkdir(parents=True)
+            pq.write_table(table, staging / split / "part-00000.parquet", row_group_size=_ROWS_PER_FILE)
         manifest = {
             "cache_key": key,
             "rows": counts,
