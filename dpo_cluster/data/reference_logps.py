@@ -312,6 +312,12 @@ def compute_reference_logps(config: Config, prepared: PreparedData) -> Reference
         reused = problem is None
         if reused:
             logger.info("reference log-probs: reusing %s (cache key %s, %d pairs)", final, key, total)
+            # In the order of the prepared splits as they are now: a later prepare with the same
+            # key holds the same rows, not necessarily in the order the cache was scored in.
+            tables = {
+                split: _in_prepared_order(prepared, split, ray.data.read_parquet(str(final / split)))
+                for split in counts
+            }
         else:
             logger.info("reference log-probs: scoring %d pairs (%s)", total, problem)
             scored = build_scored_dataset(config, prepared, build_reference_spec(config)).materialize()
@@ -321,19 +327,7 @@ def compute_reference_logps(config: Config, prepared: PreparedData) -> Reference
             }
             if reference.cache:
                 _write_cache(tables, root, final, key, parts, counts)
-            else:
-                datasets = {
-                    split: ray.data.from_arrow(table).materialize() for split, table in tables.items()
-                }
-        if reference.cache:
-            # In the order of the prepared splits as they are now: a later prepare with the same
-            # key holds the same rows, not necessarily in the order the cache was scored in.
-            datasets = {
-                split: ray.data.from_arrow(
-                    _in_prepared_order(prepared, split, ray.data.read_parquet(str(final / split)))
-                ).materialize()
-                for split in counts
-            }
+        datasets = {split: ray.data.from_arrow(table).materialize() for split, table in tables.items()}
 
     report = {
         "cache_key": key,
