@@ -339,6 +339,13 @@ class TrainConfig:
     # Micro-batches of the global stream (all workers) per length-grouping window, >= 1. Larger
     # windows group lengths more tightly; 1 leaves every micro-batch's pairs as they are.
     length_group_window: int = 64
+    # Cut each optimizer step's pairs into forward passes of at most this many tokens (the input
+    # tensor, padding included: 2B x longest sequence when padded, rows x width when packed) instead
+    # of micro_batch_size pairs each, longest pairs first, so every forward costs about the same
+    # memory. The step keeps its micro_batch_size x gradient_accumulation_steps x num_workers pairs
+    # and the gradient stays their mean. null = fixed micro-batches. Must hold a pair of
+    # data.max_length tokens (>= 2 x data.max_length). See dpo_cluster.train.token_budget.
+    max_tokens_per_micro_batch: int | None = None
     # Passes over the training data.
     num_epochs: float = 1.0
     # Stop after this many optimizer steps (null = run num_epochs).
@@ -720,6 +727,12 @@ class Config:
         if self.lora.load_in_4bit and not self.scaling.use_gpu:
             raise ConfigError(
                 "lora.load_in_4bit: QLoRA needs CUDA GPUs (scaling.use_gpu: true); on CPU use plain LoRA"
+            )
+        budget = self.train.max_tokens_per_micro_batch
+        if budget is not None and budget < 2 * self.data.max_length:
+            raise ConfigError(
+                f"train.max_tokens_per_micro_batch: {budget} cannot hold one pair of data.max_length="
+                f"{self.data.max_length} tokens (chosen and rejected); set it to at least {2 * self.data.max_length}"
             )
         mode = self.reference.resolved_mode(self.lora.enabled)
         if mode == "adapter_disabled" and not self.lora.enabled:

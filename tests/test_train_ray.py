@@ -64,16 +64,29 @@ def test_two_workers_train_and_match_one_worker(zero2_run: Path, tmp_path: Path)
 
 
 def test_zero3_shards_policy_and_reference_and_exports_full_weights(tmp_path: Path, ray_local: None) -> None:
+    """ZeRO-3 with token-budget micro-batches: workers run a varying number of forwards per step
+    (the same on both, or the parameter gathers would hang) and the loss curve is that of fixed
+    micro-batches on one worker."""
     from transformers import AutoModelForCausalLM
 
     from dpo_cluster.modeling import resolve_name_or_path
 
     out = tmp_path / "zero3"
+    common = ("train.gradient_accumulation_steps=2", "train.shuffle=false", "train.max_steps=4")
     run_training(train_config(out, "deepspeed.zero_stage=3", "train.micro_batch_size=2", "scaling.num_workers=2",
-                              "train.max_steps=4"))  # fmt: skip
+                              "train.max_tokens_per_micro_batch=400", *common))  # fmt: skip
     losses = train_losses(out)
     assert losses[1] == pytest.approx(0.6931471805599453, abs=1e-6)
     assert losses[4] < losses[1]
+    forwards = [r["micro_batches_per_step"] for r in metrics_rows(out) if "loss" in r]
+    assert all(n % 2 == 0 for n in forwards) and set(forwards) != {4.0}, forwards
+    one_dir = tmp_path / "one"
+    config = train_config(one_dir, "train.micro_batch_size=4", *common)  # the same 8 pairs a step
+    from dpo_cluster.data.pipeline import prepare
+
+    run_local(config, prepare(config).split_dir("train"))
+    one = train_losses(one_dir)
+    assert [losses[s] for s in range(1, 5)] == pytest.approx([one[s] for s in range(1, 5)], abs=1e-4)
     accuracies = [r["rewards/accuracies"] for r in metrics_rows(out) if "rewards/accuracies" in r]
     assert accuracies[0] == 0.0 and accuracies[-1] > 0.5
     tuned = AutoModelForCausalLM.from_pretrained(out / "final")

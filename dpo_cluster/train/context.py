@@ -11,11 +11,14 @@ are therefore the same whatever the worker count and accumulation, which is what
 1 x 4, 2 x 2 and 1 x 1 x accumulation 4 equivalent and resumption exact. Reading token ids is cheap
 next to a forward and backward pass of the model, so the extra reading is a fair price. Length
 grouping (`train.group_by_length`) re-cuts that stream the same way on every worker before the
-ownership rule applies, so it keeps this contract for a fixed micro-batch size.
+ownership rule applies, so it keeps this contract for a fixed micro-batch size. Token-budget
+micro-batches (`train.max_tokens_per_micro_batch`) keep it too: every worker cuts each step's pairs
+the same way and takes its own share (`dpo_cluster.train.token_budget`).
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +27,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from dpo_cluster.train.packing import group_by_length
+from dpo_cluster.train.packing import concat_batches, group_by_length, take_rows
+from dpo_cluster.train.token_budget import TokenBudget
 
 Batch = dict[str, Any]
 """A micro-batch of pairs as columns: prompt_ids, chosen_ids, rejected_ids (and row_id, ...)."""
@@ -130,9 +134,44 @@ class WorkerContext:
         of that many micro-batches (`dpo_cluster.train.packing.group_by_length`, seeded by
         (seed, epoch)); every worker computes the same re-cut stream, so ownership is unchanged.
         """
-        stream = source.iter_batches(micro_batch_size, epoch)
-        if length_group_window is not None:
-            stream = group_by_length(stream, length_group_window, seed=(seed, epoch))
+        stream = self._stream(source, micro_batch_size, epoch, length_group_window, seed)
         for index, batch in enumerate(stream):
             if index % self.world_size == self.rank:
                 yield index, batch
+
+    def my_steps(
+        self,
+        source: PairSource,
+        micro_batch_size: int,
+        accumulation: int,
+        epoch: int,
+        *,
+        length_group_window: int | None = None,
+        seed: int = 0,
+        token_budget: TokenBudget | None = None,
+    ) -> Iterator[list[Batch]]:
+        """This worker's micro-batches of each full optimizer step of the epoch, step by step.
+
+        A step is `accumulation` x world_size consecutive micro-batches of the (grouped) stream.
+        Without a token budget this worker's are those `my_micro_batches` gives it, `accumulation`
+        of them. With one, the step's pairs are re-cut under the budget (`TokenBudget.cut`) and this
+        worker gets its share: as many micro-batches as every other worker, of varying sizes.
+        """
+        per_step = accumulation * self.world_size
+        stream = self._stream(source, micro_batch_size, epoch, length_group_window, seed)
+        while len(chunk := list(itertools.islice(stream, per_step))) == per_step:
+            if token_budget is None:
+                yield chunk[self.rank :: self.world_size]
+            else:
+                pairs = concat_batches(chunk)
+                yield [take_rows(pairs, rows) for rows in token_budget.cut(pairs, self.world_size)[self.rank]]
+
+    @staticmethod
+    def _stream(
+        source: PairSource, micro_batch_size: int, epoch: int, length_group_window: int | None, seed: int
+    ) -> Iterator[Batch]:
+        """Every worker's micro-batches in order (the same on every worker), grouped by length if asked."""
+        stream = source.iter_batches(micro_batch_size, epoch)
+        if length_group_window is not None:
+            stream = group_by_length(stream, length_group_window, seed=(seed, epoch))
+        return stream

@@ -45,6 +45,7 @@ SUM_KEYS = (
     "rejected_tokens",
     "tokens",
     "padded_tokens",
+    "micro_batches",
 )
 
 
@@ -139,6 +140,7 @@ def compute_micro_batch(
             "rejected_tokens": lengths[n:].sum(),
             "tokens": float(batch.num_tokens),
             "padded_tokens": float(total_tokens - batch.num_tokens),
+            "micro_batches": 1.0,
         }
         sums = torch.tensor([float(values[k]) for k in SUM_KEYS], dtype=torch.float64)
     return MicroBatchResult(loss=losses.mean(), sums=sums)

@@ -3,9 +3,10 @@
 The same function runs in every Ray Train worker and in a plain process (tests, one GPU):
 
     model + reference -> deepspeed.initialize -> [resume] -> for each optimizer step:
-        for each of this worker's micro-batches: one concatenated chosen/rejected forward
+        for each of this worker's micro-batches (a fixed number of pairs, or cut by a token
+        budget: train.max_tokens_per_micro_batch): one concatenated chosen/rejected forward
         (padded, or packed without padding: train.packing), reference log-probs, DPO loss,
-        engine.backward, engine.step (DeepSpeed accumulates)
+        engine.backward, engine.step (DeepSpeed accumulates up to the step's last micro-batch)
         -> metric sums all-reduced over workers -> log / evaluate / checkpoint when due
     -> [load best] -> final/ in Hugging Face format
 
@@ -15,13 +16,13 @@ DeepSpeed (gradient reduction, ZeRO-3 parameter gathering) always line up.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
 import socket
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ import torch
 
 from dpo_cluster.config import Config
 from dpo_cluster.train.checkpoint import export_final, load_state, save_state
-from dpo_cluster.train.context import Batch, PairSource, WorkerContext
+from dpo_cluster.train.context import Batch, WorkerContext
 from dpo_cluster.train.forward import (
     SUM_KEYS,
     LossSettings,
@@ -39,6 +40,7 @@ from dpo_cluster.train.forward import (
     sums_to_metrics,
 )
 from dpo_cluster.train.metrics_log import MetricsLog
+from dpo_cluster.train.token_budget import TokenBudget
 
 FINAL_DIR = "final"
 
@@ -203,24 +205,29 @@ def train_loop(config: Config, ctx: WorkerContext) -> dict[str, Any]:
             return collate_pairs(raw, pad_id)
         return pack_pairs(raw, pad_id, row_tokens=train.packing_row_tokens, varlen=route == "varlen")
 
-    def my_micro_batches(source: PairSource, epoch: int) -> Iterator[tuple[int, Batch]]:
-        return ctx.my_micro_batches(source, micro, epoch, length_group_window=group_window, seed=train.seed)
+    # Token-budget micro-batches (dpo_cluster.train.token_budget): the same pairs per step, cut into
+    # forwards by what they cost in the layout chosen above.
+    budget = None
+    if train.max_tokens_per_micro_batch is not None:
+        budget = TokenBudget(train.max_tokens_per_micro_batch, route or "padded", train.packing_row_tokens)
+    share = micro * accum  # this worker's pairs per optimizer step, however they are cut
 
-    def run_micro_batches(
-        batches: Iterator[tuple[int, Batch]], count: int, *, learn: bool, step: int
-    ) -> torch.Tensor:
+    def train_step(micro_batches: list[Batch], step: int) -> torch.Tensor:
+        """Forward and backward over this worker's micro-batches of one step, then the update.
+        Each loss is weighted by its micro-batch's share of the worker's pairs, so the gradient is
+        the mean over the step's pairs whatever the cut; the last micro-batch is the accumulation
+        boundary (DeepSpeed's own micro-step count assumes a fixed number per step)."""
         sums = torch.zeros(len(SUM_KEYS), dtype=torch.float64)
-        for _ in range(count):
-            _, raw = next(batches)
+        for index, raw in enumerate(micro_batches):
             batch = make_batch(raw).to(device)
-            with torch.set_grad_enabled(learn):
-                result = compute_micro_batch(engine, reference_logps, batch, settings)
-            if learn:
-                _check_finite(result.loss, step, raw, device)
-                engine.backward(result.loss)
-                if engine.is_gradient_accumulation_boundary():
-                    grad_norm[0] = _plain_grad_norm(engine) if config.deepspeed.zero_stage == 0 else None
-                engine.step()
+            result = compute_micro_batch(engine, reference_logps, batch, settings)
+            _check_finite(result.loss, step, raw, device)
+            boundary = index == len(micro_batches) - 1
+            engine.set_gradient_accumulation_boundary(boundary)
+            engine.backward(result.loss * (batch.num_pairs / share), scale_wrt_gas=False)
+            if boundary:
+                grad_norm[0] = _plain_grad_norm(engine) if config.deepspeed.zero_stage == 0 else None
+            engine.step()
             sums += result.sums
         return sums
 
@@ -232,7 +239,13 @@ def train_loop(config: Config, ctx: WorkerContext) -> dict[str, Any]:
         assert ctx.eval is not None
         engine.eval()
         count = (ctx.eval.num_rows // micro) // ctx.world_size  # the same on every worker (ZeRO-3 gathers)
-        sums = run_micro_batches(my_micro_batches(ctx.eval, 0), count, learn=False, step=step)
+        batches = ctx.my_micro_batches(ctx.eval, micro, 0, length_group_window=group_window, seed=train.seed)
+        sums = torch.zeros(len(SUM_KEYS), dtype=torch.float64)
+        with torch.no_grad():
+            for _, raw in itertools.islice(batches, count):
+                sums += compute_micro_batch(
+                    engine, reference_logps, make_batch(raw).to(device), settings
+                ).sums
         engine.train()
         return sums_to_metrics(_all_reduce(sums, device), prefix="eval_") | {
             "eval_pairs": count * micro * ctx.world_size
@@ -253,13 +266,14 @@ def train_loop(config: Config, ctx: WorkerContext) -> dict[str, Any]:
     try:
         while step < steps:
             epoch, done_in_epoch = divmod(step, per_epoch)
-            batches = my_micro_batches(ctx.train, epoch)
-            for _ in range(done_in_epoch * accum):  # the data position of a resumed run
-                next(batches)
+            my_steps = ctx.my_steps(ctx.train, micro, accum, epoch, length_group_window=group_window,
+                                    seed=train.seed, token_budget=budget)  # fmt: skip
+            for _ in range(done_in_epoch):  # the data position of a resumed run
+                next(my_steps)
             for _ in range(done_in_epoch, per_epoch):
                 if step >= steps:
                     break
-                window += _all_reduce(run_micro_batches(batches, accum, learn=True, step=step + 1), device)
+                window += _all_reduce(train_step(next(my_steps), step + 1), device)
                 step += 1
                 window_steps += 1
                 log.advance()
@@ -275,6 +289,9 @@ def train_loop(config: Config, ctx: WorkerContext) -> dict[str, Any]:
                         "learning_rate": scheduler.get_last_lr()[0],
                         "tokens_per_second": window[SUM_KEYS.index("tokens")].item() / max(elapsed, 1e-9),
                         "seconds_per_step": elapsed / max(window_steps, 1),
+                        # Forward passes per optimizer step over all workers (varies with a token budget).
+                        "micro_batches_per_step": window[SUM_KEYS.index("micro_batches")].item()
+                        / max(window_steps, 1),
                     }
                     window.zero_()
                     window_started, window_steps = time.perf_counter(), 0

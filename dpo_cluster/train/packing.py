@@ -344,20 +344,35 @@ def group_by_length(
 
 
 def _regroup(chunk: list[dict[str, Any]], rng: np.random.Generator) -> Iterator[dict[str, Any]]:
+    columns = concat_batches(chunk)
+    sizes = [len(batch[ID_COLUMNS[0]]) for batch in chunk]
+    order = np.argsort(pair_lengths(columns), kind="stable")
+    pieces = np.split(order, np.cumsum(sizes)[:-1])
+    for number in rng.permutation(len(pieces)):
+        yield take_rows(columns, pieces[number])
+
+
+def concat_batches(chunk: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Micro-batches of one stream -> one batch of all their pairs, in order. Columns come back as
+    lists, except 1-D numeric numpy columns (row ids, reference log-probs), which stay numpy."""
     names = list(chunk[0])
     for batch in chunk[1:]:
         if list(batch) != names:
             raise ValueError(f"micro-batches of one stream differ in columns: {names} and {list(batch)}")
-    columns = {name: [row for batch in chunk for row in batch[name]] for name in names}
-    numeric = {name for name in names if all(_is_numeric_vector(batch[name]) for batch in chunk)}
-    sizes = [len(batch[ID_COLUMNS[0]]) for batch in chunk]
-    order = np.argsort(np.concatenate([pair_lengths(batch) for batch in chunk]), kind="stable")
-    cuts = np.cumsum(sizes)[:-1]
-    pieces = np.split(order, cuts)
-    for number in rng.permutation(len(pieces)):
-        piece = pieces[number]
-        regrouped = {name: [columns[name][i] for i in piece] for name in names}
-        yield {name: np.asarray(rows) if name in numeric else rows for name, rows in regrouped.items()}
+    return {
+        name: np.concatenate([batch[name] for batch in chunk])
+        if all(_is_numeric_vector(batch[name]) for batch in chunk)
+        else [row for batch in chunk for row in batch[name]]
+        for name in names
+    }
+
+
+def take_rows(columns: Mapping[str, Any], indices: np.ndarray) -> dict[str, Any]:
+    """The pairs at `indices` (in that order) of a `concat_batches` result."""
+    return {
+        name: rows[indices] if isinstance(rows, np.ndarray) else [rows[i] for i in indices]
+        for name, rows in columns.items()
+    }
 
 
 def _is_numeric_vector(column: Any) -> bool:
