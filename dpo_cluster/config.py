@@ -223,8 +223,8 @@ class ReferenceConfig:
     # Where reference log-probs come from: auto (adapter_disabled with LoRA, else model) |
     # model (a frozen copy, never given an optimizer; sharded like the policy under ZeRO-3) |
     # adapter_disabled (the LoRA policy with its adapter switched off: no second copy) |
-    # precompute (before training, a Ray Data actor pool of the reference scores every train and
-    # eval pair, cached under output_dir/reference_logps/; the training workers load none) |
+    # precompute (a Ray Data actor pool of the reference scores every train and eval pair, beside
+    # training or before it, cached under output_dir/reference_logps/; the workers load none) |
     # precomputed (ref_chosen_logps / ref_rejected_logps columns in the data: none loaded).
     mode: Literal["auto", "model", "adapter_disabled", "precompute", "precomputed"] = "auto"
     # A different reference model (mode: model or precompute): hub id or local directory.
@@ -249,6 +249,10 @@ class ReferenceConfig:
     # Keep the scored pairs (Parquet) under output_dir/reference_logps/<cache key>/ and reuse them
     # when a later run has the same key; false scores every run and writes nothing.
     cache: bool = True
+    # Score while the workers train (they read pairs as they are scored) where the cluster has
+    # room for the actors beside the training workers; otherwise, or when false, score everything
+    # first. See dpo_cluster.data.reference_stream.
+    overlap: bool = True
 
     def resolved_mode(self, lora: bool) -> str:
         if self.mode == "auto":

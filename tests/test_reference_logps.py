@@ -321,19 +321,33 @@ def test_ray_training_with_precompute_equals_the_in_loop_reference(tmp_path: Pat
 
     common = ("train.micro_batch_size=2", "scaling.num_workers=2", "train.shuffle=false", "train.max_steps=4",
               "train.eval_strategy=steps", "train.eval_steps=2")  # fmt: skip
-    run_training(train_config(tmp_path / "model", *common, "reference.mode=model"))
-    run_training(train_config(tmp_path / "precompute", *common, "reference.mode=precompute"))
-    in_loop, stage = losses(tmp_path / "model"), losses(tmp_path / "precompute")
-    assert len(stage) == 4
-    assert stage[0] == pytest.approx(math.log(2), abs=1e-6)
-    assert stage == pytest.approx(in_loop, abs=1e-4)
-    assert stage[-1] < stage[0]
-    evals = {name: [r["eval_loss"] for r in metrics_rows(tmp_path / name) if "eval_loss" in r]
-             for name in ("model", "precompute")}  # fmt: skip
-    assert len(evals["precompute"]) == 2
-    assert evals["precompute"] == pytest.approx(evals["model"], abs=1e-4)
-    report = json.loads((tmp_path / "precompute" / REPORT_FILE).read_text())
-    assert report["reused"] is False and report["rows"]["train"] > 0
+    runs = {
+        "model": ("reference.mode=model",),
+        # Scored beside training (actors of 0 CPUs fit beside 2 workers on 2 CPUs), the workers
+        # reading the stage's log; then scored before training, the workers reading datasets.
+        "overlapped": ("reference.mode=precompute", "reference.num_cpus=0"),
+        "before": ("reference.mode=precompute", "reference.overlap=false"),
+    }
+    for name, overrides in runs.items():
+        run_training(train_config(tmp_path / name, *common, *overrides))
+    in_loop = losses(tmp_path / "model")
+    evals = {
+        name: [r["eval_loss"] for r in metrics_rows(tmp_path / name) if "eval_loss" in r] for name in runs
+    }
+    for name in ("overlapped", "before"):
+        stage = losses(tmp_path / name)
+        assert len(stage) == 4
+        assert stage[0] == pytest.approx(math.log(2), abs=1e-6)
+        assert stage == pytest.approx(in_loop, abs=1e-4), name
+        assert stage[-1] < stage[0]
+        assert len(evals[name]) == 2
+        assert evals[name] == pytest.approx(evals["model"], abs=1e-4), name
+        report = json.loads((tmp_path / name / REPORT_FILE).read_text())
+        assert report["reused"] is False and report["rows"]["train"] > 0
+        assert report["overlapped"] is (name == "overlapped")
+        # Both leave a complete cache a later run reuses.
+        config = train_config(tmp_path / name, *common, *runs[name])
+        assert reference_logps.plan_cache(config, prepare(config)).reusable
     assert not (tmp_path / "model" / REPORT_FILE).exists()
 
 

@@ -1,8 +1,8 @@
 """Reference log-probs as a Ray Data stage (`reference.mode: precompute`).
 
 DPO's reference pi_ref is frozen, so log pi_ref(y|x) of every pair is a fixed number. This stage
-computes those numbers once, before training, with an actor pool of the reference model, and
-hands the trainer datasets that carry them; the training workers then load no reference model and
+computes those numbers once, with an actor pool of the reference model, and hands the trainer
+datasets that carry them; the training workers then load no reference model and
 run no reference forward (the loop reads the columns, as for `precomputed`).
 
     prepared/{train,eval}  (tokenized pairs, `dpo_cluster.data.pipeline.prepare`)
@@ -31,15 +31,13 @@ the directory; any other key gets a directory of its own. The loss type, beta an
 are left out on purpose: they act on these numbers in the loop and never change them, so a sweep
 over them reuses one pass.
 
-Why a pre-pass, not overlapped with training: every training worker reads the whole dataset, in
-one fixed order, every epoch and every evaluation (`dpo_cluster.train.context`). A lazy stage
-handed to the trainer would run once per worker and per pass (world_size x epochs reference
-passes, each worker starting its own actor pool); the one Ray Data primitive that shares a single
-execution among workers, `streaming_split`, deals blocks to whichever worker asks first, which is
-neither deterministic nor the every-worker-sees-every-row contract. And actors that need CPUs the
-training workers' placement group already holds would never start while those workers wait for
-their first batch (2 CPUs, 2 workers: a deadlock). So the pass runs to completion, its actors exit,
-and only then do the workers take the CPUs or GPUs.
+Before training or beside it: this module is the pre-pass, which scores everything, then lets
+the workers start. `dpo_cluster.data.reference_stream` runs the same actor pool beside training,
+feeding the workers block by block, where the cluster can hold the actors next to the workers;
+the cache, its key and the report are shared. A lazy stage handed to the trainer instead would
+run once per worker and per pass (every worker reads the whole dataset in one fixed order each
+epoch, `dpo_cluster.train.context`), and `streaming_split` deals blocks to whichever worker asks
+first, which is neither deterministic nor every row to every worker.
 """
 
 from __future__ import annotations
@@ -86,6 +84,8 @@ _ROWS_PER_FILE = 8192
 # Reference batches per input block. An actor takes whole blocks, so the prepared splits (a few
 # large blocks) are cut into many: enough to keep every actor busy, and each still worth a call.
 _BATCHES_PER_BLOCK = 16
+# The one Parquet file of each split in the cache.
+CACHE_FILE = "part-00000.parquet"
 # Environment the actors need as the training workers do: offline hub, built-in cache, HF home.
 _PASSED_ENV = ("HF_HUB_OFFLINE", "DPO_CLUSTER_CACHE", "HF_HOME")
 
@@ -250,9 +250,13 @@ def build_scored_dataset(config: Config, prepared: PreparedData, spec: Reference
     reference columns; lazy, over input rows already materialized (this reads them). Build it
     with DataContext preserve_order on (`compute_reference_logps` does), or the actor pool may
     return batches out of order."""
-    import ray.data
+    return score_rows(config, scoring_input(config, prepared), spec)
 
-    reference = config.reference
+
+def scoring_input(config: Config, prepared: PreparedData) -> Any:
+    """Every prepared row tagged with its split, all splits in one dataset, in blocks of
+    reference.batch_size x _BATCHES_PER_BLOCK rows; materialized (read now, while no actor or
+    training worker holds a CPU the read tasks need)."""
     tagged = [
         ds.map_batches(
             _tag_split,
@@ -264,8 +268,16 @@ def build_scored_dataset(config: Config, prepared: PreparedData, spec: Reference
         for split, ds in prepared.datasets().items()
     ]
     rows = tagged[0] if len(tagged) == 1 else tagged[0].union(*tagged[1:])
-    # Read now, while no actor holds a CPU the read tasks need.
-    rows = rows.repartition(target_num_rows_per_block=reference.batch_size * _BATCHES_PER_BLOCK).materialize()
+    return rows.repartition(
+        target_num_rows_per_block=config.reference.batch_size * _BATCHES_PER_BLOCK
+    ).materialize()
+
+
+def score_rows(config: Config, rows: Any, spec: ReferenceSpec) -> Any:
+    """`rows` (from `scoring_input`) through the actor pool of the reference; lazy."""
+    import ray.data
+
+    reference = config.reference
     env = {key: os.environ[key] for key in _PASSED_ENV if key in os.environ}
     options: dict[str, Any] = (
         {"accelerator_type": reference.accelerator_type} if reference.accelerator_type else {}
@@ -284,6 +296,37 @@ def build_scored_dataset(config: Config, prepared: PreparedData, spec: Reference
     )
 
 
+@dataclass(frozen=True)
+class CachePlan:
+    """Where the stage's values for a run live and whether they can be reused (`plan_cache`)."""
+
+    key: str
+    parts: dict[str, Any]
+    counts: dict[str, int]  # rows per non-empty split
+    root: Path  # output_dir/reference_logps
+    final: Path  # root/<key>
+    problem: str | None  # why the cache cannot be reused; None when it can
+
+    @property
+    def reusable(self) -> bool:
+        return self.problem is None
+
+
+def plan_cache(config: Config, prepared: PreparedData) -> CachePlan:
+    """The cache key of `config`'s reference log-probs of `prepared`, and whether they are cached."""
+    counts = {
+        split: int(prepared.report["splits"][split]["rows_kept"])
+        for split in SPLITS
+        if prepared.split_dir(split) is not None
+    }
+    prepared_key = json.loads((prepared.prepared_dir / MANIFEST_FILE).read_text())["cache_key"]
+    key, parts = compute_reference_key(config, prepared_key)
+    root = Path(config.output_dir) / REFERENCE_DIR
+    final = root / key
+    problem = _cache_problem(final, key, counts) if config.reference.cache else "reference.cache is false"
+    return CachePlan(key, parts, counts, root, final, problem)
+
+
 def compute_reference_logps(config: Config, prepared: PreparedData) -> ReferenceLogps:
     """Score every prepared pair with the reference (or reuse the cache); write
     output_dir/reference_report.json; return the per-split datasets for training.
@@ -293,25 +336,14 @@ def compute_reference_logps(config: Config, prepared: PreparedData) -> Reference
     """
     import ray.data
 
-    output_dir = Path(config.output_dir)
-    counts = {
-        split: int(prepared.report["splits"][split]["rows_kept"])
-        for split in SPLITS
-        if prepared.split_dir(split) is not None
-    }
+    plan = plan_cache(config, prepared)
+    counts, final = plan.counts, plan.final
     total = sum(counts.values())
-    prepared_key = json.loads((prepared.prepared_dir / MANIFEST_FILE).read_text())["cache_key"]
-    key, parts = compute_reference_key(config, prepared_key)
-    root = output_dir / REFERENCE_DIR
-    final = root / key
-    reference = config.reference
     started = time.perf_counter()
 
-    with _preserve_order():
-        problem = _cache_problem(final, key, counts) if reference.cache else "reference.cache is false"
-        reused = problem is None
-        if reused:
-            logger.info("reference log-probs: reusing %s (cache key %s, %d pairs)", final, key, total)
+    with preserve_order():
+        if plan.reusable:
+            logger.info("reference log-probs: reusing %s (cache key %s, %d pairs)", final, plan.key, total)
             # In the order of the prepared splits as they are now: a later prepare with the same
             # key holds the same rows, not necessarily in the order the cache was scored in.
             tables = {
@@ -319,24 +351,32 @@ def compute_reference_logps(config: Config, prepared: PreparedData) -> Reference
                 for split in counts
             }
         else:
-            logger.info("reference log-probs: scoring %d pairs (%s)", total, problem)
+            logger.info("reference log-probs: scoring %d pairs (%s)", total, plan.problem)
             scored = build_scored_dataset(config, prepared, build_reference_spec(config)).materialize()
             tables = {
                 split: _in_prepared_order(prepared, split, ds)
                 for split, ds in _split_in_memory(scored, counts).items()
             }
-            if reference.cache:
-                _write_cache(tables, root, final, key, parts, counts)
+            if config.reference.cache:
+                _write_cache(tables, plan)
         datasets = {split: ray.data.from_arrow(table).materialize() for split, table in tables.items()}
 
+    report = write_report(config, plan, seconds=time.perf_counter() - started, overlapped=False)
+    return ReferenceLogps(datasets, report, final if config.reference.cache else None)
+
+
+def write_report(config: Config, plan: CachePlan, *, seconds: float, **extra: Any) -> dict[str, Any]:
+    """Write output_dir/reference_report.json for a run of the stage (or its reuse); return it."""
+    reference = config.reference
     report = {
-        "cache_key": key,
-        "reused": reused,
-        "cache_dir": str(final) if reference.cache else None,
-        "rows": counts,
-        "rows_scored": 0 if reused else total,
-        "seconds": round(time.perf_counter() - started, 3),
-        "key_parts": parts,
+        "cache_key": plan.key,
+        "reused": plan.reusable,
+        "cache_dir": str(plan.final) if reference.cache else None,
+        "rows": plan.counts,
+        "rows_scored": 0 if plan.reusable else sum(plan.counts.values()),
+        "seconds": round(seconds, 3),
+        **extra,
+        "key_parts": plan.parts,
         "actors": {
             "concurrency": reference.concurrency,
             "batch_size": reference.batch_size,
@@ -345,9 +385,10 @@ def compute_reference_logps(config: Config, prepared: PreparedData) -> Reference
             "accelerator_type": reference.accelerator_type,
         },
     }
+    output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
-    return ReferenceLogps(datasets, report, final if reference.cache else None)
+    return report
 
 
 # ----------------------------------------------------------------------------------------------
@@ -358,7 +399,7 @@ def _tag_split(table: pa.Table, split: str) -> pa.Table:
     return table.append_column(SPLIT_COLUMN, pa.array([split] * table.num_rows, pa.string()))
 
 
-def _select_split(table: pa.Table, split: str) -> pa.Table:
+def select_split(table: pa.Table, split: str) -> pa.Table:
     return table.filter(pc.equal(table[SPLIT_COLUMN], split)).drop_columns([SPLIT_COLUMN])
 
 
@@ -367,7 +408,7 @@ def _split_in_memory(everything: Any, counts: dict[str, int]) -> dict[str, Any]:
     batches of _ROWS_PER_FILE rows merge the stage's small blocks into fewer, larger ones."""
     datasets = {
         split: everything.map_batches(
-            _select_split, batch_size=_ROWS_PER_FILE, batch_format="pyarrow", fn_kwargs={"split": split}
+            select_split, batch_size=_ROWS_PER_FILE, batch_format="pyarrow", fn_kwargs={"split": split}
         ).materialize()
         for split in counts
     }
@@ -378,7 +419,7 @@ def _split_in_memory(everything: Any, counts: dict[str, int]) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _preserve_order() -> Iterator[None]:
+def preserve_order() -> Iterator[None]:
     """Datasets made inside keep their rows in input order through the actor pool (a dataset
     copies the current DataContext when it is made); the caller's setting is restored after."""
     import ray.data
@@ -419,18 +460,18 @@ def _cache_problem(final: Path, key: str, counts: dict[str, int]) -> str | None:
     return None
 
 
-def _file_row_ids(directory: Path) -> pa.ChunkedArray:
-    """The row_id column of a split directory, files in name order (the order Ray Data reads them
-    in with preserve_order)."""
-    files = sorted(directory.glob("*.parquet"))
-    return pa.chunked_array([c for f in files for c in pq.read_table(f, columns=["row_id"]).column(0).chunks])
+def prepared_row_ids(prepared: PreparedData, split: str) -> list[Any]:
+    """The row ids of a prepared split in training order: files in name order, rows in file order
+    (the order Ray Data reads them in with preserve_order)."""
+    path = prepared.split_dir(split)
+    files = sorted(path.glob("*.parquet")) if path is not None else []
+    return [row_id for f in files for row_id in pq.read_table(f, columns=["row_id"]).column(0).to_pylist()]
 
 
 def _in_prepared_order(prepared: PreparedData, split: str, ds: Any) -> pa.Table:
     """The rows of `ds` (a scored or cached split) as one table in the prepared split's order, which
     training depends on (matched by row id; collected in this process, once per split)."""
-    path = prepared.split_dir(split)
-    expected = _file_row_ids(path).to_pylist() if path is not None else []
+    expected = prepared_row_ids(prepared, split)
     table = pa.concat_tables(list(ds.iter_batches(batch_format="pyarrow", batch_size=None)))
     row_ids = table.column("row_id").to_pylist()
     if row_ids != expected:
@@ -442,40 +483,45 @@ def _in_prepared_order(prepared: PreparedData, split: str, ds: Any) -> pa.Table:
     return table
 
 
-def _write_cache(
-    tables: dict[str, pa.Table],
-    root: Path,
-    final: Path,
-    key: str,
-    parts: dict[str, Any],
-    counts: dict[str, int],
-) -> None:
-    """Write the scored splits (in order) into a staging directory, check it, write its manifest,
-    then rename it to `final`: a run killed at any point leaves only a .tmp-* directory, which
-    nothing trusts."""
-    root.mkdir(parents=True, exist_ok=True)
-    for leftover in root.glob(f".tmp-{key}-*"):  # a killed run's staging for this same key
-        shutil.rmtree(leftover, ignore_errors=True)
-    staging = root / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
+def _write_cache(tables: dict[str, pa.Table], plan: CachePlan) -> None:
+    """Write the scored splits (in order) into a staging directory, then `seal_cache` it."""
+    staging = new_staging_dir(plan)
     try:
         # One file per split written here, in order: Ray Data's writers name files in an order
         # that need not be the rows' order, and training reads files in name order.
         for split, table in tables.items():
             (staging / split).mkdir(parents=True)
-            pq.write_table(table, staging / split / "part-00000.parquet", row_group_size=_ROWS_PER_FILE)
-        manifest = {
-            "cache_key": key,
-            "rows": counts,
-            "key_parts": parts,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-        problem = _cache_problem(staging, key, counts)
-        if problem is not None:
-            raise RuntimeError(f"reference stage output is incomplete: {problem}")
-        _install(staging, final, key, counts)
+            pq.write_table(table, staging / split / CACHE_FILE, row_group_size=_ROWS_PER_FILE)
+        seal_cache(staging, plan)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def new_staging_dir(plan: CachePlan) -> Path:
+    """An empty staging directory for `plan`'s cache (a killed run's staging for the same key is
+    removed first)."""
+    plan.root.mkdir(parents=True, exist_ok=True)
+    for leftover in plan.root.glob(f".tmp-{plan.key}-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    staging = plan.root / f".tmp-{plan.key}-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    return staging
+
+
+def seal_cache(staging: Path, plan: CachePlan) -> None:
+    """Check the complete staging directory, write its manifest, then rename it to `plan.final`: a
+    run killed at any point leaves only a .tmp-* directory, which nothing trusts."""
+    manifest = {
+        "cache_key": plan.key,
+        "rows": plan.counts,
+        "key_parts": plan.parts,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    problem = _cache_problem(staging, plan.key, plan.counts)
+    if problem is not None:
+        raise RuntimeError(f"reference stage output is incomplete: {problem}")
+    _install(staging, plan.final, plan.key, plan.counts)
 
 
 def _install(staging: Path, final: Path, key: str, counts: dict[str, int]) -> None:

@@ -4,8 +4,10 @@
 - Data: the prepared splits are materialized in the object store (spilling to disk if large) and
   stream into every worker via `get_dataset_shard`, unsplit and in a fixed order; each worker keeps
   its own micro-batches (see `dpo_cluster.train.context`). No worker reads or tokenizes raw data.
-  With `reference.mode: precompute` an actor pool of the reference first adds the reference
-  log-probs to every pair (`dpo_cluster.data.reference_logps`), and the workers load no reference.
+  With `reference.mode: precompute` an actor pool of the reference adds the reference log-probs
+  to every pair, beside training where the cluster has room (`dpo_cluster.data.reference_stream`:
+  the workers then read the stage's log instead of the datasets) or before it
+  (`dpo_cluster.data.reference_logps`), and the workers load no reference.
 - Checkpoints: every worker reports its DeepSpeed shard files and Ray Train merges them into one
   checkpoint under `scaling.storage_path` (default `output_dir/ray_results`), keeping
   `train.num_checkpoints_to_keep`, ranked by `train.best_metric` when there is eval data.
@@ -31,11 +33,13 @@ from typing import Any
 
 from dpo_cluster.config import Config
 from dpo_cluster.plots import CURVES_FILE, plot_training_curves
-from dpo_cluster.train.context import RayShardPairSource, WorkerContext
+from dpo_cluster.train.context import PairSource, RayShardPairSource, WorkerContext
 from dpo_cluster.train.loop import FINAL_DIR, train_loop
 from dpo_cluster.train.metrics_log import METRICS_FILE
 
 WORKERS_FILE = "workers.json"
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -51,6 +55,7 @@ def _worker_entry(loop_config: dict[str, Any]) -> None:
 
     config: Config = loop_config["config"]
     counts: dict[str, int] = loop_config["counts"]
+    reference_log = loop_config["reference_log"]  # a PairLog actor, or None
     # Iterating the materialized splits logs a line per pass at INFO; keep warnings and errors.
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     context = ray.train.get_context()
@@ -59,9 +64,13 @@ def _worker_entry(loop_config: dict[str, Any]) -> None:
     device = torch.device(f"cuda:{local_rank}" if use_gpu else "cpu")
     _record_placement(Path(config.output_dir), context)
 
-    def source(split: str, shuffle: bool) -> RayShardPairSource | None:
+    def source(split: str, shuffle: bool) -> PairSource | None:
         if counts.get(split, 0) == 0:
             return None
+        if reference_log is not None:  # the reference stage's log, scored beside training
+            from dpo_cluster.data.reference_stream import LogPairSource
+
+            return LogPairSource(reference_log, split, counts[split], config.train.seed, shuffle)
         return RayShardPairSource(
             ray.train.get_dataset_shard(split), counts[split], config.train.seed, shuffle
         )
@@ -146,12 +155,18 @@ def run_training(config: Config) -> TrainingResult:
     # Workers iterate these every epoch and evaluation; per-iteration progress bars would flood the
     # log (a dataset carries the context it was made with). The loop's own bar shows progress.
     data_context.enable_progress_bars = False
+    stream = None
     if config.reference.resolved_mode(config.lora.enabled) == "precompute":
         from dpo_cluster.data.reference_logps import compute_reference_logps
+        from dpo_cluster.data.reference_stream import start_streamed_reference
 
-        # The reference actor pool scores (or the cache supplies) every pair now, and its actors
-        # exit before the workers start: the trainer's datasets are the stage's output, in order.
-        datasets = compute_reference_logps(config, prepared).datasets
+        # The reference actor pool scores beside training, the workers reading its log; or, where
+        # it cannot overlap (or the cache has the values), it scores every pair now and its actors
+        # exit before the workers start: the trainer's datasets are then the stage's output.
+        stream, why_not = start_streamed_reference(config, prepared)
+        if stream is None:
+            logger.info("reference log-probs before training: %s", why_not)
+        datasets = {} if stream is not None else compute_reference_logps(config, prepared).datasets
     else:
         datasets = {split: ds.materialize() for split, ds in prepared.datasets().items()}
     has_eval = counts.get("eval", 0) > 0
@@ -165,7 +180,11 @@ def run_training(config: Config) -> TrainingResult:
 
     trainer = TorchTrainer(
         _worker_entry,
-        train_loop_config={"config": config, "counts": counts},
+        train_loop_config={
+            "config": config,
+            "counts": counts,
+            "reference_log": stream.log if stream else None,
+        },
         torch_config=TorchConfig(backend="nccl" if config.scaling.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.scaling.num_workers,
@@ -195,9 +214,16 @@ def run_training(config: Config) -> TrainingResult:
     sigint = signal.getsignal(signal.SIGINT)
     try:
         result = trainer.fit()
+    except BaseException:
+        if stream is not None:
+            stream.abort()
+            stream.close()  # the stage's own error, when it is why training failed
+        raise
     finally:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, sigint)
+    if stream is not None:
+        stream.close()  # scored, cached and reported by now: the workers read every block
     metrics_path = output_dir / METRICS_FILE
     if metrics_path.exists():
         plot_training_curves(metrics_path, output_dir / CURVES_FILE)
