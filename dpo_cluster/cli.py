@@ -136,6 +136,12 @@ def _add_bench_train_parser(bench: Any) -> None:
     b.add_argument("--learning-rate", type=float, default=d.learning_rate)
     b.add_argument("--seed", type=int, default=d.seed)
     b.add_argument("--gradient-checkpointing", action="store_true", help="in every mode (default off)")
+    b.add_argument(
+        "--fast-max-tokens",
+        type=int,
+        default=None,
+        help="dpo-cluster-fast: train.max_tokens_per_micro_batch (>= 2 x max length; default: none)",
+    )
     b.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
     b.add_argument("--peak-tflops", type=float, default=None, help="peak for MFU (default: by GPU name)")
     b.add_argument("--workdir", default=None, help="keep model, data and logs here (default: a temp dir)")
@@ -331,6 +337,7 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
         learning_rate=args.learning_rate,
         seed=args.seed,
         gradient_checkpointing=args.gradient_checkpointing,
+        fast_max_tokens=args.fast_max_tokens,
     )
     return 0
 

@@ -53,6 +53,7 @@ def test_benchmark_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
         steps=3,
         micro_batch_size=2,
         max_length=128,
+        fast_max_tokens=256,  # dpo-cluster-fast cuts its steps by tokens and still sees every pair
         device="cpu",
         output=output,
     )
@@ -99,5 +100,6 @@ def test_cli_parses_bench_train(capsys: pytest.CaptureFixture[str]) -> None:
         "--max-length",
         "--output",
         "--modes",
+        "--fast-max-tokens",
     ):
         assert flag in out

@@ -166,37 +166,37 @@ def test_a_second_run_reuses_the_cache_without_scoring(
         assert split_table(second, split).equals(split_table(first, split))
 
 
-def test_a_changed_key_recomputes_and_the_old_key_still_reuses(tmp_path: Path, ray_local: None) -> None:
+def test_another_reference_recomputes_and_the_old_key_still_reuses(
+    stage_run: tuple[Config, PreparedData, ReferenceLogps], tmp_path: Path
+) -> None:
+    """Same prepared pairs, another reference: another key, scored anew, other values (the
+    reference's); the first key's cache is still whole. (Which settings change the key:
+    test_the_key_covers_weights_dtype_and_data_but_not_the_loss.)"""
     from dpo_cluster.tiny import build_tiny_model
 
+    config, prepared, first = stage_run
     other = build_tiny_model(tmp_path / "other_reference", seed=1)
-    out = tmp_path / "run"
-    runs: dict[str, ReferenceLogps] = {}
-    for name, overrides in (
-        ("base", ()),
-        ("max_length", ("data.max_length=96",)),
-        ("other_reference", (f"reference.name_or_path={other}",)),
-        ("base_again", ()),
-    ):
-        config = precompute_config(out, "reference.concurrency=1", *overrides)
-        runs[name] = compute_reference_logps(config, prepare(config))
-    keys = {name: run.report["cache_key"] for name, run in runs.items()}
-    assert len({keys["base"], keys["max_length"], keys["other_reference"]}) == 3
-    assert [runs[n].report["reused"] for n in ("base", "max_length", "other_reference")] == [False] * 3
-    assert runs["base_again"].report["reused"] is True and keys["base_again"] == keys["base"]
-    assert sorted(p.name for p in (out / REFERENCE_DIR).iterdir()) == sorted(set(keys.values()))
-    # Another reference, other values on the same pairs.
-    base, changed = (stage_logps(split_table(runs[n], "train")) for n in ("base", "other_reference"))
-    assert not torch.allclose(base, changed)
-    expected = in_process_logps(str(other), split_table(runs["other_reference"], "train"))
-    torch.testing.assert_close(changed, expected, atol=1e-5, rtol=1e-6)  # other batch shapes: a few ulps
+    changed_config = precompute_config(
+        tmp_path / "run", "reference.concurrency=1", f"reference.name_or_path={other}"
+    )
+    changed = compute_reference_logps(changed_config, prepared)
+    assert changed.report["reused"] is False and changed.report["rows_scored"] > 0
+    assert changed.report["cache_key"] != first.report["cache_key"]
+    assert reference_logps.plan_cache(changed_config, prepared).reusable
+    assert reference_logps.plan_cache(config, prepared).reusable
+    base, values = (stage_logps(split_table(run, "train")) for run in (first, changed))
+    assert not torch.allclose(base, values)
+    expected = in_process_logps(str(other), split_table(changed, "train"))
+    torch.testing.assert_close(values, expected, atol=1e-5, rtol=1e-6)  # other batch shapes: a few ulps
 
 
 def test_an_interrupted_write_leaves_no_usable_cache(
-    tmp_path: Path, ray_local: None, monkeypatch: pytest.MonkeyPatch
+    stage_run: tuple[Config, PreparedData, ReferenceLogps], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    _, prepared, first = stage_run
     config = precompute_config(tmp_path, "reference.concurrency=1")
-    prepared = prepare(config)
+    plan = reference_logps.plan_cache(config, prepared)
+    tables = {split: split_table(first, split) for split in plan.counts}
     root = tmp_path / REFERENCE_DIR
 
     def killed(*args: Any) -> None:
@@ -206,20 +206,21 @@ def test_an_interrupted_write_leaves_no_usable_cache(
     with monkeypatch.context() as m:
         m.setattr(reference_logps, "_install", killed)
         with pytest.raises(RuntimeError, match="killed"):
-            compute_reference_logps(config, prepared)
+            reference_logps._write_cache(tables, plan)
     assert not [p for p in root.iterdir() if not p.name.startswith(".")]
 
     # What a hard kill leaves: a complete staging directory (never renamed), and a key directory
     # copied without its manifest. Neither is trusted; both are replaced by a fresh, whole cache.
-    done = compute_reference_logps(config, prepared)
-    key = done.report["cache_key"]
-    shutil.copytree(root / key, root / f".tmp-{key}-deadbeef")
-    (root / key / "manifest.json").unlink()
+    reference_logps._write_cache(tables, plan)
+    assert reference_logps.plan_cache(config, prepared).reusable
+    shutil.copytree(root / plan.key, root / f".tmp-{plan.key}-deadbeef")
+    (root / plan.key / "manifest.json").unlink()
+    assert "has no manifest.json" in str(reference_logps.plan_cache(config, prepared).problem)
     again = compute_reference_logps(config, prepared)
     assert again.report["reused"] is False and again.report["rows_scored"] > 0
-    assert (root / key / "manifest.json").is_file()
-    assert [p.name for p in root.iterdir()] == [key]
-    assert compute_reference_logps(config, prepared).report["reused"] is True
+    assert (root / plan.key / "manifest.json").is_file()
+    assert [p.name for p in root.iterdir()] == [plan.key]
+    assert reference_logps.plan_cache(config, prepared).reusable
 
 
 def test_cache_off_scores_every_run_and_writes_nothing(

@@ -91,13 +91,13 @@ def test_overlap_only_where_the_actors_fit_beside_the_workers(tmp_path: Path, ra
     import ray
 
     plan = CachePlan("k", {}, {"train": 10}, tmp_path, tmp_path / "k", problem="no cache for key k")
-    free = ray.available_resources().get("CPU", 0.0)
-    workers = f"scaling.num_workers={int(free)}"  # every free CPU
+    cpus = ray.cluster_resources()["CPU"]
+    workers = f"scaling.num_workers={int(cpus)}"  # every CPU of the cluster
     assert overlap_problem(train_config(tmp_path, workers, "reference.mode=precompute", "reference.num_cpus=0"),
                            plan) is None  # fmt: skip
     why = overlap_problem(train_config(tmp_path, workers, "reference.mode=precompute"), plan)
     assert why is not None and "cannot hold 1 reference actor(s) beside" in why
-    assert f"CPU {free + 1:g} needed, {free:g} free" in why
+    assert f"CPU {cpus + 1:g} needed, {cpus:g} in the cluster" in why
     off = train_config(
         tmp_path, "reference.mode=precompute", "reference.overlap=false", "reference.num_cpus=0"
     )
@@ -105,3 +105,26 @@ def test_overlap_only_where_the_actors_fit_beside_the_workers(tmp_path: Path, ra
     cached = CachePlan("k", {}, {"train": 10}, tmp_path, tmp_path / "k", problem=None)
     on = train_config(tmp_path, "reference.mode=precompute", "reference.num_cpus=0")
     assert overlap_problem(on, cached) == f"the cache {tmp_path / 'k'} holds the values"
+
+
+def test_a_reference_that_cannot_load_fails_the_run_instead_of_hanging(
+    tmp_path: Path, ray_local: None
+) -> None:
+    """The actors cannot load the reference (its weights file is garbage): the workers, waiting
+    for their first block, get the stage's error, and run_training raises it, naming the stage."""
+    import shutil
+
+    from dpo_cluster.modeling import resolve_name_or_path
+    from dpo_cluster.train.run import run_training
+
+    broken = tmp_path / "broken-reference"
+    shutil.copytree(resolve_name_or_path("builtin:tiny"), broken)
+    for weights in broken.glob("*.safetensors"):
+        weights.write_bytes(b"not a safetensors file")
+    config = train_config(tmp_path / "out", "scaling.num_workers=2", "train.max_steps=2", "reference.mode=precompute",
+                          "reference.num_cpus=0", f"reference.name_or_path={broken}")  # fmt: skip
+    started = time.perf_counter()
+    with pytest.raises(RuntimeError, match="reference stage failed"):
+        run_training(config)
+    assert time.perf_counter() - started < 300
+    assert not list((tmp_path / "out" / "reference_logps").glob("[!.]*"))  # no cache installed

@@ -8,7 +8,8 @@ the figures and the table):
 - `trl`: TRL's `DPOTrainer` as a user runs it: reference model in the loop, padded batches.
 - `dpo-cluster`: `run_local` (the per-worker loop and DeepSpeed, no Ray) with the reference model
   in the loop (`reference.mode: model`) and padded micro-batches.
-- `dpo-cluster-fast`: `reference.mode: precompute` and `train.packing: true`. The reference
+- `dpo-cluster-fast`: `reference.mode: precompute` and `train.packing: true` (and, with
+  `--fast-max-tokens`, `train.max_tokens_per_micro_batch`). The reference
   log-probs come from the Ray Data stage, run before training in its own subprocess; its wall time
   and memory are reported on a line of their own: a one-off cost per (data, reference) that the
   cache makes reusable, also shown spread over the run's steps.
@@ -70,6 +71,9 @@ class BenchSettings:
     rejected_median: int = 40
     length_sigma: float = 0.6  # of the log-normal lengths
     gradient_checkpointing: bool = False
+    # dpo-cluster-fast's train.max_tokens_per_micro_batch (each step's pairs cut into forwards of at
+    # most this many tokens; the step keeps its pairs). None: one forward per micro-batch.
+    fast_max_tokens: int | None = None
 
     @property
     def pairs(self) -> int:
@@ -125,12 +129,21 @@ class BenchSettings:
         ]
         if mode == "dpo-cluster-fast":
             # One actor with as many threads as a training process has (one GPU on GPU).
-            return overrides + [
-                "reference.mode=precompute",
-                "train.packing=true",
-                f"reference.num_cpus={os.cpu_count() or 1}",
-                f"reference.num_gpus={1 if self.use_gpu else 0}",
-            ]
+            budget = (
+                []
+                if self.fast_max_tokens is None
+                else [f"train.max_tokens_per_micro_batch={self.fast_max_tokens}"]
+            )
+            return (
+                overrides
+                + budget
+                + [
+                    "reference.mode=precompute",
+                    "train.packing=true",
+                    f"reference.num_cpus={os.cpu_count() or 1}",
+                    f"reference.num_gpus={1 if self.use_gpu else 0}",
+                ]
+            )
         return overrides + ["reference.mode=model"]
 
 
@@ -223,6 +236,10 @@ def run_stage(stage: str, s: BenchSettings) -> StageRun:
     result_path.unlink(missing_ok=True)
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", RAY_DATA_USAGE_DISABLED="1")
     env.pop("RAY_ADDRESS", None)  # the Ray stages start a local instance: this machine is measured
+    # Each stage is a single process of its own: torch.distributed variables of a caller that
+    # trained in-process would send TRL (accelerate) and DeepSpeed to that caller's rendezvous.
+    for name in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        env.pop(name, None)
     command = [sys.executable, "-m", "dpo_cluster.bench.train_stages", stage]
     command += [str(workdir / "settings.json"), str(result_path)]
     print(f"[bench train] {stage}: running (log: {log})", flush=True)

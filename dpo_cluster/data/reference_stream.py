@@ -30,6 +30,7 @@ failure read the log from the start again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import shutil
 import threading
@@ -173,11 +174,13 @@ def overlap_problem(config: Config, plan: CachePlan) -> str | None:
     need = {name: amount * scaling.num_workers for name, amount in per_worker.items()}
     for name, amount in (("CPU", reference.num_cpus), ("GPU", reference.num_gpus)):
         need[name] = need.get(name, 0.0) + amount * reference.concurrency
-    free = ray.available_resources()
+    # The cluster's totals, not what is free this instant: tasks that just ran (the data
+    # preparation) may still hold CPUs, which they give back; what must fit is actors + workers.
+    total = ray.cluster_resources()
     short = [
-        f"{name} {amount:g} needed, {free.get(name, 0.0):g} free"
+        f"{name} {amount:g} needed, {total.get(name, 0.0):g} in the cluster"
         for name, amount in need.items()
-        if amount > free.get(name, 0.0) + 1e-9
+        if amount > total.get(name, 0.0) + 1e-9
     ]
     if short:
         return (
@@ -202,8 +205,7 @@ class StreamedReference:
     thread: threading.Thread | None = None
 
     def close(self, timeout: float | None = None) -> None:
-        """Wait for the stage to end (asking it to stop early if training ended first); raise its
-        error, if any."""
+        """Wait for the stage to end; raise its error, if any."""
         assert self.thread is not None
         self.thread.join(timeout)
         if self.error is not None:
@@ -254,7 +256,8 @@ class StreamedReference:
             )
         except BaseException as error:  # the workers must not wait for blocks that will not come
             self.error = error
-            ray.get(self.log.fail.remote(f"reference stage failed: {error!r}"))
+            with contextlib.suppress(Exception):  # the log is gone only if the job is
+                ray.get(self.log.fail.remote(f"reference stage failed: {error!r}"))
         finally:
             for writer in writers.values():
                 writer.close()
