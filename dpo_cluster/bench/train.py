@@ -6,10 +6,10 @@ orchestrates: `train_stages` is what the subprocesses run, `train_data` the pair
 the figures and the table):
 
 - `trl`: TRL's `DPOTrainer` as a user runs it: reference model in the loop, padded batches.
-- `dpo-cluster`: `run_local` (the per-worker loop and DeepSpeed, no Ray) with the reference model
-  in the loop (`reference.mode: model`) and padded micro-batches.
-- `dpo-cluster-fast`: `reference.mode: precompute` and `train.packing: true` (and, with
-  `--fast-max-tokens`, `train.max_tokens_per_micro_batch`). The reference
+- `dpo-cluster`: `run_local` (the per-worker loop and DeepSpeed without ZeRO, as suits one process;
+  no Ray) with the reference model in the loop (`reference.mode: model`) and padded micro-batches.
+- `dpo-cluster-fast`: `reference.mode: precompute`, `train.packing: true` and
+  `train.max_tokens_per_micro_batch` (`--fast-max-tokens`, default 2 x max_length). The reference
   log-probs come from the Ray Data stage, run before training in its own subprocess; its wall time
   and memory are reported on a line of their own: a one-off cost per (data, reference) that the
   cache makes reusable, also shown spread over the run's steps.
@@ -72,8 +72,15 @@ class BenchSettings:
     length_sigma: float = 0.6  # of the log-normal lengths
     gradient_checkpointing: bool = False
     # dpo-cluster-fast's train.max_tokens_per_micro_batch (each step's pairs cut into forwards of at
-    # most this many tokens; the step keeps its pairs). None: one forward per micro-batch.
+    # most this many tokens; the step keeps its pairs). None: 2 x max_length, the smallest budget
+    # that holds every pair; 0: no budget (one forward per micro-batch).
     fast_max_tokens: int | None = None
+
+    @property
+    def fast_budget(self) -> int | None:
+        if self.fast_max_tokens is None:
+            return 2 * self.max_length
+        return self.fast_max_tokens or None
 
     @property
     def pairs(self) -> int:
@@ -125,25 +132,20 @@ class BenchSettings:
             "train.eval_strategy=no",
             "train.save_strategy=no",
             "scaling.num_workers=1",
+            # One process: nothing to shard, so no ZeRO (its flat fp32 copies and buckets cost memory).
+            "deepspeed.zero_stage=0",
             f"scaling.use_gpu={json.dumps(self.use_gpu)}",
         ]
         if mode == "dpo-cluster-fast":
             # One actor with as many threads as a training process has (one GPU on GPU).
-            budget = (
-                []
-                if self.fast_max_tokens is None
-                else [f"train.max_tokens_per_micro_batch={self.fast_max_tokens}"]
-            )
-            return (
-                overrides
-                + budget
-                + [
-                    "reference.mode=precompute",
-                    "train.packing=true",
-                    f"reference.num_cpus={os.cpu_count() or 1}",
-                    f"reference.num_gpus={1 if self.use_gpu else 0}",
-                ]
-            )
+            budget = self.fast_budget
+            return overrides + [
+                "reference.mode=precompute",
+                "train.packing=true",
+                *([f"train.max_tokens_per_micro_batch={budget}"] if budget else []),
+                f"reference.num_cpus={os.cpu_count() or 1}",
+                f"reference.num_gpus={1 if self.use_gpu else 0}",
+            ]
         return overrides + ["reference.mode=model"]
 
 

@@ -248,6 +248,8 @@ def run_dpo_cluster(s: BenchSettings, mode: str) -> dict[str, Any]:
         "notes": [
             "optimizer torch AdamW via DeepSpeed",
             f"deepspeed zero stage {config.deepspeed.zero_stage}",
+            f"train.packing {config.train.packing}",
+            f"train.max_tokens_per_micro_batch {config.train.max_tokens_per_micro_batch}",
         ],
     }
 
