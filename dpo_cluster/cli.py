@@ -181,7 +181,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         done = (
             "reused"
             if report["reused"]
-            else f"scored {report['rows_scored']} pairs in {report['seconds']:.1f}s"
+            else f"scored {report['rows_scored']} pairs in {report['seconds']:.1f}s "
+            f"{'beside' if report.get('overlapped') else 'before'} training"
         )
         print(f"reference log-probs: {done} (cache key {report['cache_key']}): {reference}")
     print(f"model: {result.final_dir}")
