@@ -522,7 +522,12 @@ def test_matches_trl(tokenizer: Any, pairs: Any, tmp_path: Any, config: dict[str
     for name in METRIC_NAMES:
         assert our_metrics[name].item() == pytest.approx(trl_metrics[name], abs=1e-5, rel=1e-5), name
     for name, parameter in trainer.model.named_parameters():
-        torch.testing.assert_close(parameter.grad, trl_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+        # An element that is a sum of large terms cancelling to a small value carries the rounding
+        # of the terms (the two sides sum in different orders), so the tolerance scales with the
+        # tensor's largest entry rather than with each element.
+        reference = trl_grads[name]
+        scale = reference.abs().max().item()
+        torch.testing.assert_close(parameter.grad, reference, atol=1e-5 + 1e-4 * scale, rtol=1e-4, msg=name)
 
 
 def test_first_step_ln2_matches_trl(tokenizer: Any, pairs: Any, tmp_path: Any) -> None:
