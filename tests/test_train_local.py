@@ -89,17 +89,34 @@ def test_first_step_is_ln2_then_the_model_learns(full_run: tuple[Path, Any]) -> 
     assert first["learning_rate"] > train_rows[-1]["learning_rate"]  # linear decay
 
 
-def test_grad_norm_is_reported_without_zero_and_equals_zeros(prepared: PreparedData, tmp_path: Path) -> None:
+def test_grad_norm_is_reported_without_zero_and_equals_zeros(
+    prepared: PreparedData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """DeepSpeed measures the gradient norm under ZeRO only; without ZeRO the loop does, and the
-    two agree on the same step (the same gradients, before clipping)."""
-    norms = {}
+    two agree on the same step (the same gradients, before clipping). A single worker without ZeRO
+    all-reduces no gradients (DeepSpeed would flatten them all into a second copy to do so); the
+    real all_reduce still runs for the loop's own metric sums."""
+    import torch.distributed as dist
+
+    reduced_sizes: list[int] = []
+    real_all_reduce = dist.all_reduce
+
+    def spy(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        reduced_sizes.append(tensor.numel())
+        return real_all_reduce(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(dist, "all_reduce", spy)
+    norms, largest = {}, {}
     for stage in (0, 2):
         out = tmp_path / f"zero{stage}"
+        reduced_sizes.clear()
         run_local(train_config(out, f"deepspeed.zero_stage={stage}", "train.max_steps=2"),
                   prepared.split_dir("train"))  # fmt: skip
         norms[stage] = [r["grad_norm"] for r in metrics_rows(out) if "loss" in r]
+        largest[stage] = max(reduced_sizes)
     assert all(isinstance(n, float) and n > 0 for n in norms[0]), norms
     assert norms[0] == pytest.approx(norms[2], rel=1e-4)
+    assert largest[0] < 100, "ZeRO-0 on one worker all-reduced a gradient-sized tensor"
 
 
 def test_final_model_loads_and_changed(full_run: tuple[Path, Any]) -> None:

@@ -161,6 +161,11 @@ def train_loop(config: Config, ctx: WorkerContext) -> dict[str, Any]:
         lr_scheduler=make_scheduler,
     )
     device = engine.device
+    if ctx.world_size == 1 and config.deepspeed.zero_stage == 0:
+        # One worker has nothing to average, but DeepSpeed's no-ZeRO path would still flatten every
+        # gradient into one buffer at each step boundary (a second full copy of the gradients, the
+        # top of the memory curve) and all-reduce it with itself.
+        engine.enable_backward_allreduce = False
     if reference is not None:
         reference = _prepare_reference(reference, ds_config, config.deepspeed.zero_stage, device)
 
