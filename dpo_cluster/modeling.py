@@ -98,6 +98,10 @@ def load_policy(
     policy = _load_causal_lm(
         model, model.name_or_path, model.revision, load_in_4bit=lora.load_in_4bit, device=device
     )
+    if model.recompute_mlp_activations:
+        from dpo_cluster.mlp_recompute import recompute_mlp_activations
+
+        recompute_mlp_activations(policy)
     checkpointing_kwargs = {"use_reentrant": False}
     if lora.load_in_4bit:
         from peft import prepare_model_for_kbit_training
