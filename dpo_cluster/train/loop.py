@@ -115,12 +115,12 @@ def train_loop(config: Config, ctx: WorkerContext) -> dict[str, Any]:
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if use_gpu else "cpu")  # read when deepspeed imports
     import deepspeed
     import torch.distributed as dist
-    from transformers import get_scheduler
 
     from dpo_cluster.modeling import load_policy, load_reference, load_tokenizer, reference_context
     from dpo_cluster.train.collate import collate_pairs
     from dpo_cluster.train.deepspeed_config import build_deepspeed_config, resolve_precision
     from dpo_cluster.train.packing import pack_pairs, packing_route
+    from dpo_cluster.train.schedule import build_lr_scheduler
 
     _ensure_distributed(ctx, "nccl" if use_gpu else "gloo")
     _seed_everything(config.train.seed)
@@ -152,7 +152,7 @@ def train_loop(config: Config, ctx: WorkerContext) -> dict[str, Any]:
     warmup = math.ceil(train.warmup_ratio * steps)
 
     def make_scheduler(optimizer: torch.optim.Optimizer) -> Any:
-        return get_scheduler(train.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
+        return build_lr_scheduler(optimizer, train.lr_scheduler, warmup_steps=warmup, total_steps=steps)
 
     engine, _, _, scheduler = deepspeed.initialize(
         model=policy,
