@@ -91,6 +91,8 @@ def load_policy(
     adapter weights alone are trainable, over a 4-bit base when lora.load_in_4bit (QLoRA).
 
     The KV cache is off (training never reuses it, and it conflicts with gradient checkpointing).
+    Gated SiLU MLPs recompute silu in backward unless model.recompute_mlp_activations is false
+    (`dpo_cluster.mlp_recompute`).
     device: where the weights go; None leaves them on the CPU (DeepSpeed moves them itself).
     Raises ValueError naming model.name_or_path when it cannot be loaded, and when QLoRA is asked
     for without a CUDA GPU.
