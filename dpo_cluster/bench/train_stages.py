@@ -4,7 +4,7 @@
 
 - `setup`: the model directory (a Qwen2 built locally, unless a model is given), the generated
   pairs as JSONL, their dpo-cluster preparation and the non-pad token count of both tokenizations
-  (`dpo_cluster.bench.train_data`).
+  (`dpo_cluster.bench.train_data`); on CPU also DeepSpeed's one-off build of its comm op.
 - `precompute`: the reference log-probs of the prepared pairs (`compute_reference_logps`), timed.
 - `trl`, `dpo-cluster`, `dpo-cluster-fast`: one mode's training. Each records, per optimizer step,
   the wall seconds since the previous step ended (the first: since training began), the non-pad
@@ -37,6 +37,8 @@ def run_setup(s: BenchSettings) -> dict[str, Any]:
     from dpo_cluster.data.samples import write_jsonl
     from dpo_cluster.modeling import load_tokenizer
 
+    if not s.use_gpu:
+        _build_deepspeed_cpu_op()
     if s.model is None:
         from dpo_cluster.tiny import build_tiny_model
 
@@ -75,6 +77,16 @@ def run_setup(s: BenchSettings) -> dict[str, Any]:
             ),
         },
     }
+
+
+def _build_deepspeed_cpu_op() -> None:
+    """DeepSpeed compiles its CPU shared-memory comm op the first time it starts on a machine (and
+    again for another installation of itself). Compiled here, the compiler's memory and time do not
+    land in the first measured dpo-cluster stage."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed imports
+    from deepspeed.comm.torch import build_shm_op
+
+    build_shm_op()
 
 
 def _count_parameters(name_or_path: str) -> int:
