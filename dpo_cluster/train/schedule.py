@@ -7,9 +7,11 @@ Every schedule warms up linearly from 0 over the warmup steps, then:
 
 The multipliers are those of transformers' `get_linear_schedule_with_warmup`,
 `get_cosine_schedule_with_warmup` (num_cycles 0.5) and `get_constant_schedule_with_warmup`, so
-learning rates line up with TRL's step for step (tested against them). They are written out here
-because importing transformers' schedules imports its Trainer utilities and, through them, peft:
-about 100 MB more resident memory in every training worker, LoRA or not.
+learning rates line up with TRL's step for step (tested against them), except that constant
+keeps its warmup, as documented (transformers' "constant" ignores it). Written out here also
+because importing transformers' schedules imports its Trainer utilities and, through them, peft,
+into every training worker, LoRA or not (about 100 MB resident over torch and transformers alone;
+most of it is shared with what DeepSpeed imports anyway).
 
 Pure torch: no ray, no deepspeed.
 """
@@ -23,6 +25,7 @@ from typing import Literal
 import torch
 
 ScheduleKind = Literal["linear", "cosine", "constant"]
+KINDS: tuple[str, ...] = ("linear", "cosine", "constant")
 
 
 def lr_multiplier(step: int, *, kind: ScheduleKind, warmup_steps: int, total_steps: int) -> float:
@@ -36,14 +39,14 @@ def lr_multiplier(step: int, *, kind: ScheduleKind, warmup_steps: int, total_ste
         return max(0.0, (total_steps - step) / decay_steps)
     if kind == "cosine":
         return max(0.0, 0.5 * (1.0 + math.cos(math.pi * (step - warmup_steps) / decay_steps)))
-    raise ValueError(f"lr_scheduler: linear | cosine | constant, got {kind!r}")
+    raise ValueError(f"lr_scheduler: {' | '.join(KINDS)}, got {kind!r}")
 
 
 def build_lr_scheduler(
     optimizer: torch.optim.Optimizer, kind: ScheduleKind, *, warmup_steps: int, total_steps: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """A `LambdaLR` over `optimizer` following `lr_multiplier` (a partial, so its state saves)."""
-    if kind not in ("linear", "cosine", "constant"):
-        raise ValueError(f"lr_scheduler: linear | cosine | constant, got {kind!r}")
+    if kind not in KINDS:
+        raise ValueError(f"lr_scheduler: {' | '.join(KINDS)}, got {kind!r}")
     multiplier = partial(lr_multiplier, kind=kind, warmup_steps=warmup_steps, total_steps=total_steps)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
