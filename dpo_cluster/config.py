@@ -333,7 +333,7 @@ class TrainConfig:
     # sequence, attention never crosses sequences; same pairs, same loss): true | false. Needs
     # transformers' own modeling code with attention eager, sdpa (block-diagonal masks) or
     # flash_attention_2/3 (varlen kernels); otherwise the run logs why and falls back to padded
-    # micro-batches grouped by length. See dpo_cluster.train.packing.
+    # micro-batches grouped by length. See dpo_cluster.batch.packing.
     packing: bool = False
     # Tokens per packed row, >= 2 (raised to the micro-batch's longest sequence, which is never
     # split). null = that longest sequence rounded up to a multiple of 8 (eager, sdpa: a row costs
@@ -424,7 +424,7 @@ class TrainConfig:
                 raise ConfigError(f"train.packing_row_tokens: must be >= 2, got {self.packing_row_tokens}")
         window_default = next(f.default for f in dataclasses.fields(self) if f.name == "length_group_window")
         if self.length_group_window != window_default and not (self.group_by_length or self.packing):
-            # With packing on, the window is used by the padded fallback (see dpo_cluster.train.packing).
+            # With packing on, the window is used by the padded fallback (see dpo_cluster.batch.packing).
             raise ConfigError(
                 "train.length_group_window: set, but neither train.group_by_length nor train.packing is true"
             )

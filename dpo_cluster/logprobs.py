@@ -188,7 +188,7 @@ def compute_mean_logits(
     """Vocabulary-mean logit per scored position: `logits (B, T, V), mask (B, T) -> (B, T)` fp32, no grad.
 
     `out[b, t] = mask[b, t] * mean_v logits[b, t, v]`. Per position rather than per row, so packed
-    rows holding several sequences can be summed per sequence (`dpo_cluster.train.packing`).
+    rows holding several sequences can be summed per sequence (`dpo_cluster.batch.packing`).
     """
     _check_shapes(logits, None, completion_mask)
     batch, seq, vocab = logits.shape

@@ -1,4 +1,4 @@
-"""Tests for dpo_cluster.train.collate: literal tensors, parity with TRL 1.16's
+"""Tests for dpo_cluster.batch.collate: literal tensors, parity with TRL 1.16's
 `DataCollatorForPreference` on random rows, the numpy shapes Ray Data hands out, and bad input."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 import torch
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-from dpo_cluster.train.collate import PreferenceBatch, collate_pairs, padding_fraction
+from dpo_cluster.batch.collate import PreferenceBatch, collate_pairs, padding_fraction
 
 # The example of TRL's docstring, with reference log-probs added.
 TWO_PAIRS: dict[str, Any] = {

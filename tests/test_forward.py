@@ -6,10 +6,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from dpo_cluster.batch.collate import PreferenceBatch, collate_pairs
+from dpo_cluster.batch.logps import sequence_logps
 from dpo_cluster.losses import PreferenceLogps, compute_dpo_loss, preference_metrics
 from dpo_cluster.modeling import resolve_name_or_path
-from dpo_cluster.train.collate import PreferenceBatch, collate_pairs
-from dpo_cluster.train.forward import LossSettings, compute_micro_batch, sequence_logps, sums_to_metrics
+from dpo_cluster.train.forward import LossSettings, compute_micro_batch, sums_to_metrics
 
 
 def test_reduced_sums_equal_preference_metrics() -> None:

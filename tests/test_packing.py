@@ -1,4 +1,4 @@
-"""Tests for dpo_cluster.train.packing: packing arithmetic on literal tensors, the attention masks
+"""Tests for dpo_cluster.batch.packing: packing arithmetic on literal tensors, the attention masks
 transformers builds from packed position ids, packed forwards equal padded ones on the tiny Qwen2
 (log-probs, loss, metric sums, gradients), length grouping, the config rules, and one-worker
 training runs with packing and grouping (the last ones `slow`)."""
@@ -17,22 +17,9 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from dpo_cluster.config import Config, ConfigError, load_config
-from dpo_cluster.data.samples import SAMPLE_FILE
-from dpo_cluster.logprobs import build_shifted_labels, compute_token_logps
-from dpo_cluster.modeling import resolve_name_or_path
-from dpo_cluster.train import packing
-from dpo_cluster.train.collate import collate_pairs, padding_fraction
-from dpo_cluster.train.context import WorkerContext
-from dpo_cluster.train.forward import (
-    SUM_KEYS,
-    LossSettings,
-    MicroBatch,
-    compute_micro_batch,
-    sequence_logps,
-    sums_to_metrics,
-)
-from dpo_cluster.train.packing import (
+from dpo_cluster.batch.collate import collate_pairs, padding_fraction
+from dpo_cluster.batch.logps import MicroBatch, sequence_logps
+from dpo_cluster.batch.packing import (
     PackedBatch,
     group_by_length,
     pack_pairs,
@@ -41,6 +28,13 @@ from dpo_cluster.train.packing import (
     plan_rows,
     row_capacity,
 )
+from dpo_cluster.config import Config, ConfigError, load_config
+from dpo_cluster.data.samples import SAMPLE_FILE
+from dpo_cluster.logprobs import build_shifted_labels, compute_token_logps
+from dpo_cluster.modeling import resolve_name_or_path
+from dpo_cluster.train import packing
+from dpo_cluster.train.context import WorkerContext
+from dpo_cluster.train.forward import SUM_KEYS, LossSettings, compute_micro_batch, sums_to_metrics
 
 # The example of TRL's DataCollatorForPreference docstring (as in test_collate.py).
 TWO_PAIRS: dict[str, Any] = {

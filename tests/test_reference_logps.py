@@ -17,6 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from dpo_cluster.batch.collate import ID_COLUMNS, REF_COLUMNS, collate_pairs
+from dpo_cluster.batch.logps import sequence_logps
 from dpo_cluster.config import Config, ConfigError, LoraConfig, ReferenceConfig, load_config
 from dpo_cluster.data import reference_logps
 from dpo_cluster.data.pipeline import PreparedData, prepare
@@ -29,8 +31,6 @@ from dpo_cluster.data.reference_logps import (
     hash_weights,
 )
 from dpo_cluster.modeling import load_reference, resolve_name_or_path
-from dpo_cluster.train.collate import ID_COLUMNS, REF_COLUMNS, collate_pairs
-from dpo_cluster.train.forward import sequence_logps
 from tests.test_train_local import losses, metrics_rows, train_config
 
 pytestmark = pytest.mark.slow

@@ -236,9 +236,9 @@ def test_precomputed_reference_logps_equal_the_in_loop_reference(
     import pyarrow.parquet as pq
     from transformers import AutoModelForCausalLM
 
+    from dpo_cluster.batch.collate import collate_pairs
+    from dpo_cluster.batch.logps import sequence_logps
     from dpo_cluster.modeling import resolve_name_or_path
-    from dpo_cluster.train.collate import collate_pairs
-    from dpo_cluster.train.forward import sequence_logps
 
     reference = AutoModelForCausalLM.from_pretrained(resolve_name_or_path("builtin:tiny")).eval()
     with_ref = tmp_path / "with_ref"

@@ -62,11 +62,11 @@ import pyarrow.parquet as pq
 import torch
 
 from dpo_cluster import __version__
+from dpo_cluster.batch.collate import ID_COLUMNS, REF_COLUMNS, collate_pairs
+from dpo_cluster.batch.logps import sequence_logps
 from dpo_cluster.config import Config, LoraConfig, ModelConfig, ReferenceConfig
 from dpo_cluster.data.pipeline import MANIFEST_FILE, SPLITS, PreparedData
 from dpo_cluster.modeling import load_reference, load_tokenizer, resolve_name_or_path
-from dpo_cluster.train.collate import ID_COLUMNS, REF_COLUMNS, collate_pairs
-from dpo_cluster.train.forward import sequence_logps
 
 logger = logging.getLogger(__name__)
 

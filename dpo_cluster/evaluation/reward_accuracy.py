@@ -20,9 +20,9 @@ import pyarrow.parquet as pq
 import torch
 
 from dpo_cluster import stats
+from dpo_cluster.batch.collate import ID_COLUMNS, collate_pairs
+from dpo_cluster.batch.logps import sequence_logps
 from dpo_cluster.losses import compute_rewards
-from dpo_cluster.train.collate import ID_COLUMNS, collate_pairs
-from dpo_cluster.train.forward import sequence_logps
 
 
 def _natural_key(row_id: str) -> tuple[Any, ...]:

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from dpo_cluster.train.packing import concat_batches, group_by_length, take_rows
+from dpo_cluster.batch.packing import concat_batches, group_by_length, take_rows
 from dpo_cluster.train.token_budget import TokenBudget
 
 Batch = dict[str, Any]
@@ -131,7 +131,7 @@ class WorkerContext:
         """(global micro-batch index, batch) for the micro-batches this worker owns.
 
         With `length_group_window`, the whole ordered stream is first re-cut by length in windows
-        of that many micro-batches (`dpo_cluster.train.packing.group_by_length`, seeded by
+        of that many micro-batches (`dpo_cluster.batch.packing.group_by_length`, seeded by
         (seed, epoch)); every worker computes the same re-cut stream, so ownership is unchanged.
         """
         stream = self._stream(source, micro_batch_size, epoch, length_group_window, seed)

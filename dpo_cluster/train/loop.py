@@ -28,17 +28,11 @@ from typing import Any
 
 import torch
 
+from dpo_cluster.batch.logps import MicroBatch, sequence_logps
 from dpo_cluster.config import Config
 from dpo_cluster.train.checkpoint import export_final, load_state, save_state
 from dpo_cluster.train.context import Batch, WorkerContext
-from dpo_cluster.train.forward import (
-    SUM_KEYS,
-    LossSettings,
-    MicroBatch,
-    compute_micro_batch,
-    sequence_logps,
-    sums_to_metrics,
-)
+from dpo_cluster.train.forward import SUM_KEYS, LossSettings, compute_micro_batch, sums_to_metrics
 from dpo_cluster.train.metrics_log import MetricsLog
 from dpo_cluster.train.token_budget import TokenBudget
 
@@ -116,10 +110,10 @@ def train_loop(config: Config, ctx: WorkerContext) -> dict[str, Any]:
     import deepspeed
     import torch.distributed as dist
 
+    from dpo_cluster.batch.collate import collate_pairs
+    from dpo_cluster.batch.packing import pack_pairs, packing_route
     from dpo_cluster.modeling import load_policy, load_reference, load_tokenizer, reference_context
-    from dpo_cluster.train.collate import collate_pairs
     from dpo_cluster.train.deepspeed_config import build_deepspeed_config, resolve_precision
-    from dpo_cluster.train.packing import pack_pairs, packing_route
     from dpo_cluster.train.schedule import build_lr_scheduler
 
     _ensure_distributed(ctx, "nccl" if use_gpu else "gloo")
@@ -194,7 +188,7 @@ def train_loop(config: Config, ctx: WorkerContext) -> dict[str, Any]:
     settings = LossSettings(train.loss_type, train.loss_weights, train.beta, train.label_smoothing)
     precision = resolve_precision(config.deepspeed.precision, use_gpu, bf16_ok)
 
-    # Micro-batch layout (dpo_cluster.train.packing): packed rows where every model scoring them
+    # Micro-batch layout (dpo_cluster.batch.packing): packed rows where every model scoring them
     # supports it, else padded rows, grouped by length when asked for or when packing falls back.
     group_window = train.length_group_window if train.group_by_length else None
     route, route_note = packing_route(engine.module, reference) if train.packing else (None, "")

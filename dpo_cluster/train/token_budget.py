@@ -32,8 +32,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from dpo_cluster.train.collate import ID_COLUMNS
-from dpo_cluster.train.packing import pair_lengths, plan_rows, row_capacity
+from dpo_cluster.batch.collate import ID_COLUMNS
+from dpo_cluster.batch.packing import pair_lengths, plan_rows, row_capacity
 
 Layout = Literal["padded", "mask", "varlen"]
 """How a micro-batch reaches the model: padded rows, or packed rows on a `packing_route`."""

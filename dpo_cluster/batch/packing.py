@@ -52,8 +52,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from dpo_cluster.batch.collate import ID_COLUMNS, read_pair_sequences, read_ref_logps
 from dpo_cluster.logprobs import build_shifted_labels
-from dpo_cluster.train.collate import ID_COLUMNS, read_pair_sequences, read_ref_logps
 
 # Default row capacities on the "mask" route are rounded up to a multiple of this many tokens.
 ROW_MULTIPLE = 8

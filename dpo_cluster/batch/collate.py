@@ -115,7 +115,7 @@ def collate_pairs(
 def padding_fraction(batch: PreferenceBatch) -> float:
     """Share of `input_ids` (2B, T) entries that are padding, in [0, 1): compute wasted on pad.
 
-    Also right for a `dpo_cluster.train.packing.PackedBatch`, whose `input_ids` are (R, L)."""
+    Also right for a `dpo_cluster.batch.packing.PackedBatch`, whose `input_ids` are (R, L)."""
     total = batch.input_ids.numel()
     return 0.0 if total == 0 else 1.0 - batch.num_tokens / total
 
