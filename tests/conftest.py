@@ -14,6 +14,7 @@ os.environ["DPO_CLUSTER_CACHE"] = tempfile.mkdtemp(prefix="dpo-cluster-cache-")
 
 from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -36,6 +37,22 @@ def tiny_bos_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_plain_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """As `tiny_tokenizer_dir`, without a chat template."""
     return build_tiny_tokenizer(tmp_path_factory.mktemp("tiny_plain_tokenizer"), chat_template=False)
+
+
+@pytest.fixture(scope="session")
+def base_dir() -> Path:
+    """The built-in tiny model ("builtin:tiny"), built once per session into the session's cache."""
+    from dpo_cluster.modeling import resolve_name_or_path
+
+    return Path(resolve_name_or_path("builtin:tiny"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer(base_dir: Path) -> Any:
+    """The tiny model's tokenizer, loaded by transformers as any saved model's is."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(base_dir)
 
 
 @pytest.fixture(scope="session")
