@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from dpo_cluster.batch.logps import MicroBatch, sequence_logps
+from dpo_cluster.config import TrainConfig
 from dpo_cluster.losses import PreferenceLogps, compute_dpo_loss
 
 # Order of the entries of `MicroBatchResult.sums`; the loop all-reduces them as one tensor.
@@ -44,6 +45,11 @@ class LossSettings:
     loss_weights: list[float] | None
     beta: float
     label_smoothing: float
+
+
+def build_loss_settings(train: TrainConfig) -> LossSettings:
+    """The loss options of the `train` config section, as the forward takes them."""
+    return LossSettings(train.loss_type, train.loss_weights, train.beta, train.label_smoothing)
 
 
 @dataclass

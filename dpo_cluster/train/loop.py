@@ -32,7 +32,7 @@ from dpo_cluster.batch.logps import MicroBatch, sequence_logps
 from dpo_cluster.config import Config
 from dpo_cluster.train.checkpoint import export_final, load_state, save_state
 from dpo_cluster.train.context import Batch, WorkerContext
-from dpo_cluster.train.forward import SUM_KEYS, LossSettings, compute_micro_batch, sums_to_metrics
+from dpo_cluster.train.forward import SUM_KEYS, build_loss_settings, compute_micro_batch, sums_to_metrics
 from dpo_cluster.train.metrics_log import MetricsLog
 from dpo_cluster.train.token_budget import TokenBudget
 
@@ -185,7 +185,7 @@ def train_loop(config: Config, ctx: WorkerContext) -> dict[str, Any]:
             logps, _, _ = sequence_logps(model, batch)
         return logps[:n].detach(), logps[n:].detach()
 
-    settings = LossSettings(train.loss_type, train.loss_weights, train.beta, train.label_smoothing)
+    settings = build_loss_settings(train)
     precision = resolve_precision(config.deepspeed.precision, use_gpu, bf16_ok)
 
     # Micro-batch layout (dpo_cluster.batch.packing): packed rows where every model scoring them
