@@ -26,6 +26,11 @@ if typing.TYPE_CHECKING:
     from dpo_cluster.data.tokenize import TokenizeSpec
 
 
+# The divergences `dpo_cluster.losses` implements (checked equal there by the tests), named here so
+# that loading a config needs no torch.
+F_DIVERGENCE_TYPES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+
+
 class ConfigError(ValueError):
     """An invalid configuration; the message names the key."""
 
@@ -311,6 +316,19 @@ class TrainConfig:
     beta: float = 0.1
     # Label smoothing (conservative DPO) for robust, exo_pair, aot, aot_unpaired; in [0, 0.5).
     label_smoothing: float = 0.0
+    # Divergence behind the implicit reward's log-ratio (f-DPO, Wang et al. 2023): reverse_kl (DPO) |
+    # forward_kl | js_divergence | alpha_divergence. Used by sigmoid, hinge, ipo, exo_pair, robust,
+    # discopop (TRL's f_divergence_type).
+    f_divergence_type: str = "reverse_kl"
+    # The alpha of alpha_divergence; > 0 (1 is the reverse KL limit).
+    f_alpha_divergence_coef: float = 0.5
+    # Temperature of discopop's log-ratio modulation; > 0.
+    discopop_tau: float = 0.05
+    # Weight each pair by the policy's own probability of it (WPO, Zhou et al. 2024); TRL's use_weighting.
+    use_weighting: bool = False
+    # Length-desensitised DPO (LD-DPO, Liu et al. 2024): the longer answer's tokens past the shorter
+    # one's length count alpha times, for policy and reference alike; in [0, 1]. null = off.
+    ld_alpha: float | None = None
     # Peak learning rate of AdamW.
     learning_rate: float = 1e-6
     # linear | cosine (decay to 0 after warmup) | constant (after warmup).
@@ -403,6 +421,17 @@ class TrainConfig:
             )
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"train.label_smoothing: must be in [0, 0.5), got {self.label_smoothing}")
+        if self.f_divergence_type not in F_DIVERGENCE_TYPES:
+            raise ConfigError(
+                f"train.f_divergence_type: unknown divergence {self.f_divergence_type!r}; "
+                f"valid: {', '.join(F_DIVERGENCE_TYPES)}"
+            )
+        if self.f_alpha_divergence_coef <= 0:
+            raise ConfigError(f"train.f_alpha_divergence_coef: must be > 0, got {self.f_alpha_divergence_coef}")
+        if self.discopop_tau <= 0:
+            raise ConfigError(f"train.discopop_tau: must be > 0, got {self.discopop_tau}")
+        if self.ld_alpha is not None and not 0.0 <= self.ld_alpha <= 1.0:
+            raise ConfigError(f"train.ld_alpha: must be in [0, 1] or null, got {self.ld_alpha}")
         for name in ("learning_rate", "num_epochs"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"train.{name}: must be > 0, got {getattr(self, name)}")
