@@ -1,22 +1,10 @@
 """Gated (SwiGLU) MLPs that keep three of their four intermediate activations for backward.
 
-Llama, Qwen2, Mistral and most current decoders compute their MLP as
-`down_proj(silu(gate_proj(x)) * up_proj(x))`. Plain autograd keeps four (tokens, intermediate_size)
-tensors of it until backward: gate(x) for silu's gradient, silu(gate(x)) and up(x) for the
-product's, and the product itself for down_proj's weight gradient. `silu_mul` keeps gate(x) and
-up(x) only and recomputes silu from gate(x) in backward (one sigmoid, which silu's own backward
-computes anyway), so silu(gate(x)) is never stored. The intermediate size is 3-5x the hidden size,
-which makes these the largest activations of a layer: a quarter of them is about a tenth of the
-activation memory of a training step, for no extra matrix work. Values are unchanged; gradients
-agree with autograd's to rounding (tested).
-
-`recompute_mlp_activations(model)` switches every MLP of a model whose forward is exactly that
-expression (checked against its source, so a model with another MLP is left as it is) to
-`silu_mul`. It replaces only the instance's forward: the projections are still called as modules,
-so LoRA adapters, quantized layers, DeepSpeed ZeRO-3 parameter gathering and gradient
-checkpointing see the calls they expect.
-
-Pure torch: no ray, no deepspeed.
+`recompute_mlp_activations(model)` switches every MLP whose forward is exactly
+`down_proj(silu(gate_proj(x)) * up_proj(x))` (checked against its source) to `silu_mul`, which keeps
+gate(x) and up(x) and recomputes silu in backward. These are a layer's largest activations, so this
+saves memory for no extra matrix work; only the instance's forward changes, so LoRA, quantized layers,
+ZeRO-3 gathering and gradient checkpointing see the projection calls they expect.
 """
 
 from __future__ import annotations
