@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 
-from dpo_cluster.config import Config, ConfigError, SourceConfig, apply_override, load_config, valid_keys
+from dpo_cluster.config import (
+    F_DIVERGENCE_TYPES,
+    JUDGE_RULES,
+    LOSS_TYPES,
+    Config,
+    ConfigError,
+    SourceConfig,
+    apply_override,
+    load_config,
+    valid_keys,
+)
 
 MINIMAL = {"output_dir": "out", "model.name_or_path": "m", "data.train": "train.jsonl"}
 
@@ -238,3 +250,36 @@ def test_with_absolute_paths_resolves_local_paths_only(
     assert absolute.data.tokenizer == "Qwen/Qwen2-7B"  # a hub id stays a hub id
     assert absolute.scaling.storage_path == "s3://bucket/ray"
     assert config.output_dir == "runs/a"  # the original is unchanged
+
+
+def test_loss_types_are_the_losses_implemented() -> None:
+    from dpo_cluster.losses import LOSS_FUNCTIONS
+
+    assert set(LOSS_TYPES) == set(LOSS_FUNCTIONS)
+
+
+def test_f_divergence_types_are_the_divergences_implemented() -> None:
+    from dpo_cluster import losses
+
+    assert set(F_DIVERGENCE_TYPES) == set(losses.F_DIVERGENCE_TYPES)
+
+
+def test_judge_rules_are_the_rules_implemented() -> None:
+    from dpo_cluster.evaluation.judges import RULES
+
+    assert set(JUDGE_RULES) == set(RULES)
+
+
+def test_unknown_names_list_the_valid_ones() -> None:
+    with pytest.raises(ConfigError, match="train.loss_type: unknown loss 'dpo'; valid: sigmoid, hinge"):
+        load_config(None, [*_overrides(), "train.loss_type=dpo"])
+    with pytest.raises(ConfigError, match="evaluation.rule: unknown rule 'x'; valid: title_length"):
+        load_config(None, [*_overrides(), "evaluation.rule=x"])
+
+
+def test_loading_a_config_needs_no_torch(tmp_path: Path) -> None:
+    code = (
+        "import sys; from dpo_cluster.config import load_config; "
+        f"load_config(None, {_overrides()!r}); assert 'torch' not in sys.modules, 'torch was imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)

@@ -1,92 +1,71 @@
-"""The preference-data pipeline on Ray Data: read -> parse -> normalize -> split -> tokenize ->
-write, in one streaming pass, with every row accounted for.
+"""The preference-data pipeline on Ray Data: sources -> read -> process -> one partitioned write.
 
-    sources (jsonl/json/parquet/csv/hub/inline)
-      -> raw rows {row_id, raw}                                    (dpo_cluster.data.sources)
-      -> process_batch: JSON parse, normalize_row, split by prompt hash, PairTokenizer
-      -> one Parquet write partitioned by split and status          (status = "kept" or a drop reason)
-      -> counts from Parquet metadata, quarantine.jsonl, data_report.json, prepared/{train,eval}/
-
-Because every row, kept or dropped, flows to the same write, the counts in data_report.json are
-read back from what was written: rows_in == rows_kept + sum(dropped) holds by construction and is
-also asserted. The prepared Parquet carries a cache key (data, tokenizer, template, length and
-split settings); `prepare` reuses it only when the key matches.
+`prepare` plans the reads, detects each source's format, runs `process.process_batch` over every
+row in one streaming pass and writes kept and dropped rows alike, so the report counted from the
+written files (`accounting`) accounts for every row; a matching cache key (`cache`) skips the run.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
-import hashlib
-import json
 import logging
 import re
 import shutil
 import time
 import uuid
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from dpo_cluster import __version__
-from dpo_cluster.config import Config, SourceConfig
+from dpo_cluster.config import Config, DataConfig, SourceConfig
 from dpo_cluster.data import sources
-from dpo_cluster.data.formats import FormatSpec, detect_format, normalize_row, prompt_key
-from dpo_cluster.data.records import DEFECT_REASONS, NOTES, DataError, DropRow, Pair
-from dpo_cluster.data.tokenize import PairTokenizer, TokenizeSpec
-
-KEPT = "kept"
-SPLITS = ("train", "eval")
-REPORT_FILE = "data_report.json"
-QUARANTINE_FILE = "quarantine.jsonl"
-PREPARED_DIR = "prepared"
-MANIFEST_FILE = "manifest.json"
-_SAMPLE_ROWS = 50
-_EXAMPLES_PER_REASON = 5
-
-OUTPUT_SCHEMA = pa.schema(
-    [
-        ("row_id", pa.string()),
-        ("split", pa.string()),
-        ("status", pa.string()),
-        ("detail", pa.string()),
-        ("raw", pa.binary()),
-        ("prompt_ids", pa.list_(pa.int32())),
-        ("chosen_ids", pa.list_(pa.int32())),
-        ("rejected_ids", pa.list_(pa.int32())),
-        ("notes", pa.list_(pa.string())),
-    ]
+from dpo_cluster.data.accounting import (
+    QUARANTINE_FILE,
+    REPORT_FILE,
+    build_report,
+    check_bad_fraction,
+    write_report,
 )
+from dpo_cluster.data.cache import (
+    MANIFEST_FILE,
+    PREPARED_DIR,
+    cached_report,
+    compute_cache_key,
+    install_prepared,
+    tokenizer_fingerprint,
+)
+from dpo_cluster.data.formats import detect_format
+from dpo_cluster.data.process import (
+    SPLITS,
+    ProcessSpec,
+    TokenizerRef,
+    assign_split,
+    load_tokenizer,
+    parse_raw,
+    process_batch,
+    read_and_process,
+)
+from dpo_cluster.data.records import DataError, DropRow
+from dpo_cluster.ray_session import ensure_ray
 
+__all__ = [
+    "MANIFEST_FILE",
+    "PREPARED_DIR",
+    "QUARANTINE_FILE",
+    "REPORT_FILE",
+    "SPLITS",
+    "PreparedData",
+    "assign_split",
+    "ensure_ray",
+    "parse_raw",
+    "prepare",
+]
 
-@dataclass(frozen=True)
-class TokenizerRef:
-    """How to load the tokenizer, in the driver and in every Ray Data worker."""
-
-    name_or_path: str
-    revision: str | None = None
-    trust_remote_code: bool = False
-
-
-@dataclass(frozen=True)
-class ProcessSpec:
-    """Everything `process_batch` needs; picklable and hashable."""
-
-    role: str  # which configured source the rows come from: train | eval
-    fmt: str  # the format detected (or configured) for this source
-    format_spec: FormatSpec
-    tokenize_spec: TokenizeSpec
-    tokenizer: TokenizerRef
-    eval_fraction: float
-    split_seed: int
-    on_bad_row: str
+_SAMPLE_ROWS = 50
 
 
 @dataclass
@@ -119,125 +98,6 @@ class PreparedData:
         return out
 
 
-# ----------------------------------------------------------------------------------------------
-# The per-batch work, run inside Ray Data tasks.
-
-
-def assign_split(key: bytes, eval_fraction: float, seed: int) -> str:
-    """Deterministic train/eval assignment from a stable hash of `key` (the prompt), independent
-    of worker count, block boundaries and row order."""
-    if eval_fraction <= 0:
-        return "train"
-    digest = hashlib.blake2b(key, digest_size=8, person=seed.to_bytes(8, "little", signed=True)).digest()
-    return "eval" if int.from_bytes(digest, "little") / 2**64 < eval_fraction else "train"
-
-
-@functools.lru_cache(maxsize=4)
-def _pair_tokenizer(ref: TokenizerRef, spec: TokenizeSpec) -> PairTokenizer:
-    # Ray reuses worker processes across tasks, so each process loads the tokenizer once.
-    return PairTokenizer(load_tokenizer(ref), spec)
-
-
-def load_tokenizer(ref: TokenizerRef) -> Any:
-    from dpo_cluster.modeling import load_tokenizer as load
-
-    try:
-        return load(ref.name_or_path, revision=ref.revision, trust_remote_code=ref.trust_remote_code)
-    except Exception as e:  # OSError, ValueError, hub errors: all mean "cannot load this"
-        raise DataError(f"cannot load the tokenizer from {ref.name_or_path!r}: {e}") from e
-
-
-def parse_raw(raw: bytes) -> Any:
-    """Raw bytes of one row -> the decoded JSON value. Raises DropRow."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DropRow("undecodable_text", f"invalid UTF-8 at byte {e.start}") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DropRow("invalid_json", f"column {e.colno}: {e.msg}") from None
-
-
-def process_batch(batch: pa.Table, spec: ProcessSpec) -> pa.Table:
-    """Raw rows (row_id, raw) -> output rows (OUTPUT_SCHEMA), one per input row, in order."""
-    row_ids: list[str] = batch.column("row_id").to_pylist()
-    raws: list[bytes] = batch.column("raw").to_pylist()
-    splits: list[str] = []
-    drops: list[DropRow | None] = []
-    pairs: list[Pair] = []
-    pair_rows: list[int] = []
-    for i, raw in enumerate(raws):
-        try:
-            pair = normalize_row(parse_raw(raw), spec.fmt, spec.format_spec)
-        except DropRow as drop:
-            drops.append(drop)
-            key = raw  # no prompt known: the raw bytes still give a stable split
-        else:
-            drops.append(None)
-            pairs.append(pair)
-            pair_rows.append(i)
-            key = prompt_key(pair).encode("utf-8")
-        splits.append(
-            "eval" if spec.role == "eval" else assign_split(key, spec.eval_fraction, spec.split_seed)
-        )
-
-    tokenized: list[Any] = [None] * len(raws)
-    if pairs:
-        results = _pair_tokenizer(spec.tokenizer, spec.tokenize_spec).tokenize(pairs)
-        for i, result in zip(pair_rows, results):
-            if isinstance(result, DropRow):
-                drops[i] = result
-            else:
-                tokenized[i] = result
-
-    if spec.on_bad_row == "fail":
-        for row_id, drop in zip(row_ids, drops):
-            if drop is not None and drop.reason in DEFECT_REASONS:
-                raise DataError(
-                    f"{row_id}: {drop.reason}: {drop.detail} (data.on_bad_row is 'fail'; set it to 'skip' "
-                    "to drop and count such rows instead)"
-                )
-
-    columns: dict[str, list[Any]] = {name: [] for name in OUTPUT_SCHEMA.names}
-    for i, drop in enumerate(drops):
-        columns["row_id"].append(row_ids[i])
-        columns["split"].append(splits[i])
-        if drop is not None:
-            columns["status"].append(drop.reason)
-            columns["detail"].append(drop.detail)
-            columns["raw"].append(raws[i])
-            for name in ("prompt_ids", "chosen_ids", "rejected_ids", "notes"):
-                columns[name].append([])
-        else:
-            t = tokenized[i]
-            columns["status"].append(KEPT)
-            columns["detail"].append("")
-            columns["raw"].append(b"")
-            columns["prompt_ids"].append(t.prompt_ids)
-            columns["chosen_ids"].append(t.chosen_ids)
-            columns["rejected_ids"].append(t.rejected_ids)
-            columns["notes"].append(sorted(t.notes))
-    return pa.table(columns, schema=OUTPUT_SCHEMA)
-
-
-def read_and_process(units: pa.Table, spec: ProcessSpec, batch_size: int) -> Iterator[pa.Table]:
-    """Read units (one per row) -> output rows, `batch_size` rows at a time.
-
-    Reading and processing are one stage on purpose: were they two `map_batches`, Ray Data would
-    fuse them and bundle read units up to the processing batch size, so a handful of large
-    units would all run in one task instead of one task per unit."""
-    for unit in units.to_pylist():
-        for raw in sources.read_unit(sources.ReadUnit(**unit)):
-            table = pa.table(raw, schema=sources.RAW_SCHEMA)
-            for offset in range(0, table.num_rows, batch_size):
-                yield process_batch(table.slice(offset, batch_size), spec)
-
-
-# ----------------------------------------------------------------------------------------------
-# Driver side: build the Ray Dataset, run it, account for every row.
-
-
 @dataclass
 class _Source:
     role: str
@@ -248,14 +108,110 @@ class _Source:
     fingerprint: dict[str, Any]
 
 
-def ensure_ray() -> None:
-    """Join the cluster named by RAY_ADDRESS (or `ray job submit`'s), else start a local one."""
+def prepare(config: Config) -> PreparedData:
+    """Run (or reuse) the pipeline for `config`; write output_dir/{data_report.json,
+    quarantine.jsonl, prepared/}. Raises DataError on data problems, naming file, row and field."""
     import ray
 
-    if not ray.is_initialized():
-        # The dashboard (on 127.0.0.1 only) also serves the State API that Ray Train uses to
-        # watch its controller; without it Ray Train logs a warning every few seconds.
-        ray.init(log_to_driver=True)
+    output_dir = Path(config.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    ensure_ray()
+    data = config.data
+    cpus = data.num_cpus or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    target_units = 2 * cpus  # enough read units to keep every CPU busy, few enough to stay cheap
+
+    ref = TokenizerRef(
+        config.tokenizer_path(),
+        config.model.revision if not data.tokenizer else None,
+        config.model.trust_remote_code,
+    )
+    tok_fp = tokenizer_fingerprint(load_tokenizer(ref))
+
+    raw_sources = [_raw_source("train", data.train, target_units)]  # type: ignore[arg-type]
+    if data.eval is not None:
+        raw_sources.append(_raw_source("eval", data.eval, target_units))
+    format_spec = data.format_spec()
+    formats = {s.role: detect_format(s.sample, format_spec, s.config.describe()) for s in raw_sources}
+    key = compute_cache_key(config, formats, {s.role: s.fingerprint for s in raw_sources}, tok_fp)
+    if data.cache:
+        report = cached_report(output_dir, key)
+        if report is not None:
+            return PreparedData(output_dir, report, cache_hit=True)
+
+    staging = output_dir / f".prepare-{uuid.uuid4().hex[:8]}"
+    seconds = _write(_build_dataset(raw_sources, formats, ref, data), staging, data.num_cpus)
+    try:
+        report = build_report(staging, output_dir)
+        report["sources"] = {
+            s.role: {"source": s.config.describe(), "format": formats[s.role]} for s in raw_sources
+        }
+        report["seconds"] = round(seconds, 3)
+        report["cache_key"] = key
+        write_report(output_dir, report)
+        check_bad_fraction(report, data.max_bad_fraction, output_dir)
+        if report["splits"]["train"]["rows_kept"] == 0:
+            raise DataError(
+                f"data.train ({data.train.describe()}): no rows were kept; see {output_dir / REPORT_FILE}"  # type: ignore[union-attr]
+            )
+        install_prepared(staging, output_dir, key)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return PreparedData(output_dir, report, cache_hit=False)
+
+
+def _build_dataset(
+    raw_sources: list[_Source], formats: dict[str, str], ref: TokenizerRef, data: DataConfig
+) -> Any:
+    """One Ray Dataset of output rows (`process.OUTPUT_SCHEMA`) over every source."""
+    datasets = []
+    for s in raw_sources:
+        spec = ProcessSpec(
+            role=s.role,
+            fmt=formats[s.role],
+            format_spec=data.format_spec(),
+            tokenize_spec=data.tokenize_spec(),
+            tokenizer=ref,
+            eval_fraction=data.eval_fraction,
+            split_seed=data.split_seed,
+            on_bad_row=data.on_bad_row,
+        )
+        if s.reads_units:
+            ds = s.dataset.map_batches(
+                read_and_process,
+                batch_size=1,
+                batch_format="pyarrow",
+                fn_kwargs={"spec": spec, "batch_size": data.batch_size},
+            )
+        else:
+            ds = s.dataset.map_batches(
+                process_batch, batch_size=data.batch_size, batch_format="pyarrow", fn_kwargs={"spec": spec}
+            )
+        datasets.append(ds)
+    return datasets[0] if len(datasets) == 1 else datasets[0].union(*datasets[1:])
+
+
+def _write(ds: Any, staging: Path, num_cpus: int | None) -> float:
+    """Run the pipeline into `staging`, partitioned by split and status; return the seconds taken.
+    A DataError raised in a task is raised here as itself."""
+    import ray.data
+
+    started = time.perf_counter()
+    ctx = ray.data.DataContext.get_current()
+    limits = ctx.execution_options.resource_limits
+    if num_cpus is not None:
+        ctx.execution_options.resource_limits = limits.copy(cpu=num_cpus)
+    try:
+        with _quiet_data_errors():
+            ds.write_parquet(str(staging), partition_cols=["split", "status"])
+    except Exception as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        data_error = _find_data_error(e)
+        if data_error is not None:
+            raise DataError(str(data_error)) from None
+        raise
+    finally:
+        ctx.execution_options.resource_limits = limits
+    return time.perf_counter() - started
 
 
 def _raw_source(role: str, source: SourceConfig, target_units: int) -> _Source:
@@ -296,133 +252,6 @@ def _parse_sample(raws: list[bytes]) -> list[Any]:
         except DropRow:
             continue
     return sample
-
-
-def tokenizer_fingerprint(tokenizer: Any) -> str:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    parts = {
-        "class": type(tokenizer).__name__,
-        "model": backend.to_str()
-        if backend is not None
-        else json.dumps(tokenizer.get_vocab(), sort_keys=True),
-        "special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
-        "chat_template": getattr(tokenizer, "chat_template", None),
-    }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def compute_cache_key(
-    config: Config, formats: dict[str, str], fingerprints: dict[str, Any], tok_fp: str
-) -> str:
-    data = config.data
-    parts = {
-        "version": __version__,
-        "sources": fingerprints,
-        "formats": formats,
-        "format_spec": dataclasses.asdict(data.format_spec()),
-        "tokenize_spec": dataclasses.asdict(data.tokenize_spec()),
-        "tokenizer": tok_fp,
-        "split": [data.eval_fraction, data.split_seed],
-    }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
-
-
-def prepare(config: Config) -> PreparedData:
-    """Run (or reuse) the pipeline for `config`; write output_dir/{data_report.json,
-    quarantine.jsonl, prepared/}. Raises DataError on data problems, naming file, row and field."""
-    import ray
-    import ray.data
-
-    output_dir = Path(config.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    ensure_ray()
-    data = config.data
-    cpus = data.num_cpus or max(1, int(ray.cluster_resources().get("CPU", 1)))
-    target_units = 2 * cpus  # enough read units to keep every CPU busy, few enough to stay cheap
-
-    ref = TokenizerRef(
-        config.tokenizer_path(),
-        config.model.revision if not data.tokenizer else None,
-        config.model.trust_remote_code,
-    )
-    tok_fp = tokenizer_fingerprint(load_tokenizer(ref))
-
-    raw_sources = [_raw_source("train", data.train, target_units)]  # type: ignore[arg-type]
-    if data.eval is not None:
-        raw_sources.append(_raw_source("eval", data.eval, target_units))
-    format_spec = data.format_spec()
-    formats = {s.role: detect_format(s.sample, format_spec, s.config.describe()) for s in raw_sources}
-    key = compute_cache_key(config, formats, {s.role: s.fingerprint for s in raw_sources}, tok_fp)
-
-    manifest_path = output_dir / PREPARED_DIR / MANIFEST_FILE
-    if data.cache and manifest_path.exists() and (output_dir / REPORT_FILE).exists():
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("cache_key") == key:
-            report = json.loads((output_dir / REPORT_FILE).read_text())
-            return PreparedData(output_dir, report, cache_hit=True)
-
-    datasets = []
-    for s in raw_sources:
-        spec = ProcessSpec(
-            role=s.role,
-            fmt=formats[s.role],
-            format_spec=format_spec,
-            tokenize_spec=data.tokenize_spec(),
-            tokenizer=ref,
-            eval_fraction=data.eval_fraction,
-            split_seed=data.split_seed,
-            on_bad_row=data.on_bad_row,
-        )
-        if s.reads_units:
-            ds = s.dataset.map_batches(
-                read_and_process,
-                batch_size=1,
-                batch_format="pyarrow",
-                fn_kwargs={"spec": spec, "batch_size": data.batch_size},
-            )
-        else:
-            ds = s.dataset.map_batches(
-                process_batch, batch_size=data.batch_size, batch_format="pyarrow", fn_kwargs={"spec": spec}
-            )
-        datasets.append(ds)
-    ds = datasets[0] if len(datasets) == 1 else datasets[0].union(*datasets[1:])
-
-    staging = output_dir / f".prepare-{uuid.uuid4().hex[:8]}"
-    started = time.perf_counter()
-    ctx = ray.data.DataContext.get_current()
-    limits = ctx.execution_options.resource_limits
-    if data.num_cpus is not None:
-        ctx.execution_options.resource_limits = limits.copy(cpu=data.num_cpus)
-    try:
-        with _quiet_data_errors():
-            ds.write_parquet(str(staging), partition_cols=["split", "status"])
-    except Exception as e:
-        shutil.rmtree(staging, ignore_errors=True)
-        data_error = _find_data_error(e)
-        if data_error is not None:
-            raise DataError(str(data_error)) from None
-        raise
-    finally:
-        ctx.execution_options.resource_limits = limits
-    seconds = time.perf_counter() - started
-
-    try:
-        report = _account(staging, output_dir)
-        report["sources"] = {
-            s.role: {"source": s.config.describe(), "format": formats[s.role]} for s in raw_sources
-        }
-        report["seconds"] = round(seconds, 3)
-        report["cache_key"] = key
-        (output_dir / REPORT_FILE).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-        check_bad_fraction(report, data.max_bad_fraction, output_dir)
-        if report["splits"]["train"]["rows_kept"] == 0:
-            raise DataError(
-                f"data.train ({data.train.describe()}): no rows were kept; see {output_dir / REPORT_FILE}"  # type: ignore[union-attr]
-            )
-        _install_prepared(staging, output_dir, key)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return PreparedData(output_dir, report, cache_hit=False)
 
 
 class _HideDataErrorTraces(logging.Filter):
@@ -471,120 +300,3 @@ def _find_data_error(error: BaseException) -> DataError | None:
             return e
         stack.extend([e.__cause__, e.__context__, getattr(e, "cause", None)])
     return None
-
-
-def _partitions(staging: Path) -> dict[tuple[str, str], list[Path]]:
-    parts: dict[tuple[str, str], list[Path]] = {}
-    for status_dir in staging.glob("split=*/status=*"):
-        split = status_dir.parent.name.split("=", 1)[1]
-        status = status_dir.name.split("=", 1)[1]
-        parts[(split, status)] = sorted(status_dir.glob("*.parquet"))
-    return parts
-
-
-def _account(staging: Path, output_dir: Path) -> dict[str, Any]:
-    """Count rows per split and status from the written Parquet; write quarantine.jsonl."""
-    parts = _partitions(staging)
-    splits: dict[str, Any] = {}
-    quarantine: list[dict[str, Any]] = []
-    for split in SPLITS:
-        dropped: Counter[str] = Counter()
-        kept = 0
-        for (part_split, status), files in parts.items():
-            if part_split != split:
-                continue
-            count = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
-            if status == KEPT:
-                kept = count
-            else:
-                dropped[status] += count
-                for f in files:
-                    for row in pq.read_table(f, columns=["row_id", "detail", "raw"]).to_pylist():
-                        quarantine.append(
-                            {
-                                "row_id": row["row_id"],
-                                "split": split,
-                                "reason": status,
-                                "detail": row["detail"],
-                                "raw": row["raw"].decode("utf-8", errors="backslashreplace"),
-                            }
-                        )
-        rows_in = kept + sum(dropped.values())
-        splits[split] = {
-            "rows_in": rows_in,
-            "rows_kept": kept,
-            "dropped": dict(sorted(dropped.items())),
-            **_kept_stats(parts.get((split, KEPT), [])),
-        }
-    quarantine.sort(key=lambda q: (q["split"], q["reason"], _natural_key(q["row_id"])))
-    for split, stats in splits.items():
-        examples: dict[str, list[str]] = {}
-        for q in quarantine:
-            if q["split"] == split and len(examples.setdefault(q["reason"], [])) < _EXAMPLES_PER_REASON:
-                examples[q["reason"]].append(q["row_id"])
-        stats["examples"] = examples
-        assert stats["rows_in"] == stats["rows_kept"] + sum(stats["dropped"].values())
-    with open(output_dir / QUARANTINE_FILE, "w", encoding="utf-8") as f:
-        for q in quarantine:
-            f.write(json.dumps(q, ensure_ascii=False) + "\n")
-    return {"splits": splits}
-
-
-def _kept_stats(files: list[Path]) -> dict[str, Any]:
-    """Note counts and token-length statistics of kept rows."""
-    notes = dict.fromkeys(NOTES, 0)
-    tokens: dict[str, Any] = {}
-    if not files:
-        return {"notes": notes, "tokens": tokens}
-    table = pa.concat_tables(
-        [pq.read_table(f, columns=["prompt_ids", "chosen_ids", "rejected_ids", "notes"]) for f in files]
-    )
-    for note, count in Counter(pc.list_flatten(table.column("notes")).to_pylist()).items():
-        notes[note] = count
-    for name in ("prompt", "chosen", "rejected"):
-        lengths = pc.list_value_length(table.column(f"{name}_ids"))
-        tokens[name] = {
-            "mean": round(pc.mean(lengths).as_py(), 2),
-            "max": pc.max(lengths).as_py(),
-            "total": pc.sum(lengths).as_py(),
-        }
-    return {"notes": notes, "tokens": tokens}
-
-
-def _natural_key(row_id: str) -> tuple[Any, ...]:
-    # "a.jsonl:10" sorts after "a.jsonl:9"
-    head, _, tail = row_id.rpartition(":") if ":" in row_id else row_id.rpartition("#")
-    return (head, int(tail)) if tail.isdigit() else (row_id, 0)
-
-
-def check_bad_fraction(report: dict[str, Any], max_bad_fraction: float, output_dir: Path) -> None:
-    """Fail if any split has more defective rows than data.max_bad_fraction allows."""
-    for split, stats in report["splits"].items():
-        defects = {r: n for r, n in stats["dropped"].items() if r in DEFECT_REASONS}
-        bad = sum(defects.values())
-        if stats["rows_in"] == 0 or bad / stats["rows_in"] <= max_bad_fraction:
-            continue
-        worst = sorted(defects.items(), key=lambda kv: -kv[1])[:3]
-        reasons = "; ".join(
-            f"{reason} x{count} (e.g. {', '.join(stats['examples'].get(reason, [])[:3])})"
-            for reason, count in worst
-        )
-        raise DataError(
-            f"{split}: {bad} of {stats['rows_in']} rows ({bad / stats['rows_in']:.1%}) are defective, more than "
-            f"data.max_bad_fraction={max_bad_fraction}. Worst: {reasons}. Every dropped row is in "
-            f"{output_dir / QUARANTINE_FILE}; counts are in {output_dir / REPORT_FILE}."
-        )
-
-
-def _install_prepared(staging: Path, output_dir: Path, key: str) -> None:
-    """Move kept rows into output_dir/prepared/{split}/ and write the manifest last, so an
-    interrupted run never leaves a prepared directory that looks complete."""
-    prepared = output_dir / PREPARED_DIR
-    shutil.rmtree(prepared, ignore_errors=True)
-    prepared.mkdir(parents=True)
-    for split in SPLITS:
-        kept = staging / f"split={split}" / f"status={KEPT}"
-        if kept.is_dir():
-            shutil.move(str(kept), str(prepared / split))
-    manifest = {"cache_key": key, "version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    (prepared / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")

@@ -1,20 +1,9 @@
 """Sources: turn a `SourceConfig` into a Ray Dataset of raw rows `{row_id: str, raw: bytes}`.
 
-Every source kind ends in the same two columns so that parsing, validation and accounting happen
-in one place (the pipeline's process stage), and a row that cannot even be parsed is still a row
-with an id that names where it came from:
-
-- local JSONL: `path:LINE` (1-based). Large files are cut into line-aligned byte ranges so one
-  file is read and tokenized by several tasks in parallel; the driver finds the cut points with a
-  newline count, which also gives each range its first line number.
-- local JSON (one array), Parquet, CSV: `path#INDEX` (0-based row index). Parquet is split by
-  row groups; JSON and CSV files are one task each.
-- `datasets.save_to_disk` directories and hub datasets: `name#INDEX`, via `datasets`, then Ray
-  Data's `from_huggingface`.
-- inline rows: `rows[INDEX]`.
-
-Typed rows (Parquet, CSV, Arrow) are carried as JSON text in `raw`, the same as JSONL lines, so
-the quarantine file can show every dropped row exactly as it was read.
+Every source kind ends in the same two columns, so parsing, validation and accounting happen in
+one place (the pipeline's process stage), and a row that cannot even be parsed is still a row
+with an id that names where it came from. Large local files are cut into several read units so
+one file is read and tokenized by several tasks in parallel.
 """
 
 from __future__ import annotations
@@ -34,6 +23,12 @@ import pyarrow as pa
 from dpo_cluster.config import SourceConfig
 from dpo_cluster.data.records import DataError
 
+# Row ids: local JSONL `path:LINE` (1-based; a file is cut into line-aligned byte ranges, whose
+# first line numbers come from a newline count); local JSON (one array), Parquet and CSV
+# `path#INDEX` (0-based; Parquet split by row groups, JSON and CSV one task each);
+# `datasets.save_to_disk` directories and hub datasets `name#INDEX`; inline rows `rows[INDEX]`.
+# Typed rows (Parquet, CSV, Arrow) are carried as JSON text in `raw`, the same as JSONL lines, so
+# the quarantine file shows every dropped row exactly as it was read.
 RAW_SCHEMA = pa.schema([("row_id", pa.string()), ("raw", pa.binary())])
 
 LOCAL_SUFFIXES = {

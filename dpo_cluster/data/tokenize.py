@@ -1,114 +1,25 @@
 """Per-pair tokenization: canonical `Pair`s in, `TokenizedPair`s (or `DropRow`s) out.
 
-For rows that need no truncation the ids are exactly those of TRL 1.16's DPOTrainer
-preprocessing (`DPOTrainer._prepare_dataset`):
-- standard pairs: the completion gets the eos appended unless it already ends with it;
-  prompt = tokenizer(prompt), full = tokenizer(prompt + completion), with the tokenizer's default
-  special tokens (a bos-adding tokenizer adds its bos to both);
-- conversational pairs: prompt = chat template of the prompt messages with the generation prompt,
-  full = chat template of prompt + completion messages, tokenized without adding special tokens
-  (what `apply_chat_template(tokenize=True)` does in transformers 5);
-- the completion starts where the prompt ids and the full ids diverge, which is earlier than the
-  end of the prompt when tokens merge across the boundary (note "boundary_merge").
-
-Unlike TRL, which tokenizes row by row inside `datasets.map`, a batch is rendered to text first and
-then encoded with one batched tokenizer call; the ids are the same.
-
-Length policy is applied afterwards, per sequence (prompt + chosen, prompt + rejected):
-the prompt is kept within its budget (dropped or truncated), then completions are cut to fit.
+Rows that need no truncation get exactly the ids of TRL's DPOTrainer preprocessing, so a model
+trained here sees its data the way a TRL-trained one does; a batch is rendered to text first and
+encoded with one batched tokenizer call, which gives the same ids faster.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from dpo_cluster.config.specs import TokenizeSpec
+from dpo_cluster.config.specs import load_chat_template as load_chat_template  # re-exported
 from dpo_cluster.data.records import DropRow, Pair, TokenizedPair
-
-TRUNCATION_MODES = ("keep_end", "keep_start")
-PROMPT_OVERFLOW = ("drop", "truncate")
-
-# Values of `chat_template` with these suffixes are file paths, never inline templates.
-TEMPLATE_FILE_SUFFIXES = (".jinja", ".j2", ".txt")
 
 PLAIN_CHAT_TEMPLATE: str = (
     resources.files("dpo_cluster.data").joinpath("templates/plain.jinja").read_text(encoding="utf-8")
 )
 """Fallback chat template for tokenizers without one: "User: ...\\n\\nAssistant: ...<eos>"."""
-
-
-@dataclass(frozen=True)
-class TokenizeSpec:
-    """How pairs are tokenized and fitted to length."""
-
-    max_length: int = 1024
-    """Tokens per sequence, prompt + completion (chosen and rejected separately). At least 2."""
-    max_prompt_length: int | None = None
-    """Tokens for the prompt; None: only max_length limits it. The prompt budget is never more
-    than max_length - 1, so at least one completion token always fits."""
-    truncation_mode: str = "keep_end"
-    """Which end of the prompt survives truncation: keep_end (its last tokens) | keep_start."""
-    prompt_overflow: str = "drop"
-    """When the prompt exceeds its budget: drop (reason prompt_too_long) | truncate."""
-    chat_template: str | None = None
-    """Jinja text (see `load_chat_template` for files); None: the tokenizer's own template, or
-    `PLAIN_CHAT_TEMPLATE` when it has none."""
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.max_length, int) or self.max_length < 2:
-            raise ValueError(f"max_length must be an int >= 2, got {self.max_length!r}")
-        if self.max_prompt_length is not None and (
-            not isinstance(self.max_prompt_length, int) or self.max_prompt_length < 1
-        ):
-            raise ValueError(f"max_prompt_length must be None or an int >= 1, got {self.max_prompt_length!r}")
-        if self.truncation_mode not in TRUNCATION_MODES:
-            raise ValueError(
-                f"truncation_mode must be one of {TRUNCATION_MODES}, got {self.truncation_mode!r}"
-            )
-        if self.prompt_overflow not in PROMPT_OVERFLOW:
-            raise ValueError(
-                f"prompt_overflow must be one of {PROMPT_OVERFLOW}, got {self.prompt_overflow!r}"
-            )
-        if self.chat_template is not None and (
-            not isinstance(self.chat_template, str) or not self.chat_template.strip()
-        ):
-            raise ValueError("chat_template must be None or non-empty jinja text")
-
-    @property
-    def prompt_budget(self) -> int:
-        """Most prompt tokens a sequence may hold."""
-        budget = self.max_length - 1
-        if self.max_prompt_length is not None:
-            budget = min(budget, self.max_prompt_length)
-        return budget
-
-
-def load_chat_template(value: str | None) -> str | None:
-    """Return the jinja text of a chat template given inline or as a file path.
-
-    A value ending with .jinja/.j2/.txt is a path and must exist (FileNotFoundError otherwise);
-    any other value naming an existing file is read too; everything else is inline jinja.
-    """
-    if value is None:
-        return None
-    # Inline templates hold jinja tags or newlines; recognising them first avoids asking the file
-    # system about a long template string.
-    if "{{" in value or "{%" in value or "\n" in value:
-        return value
-    path = Path(value).expanduser()
-    try:
-        is_file = path.is_file()
-    except OSError:  # e.g. a name too long to be a path
-        is_file = False
-    if is_file:
-        return path.read_text(encoding="utf-8")
-    if value.endswith(TEMPLATE_FILE_SUFFIXES):
-        raise FileNotFoundError(f"chat template file not found: {value}")
-    return value
 
 
 def common_prefix_length(ids: list[int], other_ids: list[int]) -> int:
@@ -134,7 +45,21 @@ def chat_template_override(tokenizer: PreTrainedTokenizerBase, configured: str |
 
 
 class PairTokenizer:
-    """Tokenizes batches of pairs with one tokenizer and one `TokenizeSpec`."""
+    """Tokenizes batches of pairs with one tokenizer and one `TokenizeSpec`.
+
+    Without truncation the ids are those of TRL 1.16's `DPOTrainer._prepare_dataset`:
+    - standard pairs: the completion gets the eos appended unless it already ends with it;
+      prompt = tokenizer(prompt), full = tokenizer(prompt + completion), with the tokenizer's
+      default special tokens (a bos-adding tokenizer adds its bos to both);
+    - conversational pairs: prompt = chat template of the prompt messages with the generation
+      prompt, full = chat template of prompt + completion messages, tokenized without adding
+      special tokens (what `apply_chat_template(tokenize=True)` does in transformers 5);
+    - the completion starts where the prompt ids and the full ids diverge, which is earlier than
+      the end of the prompt when tokens merge across the boundary (note "boundary_merge").
+
+    The length policy then applies per sequence (prompt + chosen, prompt + rejected): the prompt
+    is kept within its budget (dropped or truncated), then completions are cut to fit.
+    """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, spec: TokenizeSpec) -> None:
         self.tokenizer = tokenizer

@@ -1,10 +1,8 @@
 """TRL's own DPO dataset preparation, as a function: the reference our tokenization is held to.
 
-`trl_tokenize` runs TRL 1.16's real code path, `DPOTrainer._prepare_dataset` (prompt extraction,
-eos appending, per-row tokenization with `datasets.map`, and its keep_start length filter), without
-building a trainer or a model: the method is called unbound with a minimal stand-in for the trainer
-and a real `trl.DPOConfig`. Nothing here re-implements TRL, so parity tests compare against what TRL
-actually produces and the benchmark times what TRL actually does.
+`trl_tokenize` calls TRL 1.16's real `DPOTrainer._prepare_dataset`, unbound, with a minimal
+stand-in for the trainer and a real `trl.DPOConfig`, so parity tests and the benchmark compare
+against what TRL actually produces rather than a re-implementation of it.
 """
 
 from __future__ import annotations

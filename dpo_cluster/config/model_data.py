@@ -1,0 +1,189 @@
+"""The `model` and `data` sections, and the source of one split's rows (`data.train`, `data.eval`).
+
+The field rules of `data.*` format and tokenization settings are those of the specs the data
+pipeline runs (`specs`), checked here at load time so a bad setting fails before Ray starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from dpo_cluster.config.loader import ConfigError
+from dpo_cluster.config.specs import FormatSpec, TokenizeSpec, load_chat_template
+from dpo_cluster.paths import looks_local
+
+
+@dataclass
+class SourceConfig:
+    """Where one split's rows come from. In YAML a plain string is shorthand for `{path: ...}`."""
+
+    SHORTHAND_FIELD: ClassVar[str] = "path"
+
+    # A local file (.jsonl/.json/.parquet/.csv), a directory of such files, a glob
+    # ("data/*.jsonl"), a directory written by `datasets.save_to_disk`, or a Hugging Face hub
+    # dataset id ("lvwerra/stack-exchange-paired"). A path that exists locally is always local.
+    path: str | None = None
+    # Hub and save_to_disk only: the split to load ("train", "test", "train[:10%]").
+    split: str = "train"
+    # Hub only: the dataset configuration name (load_dataset's `name`).
+    subset: str | None = None
+    # Hub only: a sub-directory of the dataset repo (stack-exchange-paired uses "data/rl").
+    data_dir: str | None = None
+    # Hub only: a git revision (tag, branch or commit) to pin the data.
+    revision: str | None = None
+    # Inline rows instead of a path (small examples and tests). Exactly one of path/rows.
+    rows: list[Any] | None = None
+
+    def check(self, key: str) -> None:
+        if (self.path is None) == (self.rows is None):
+            raise ConfigError(f"{key}: set exactly one of {key}.path or {key}.rows")
+
+    def describe(self) -> str:
+        """A short human name for messages and row ids."""
+        return self.path if self.path is not None else "inline rows"
+
+
+@dataclass
+class ModelConfig:
+    # Hugging Face hub id or local directory of the base (policy) model. Required.
+    name_or_path: str = ""
+    # Hub only: git revision of the model.
+    revision: str | None = None
+    # Allow model/tokenizer code from the hub repo to run (needed by some architectures).
+    trust_remote_code: bool = False
+    # Weights dtype when loading: float32 | bfloat16 | float16. DeepSpeed mixed precision is
+    # deepspeed.precision; float32 here with bf16 there keeps fp32 master weights.
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # Attention kernel: null (transformers' default) | eager | sdpa | flash_attention_2 (GPU).
+    attn_implementation: str | None = None
+    # Recompute activations in backward to save memory (slower steps).
+    gradient_checkpointing: bool = False
+    # Gated SiLU MLPs (Llama, Qwen2, Mistral, ...) keep their gate and up projections for backward
+    # and recompute silu there instead of also keeping its output: the same values, about a tenth
+    # less activation memory, no extra matrix work (dpo_cluster.mlp_recompute). Other MLPs stay.
+    recompute_mlp_activations: bool = True
+
+    def check(self) -> None:
+        if not self.name_or_path:
+            raise ConfigError("model.name_or_path: required (a hub id or a local model directory)")
+        path = self.name_or_path
+        if looks_local(path) and not Path(path).expanduser().is_dir():
+            raise ConfigError(f"model.name_or_path: no such local model directory: {path}")
+
+
+@dataclass
+class DataConfig:
+    # Training rows. Required for prepare/train.
+    train: SourceConfig | None = None
+    # Evaluation rows. If unset, data.eval_fraction of the train rows are held out instead.
+    eval: SourceConfig | None = None
+    # Row format: auto (detected per dataset from its first rows) | standard | standard_implicit |
+    # conversational | conversational_implicit | sharegpt.
+    format: Literal[
+        "auto", "standard", "standard_implicit", "conversational", "conversational_implicit", "sharegpt"
+    ] = "auto"
+    # Canonical field -> column name in the data. Canonical fields: prompt, chosen, rejected,
+    # system, conversations. E.g. {prompt: question, chosen: response_j, rejected: response_k}.
+    columns: dict[str, str] = field(default_factory=dict)
+    # Python format string building a standard prompt from columns, e.g.
+    # "Question: {prompt}\n\nAnswer: " or "{context}\n\n{question}\n". null = prompt column as is.
+    prompt_template: str | None = None
+    # System prompt used when a row carries none (conversational: a system message; standard:
+    # prepended to the prompt followed by a blank line).
+    system_prompt: str | None = None
+    # standard_implicit only: the prompt is the shared prefix of chosen and rejected, cut right
+    # after the last occurrence of this marker.
+    assistant_marker: str = "\n\nAssistant:"
+    # Canonical field -> fixed value for rows lacking that field, e.g. {rejected: ""} for data
+    # with an empty rejected answer.
+    constants: dict[str, str] = field(default_factory=dict)
+    # Tokenizer hub id or directory. null = the model's (model.name_or_path).
+    tokenizer: str | None = None
+    # Chat template for conversational rows: inline jinja text or a path to a .jinja file.
+    # null = the tokenizer's own, or a plain "User:/Assistant:" template if it has none.
+    chat_template: str | None = None
+    # Tokens per sequence, prompt + completion (chosen and rejected each). >= 2.
+    max_length: int = 1024
+    # Tokens for the prompt alone. null = limited only by max_length - 1.
+    max_prompt_length: int | None = None
+    # Which end of an over-long prompt is kept: keep_end (its last tokens, the recent context)
+    # | keep_start. Completions are always cut at their end.
+    truncation_mode: Literal["keep_end", "keep_start"] = "keep_end"
+    # What happens to a prompt longer than its budget: drop (reason prompt_too_long) | truncate.
+    prompt_overflow: Literal["drop", "truncate"] = "drop"
+    # Fraction of train rows held out for eval when data.eval is unset, in [0, 1). Rows are
+    # assigned by a stable hash of their prompt, so pairs sharing a prompt share a split.
+    eval_fraction: float = 0.0
+    # Seed mixed into the split hash; change it to draw a different held-out set.
+    split_seed: int = 0
+    # Defective rows (see data_report.json reasons): skip (drop and count) | fail (stop at the
+    # first one, naming file, line and field).
+    on_bad_row: Literal["skip", "fail"] = "skip"
+    # Fail the run if more than this fraction of a split's rows are defective, in [0, 1].
+    # Length-policy drops (prompt_too_long, ...) do not count.
+    max_bad_fraction: float = 0.1
+    # Rows per tokenization batch handed to each Ray Data actor.
+    batch_size: int = 256
+    # CPUs the pipeline may use at once (read + tokenize tasks). null = all the cluster offers.
+    num_cpus: int | None = None
+    # Reuse output_dir/prepared when its cache key (data, tokenizer, template, lengths) matches.
+    cache: bool = True
+
+    def check(self) -> None:
+        if self.train is None:
+            raise ConfigError("data.train: required (a path, a hub dataset id, or inline rows)")
+        self.train.check("data.train")
+        if self.eval is not None:
+            self.eval.check("data.eval")
+            if self.eval_fraction > 0:
+                raise ConfigError(
+                    "data.eval_fraction: must be 0 when data.eval is set (use one or the other)"
+                )
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ConfigError(f"data.eval_fraction: must be in [0, 1), got {self.eval_fraction}")
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise ConfigError(f"data.max_bad_fraction: must be in [0, 1], got {self.max_bad_fraction}")
+        if self.max_length < 2:
+            raise ConfigError(
+                f"data.max_length: must be >= 2 (a prompt token and a completion token), got {self.max_length}"
+            )
+        if self.max_prompt_length is not None and not 1 <= self.max_prompt_length < self.max_length:
+            raise ConfigError(
+                f"data.max_prompt_length: must be in [1, data.max_length={self.max_length}), got {self.max_prompt_length}"
+            )
+        if self.batch_size < 1:
+            raise ConfigError(f"data.batch_size: must be >= 1, got {self.batch_size}")
+        if self.num_cpus is not None and self.num_cpus < 1:
+            raise ConfigError(f"data.num_cpus: must be >= 1, got {self.num_cpus}")
+        # The specs' own field rules, surfaced under our keys.
+        try:
+            self.format_spec()
+        except ValueError as e:
+            raise ConfigError(f"data (format settings): {e}") from e
+        try:
+            self.tokenize_spec()
+        except (ValueError, OSError) as e:
+            raise ConfigError(f"data (tokenization settings): {e}") from e
+
+    def format_spec(self) -> FormatSpec:
+        """How the pipeline reads this data's rows."""
+        return FormatSpec(
+            format=self.format,
+            columns=dict(self.columns),
+            prompt_template=self.prompt_template,
+            system_prompt=self.system_prompt,
+            assistant_marker=self.assistant_marker,
+            constants=dict(self.constants),
+        )
+
+    def tokenize_spec(self) -> TokenizeSpec:
+        """How the pipeline tokenizes pairs and fits them to length (a template file is read now)."""
+        return TokenizeSpec(
+            max_length=self.max_length,
+            max_prompt_length=self.max_prompt_length,
+            truncation_mode=self.truncation_mode,
+            prompt_overflow=self.prompt_overflow,
+            chat_template=load_chat_template(self.chat_template),
+        )

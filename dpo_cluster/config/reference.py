@@ -1,0 +1,97 @@
+"""The `lora` and `reference` sections: what is trained, and where reference log-probs come from.
+
+They sit together because the reference depends on LoRA: with an adapter the reference can be
+the policy with its adapter switched off, so no second copy is loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from dpo_cluster.config.loader import ConfigError
+from dpo_cluster.paths import looks_local
+
+
+@dataclass
+class LoraConfig:
+    # Train a LoRA adapter (peft) instead of all weights.
+    enabled: bool = False
+    # Rank of the update matrices. >= 1.
+    r: int = 16
+    # Scaling numerator (the update is scaled by alpha / r).
+    alpha: int = 32
+    # Dropout on the LoRA input, in [0, 1).
+    dropout: float = 0.05
+    # Module names to adapt, or ["all-linear"] for every linear layer but the output head.
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    # QLoRA: load the base in 4-bit (bitsandbytes). Needs CUDA GPUs.
+    load_in_4bit: bool = False
+    # Write final/ as a full model with the adapter merged in, instead of the adapter alone.
+    merge_on_save: bool = False
+
+
+@dataclass
+class ReferenceConfig:
+    # Where reference log-probs come from: auto (adapter_disabled with LoRA, else model) |
+    # model (a frozen copy, never given an optimizer; sharded like the policy under ZeRO-3) |
+    # adapter_disabled (the LoRA policy with its adapter switched off: no second copy) |
+    # precompute (a Ray Data actor pool of the reference scores every train and eval pair, beside
+    # training or before it, cached under output_dir/reference_logps/; the workers load none) |
+    # precomputed (ref_chosen_logps / ref_rejected_logps columns in the data: none loaded).
+    mode: Literal["auto", "model", "adapter_disabled", "precompute", "precomputed"] = "auto"
+    # A different reference model (mode: model or precompute): hub id or local directory.
+    # null = the policy's starting weights (model.name_or_path at model.revision; with LoRA the
+    # base model without the adapter, which is what the LoRA policy starts as).
+    name_or_path: str | None = None
+    # The fields below are for mode: precompute only.
+    # Reference actors scoring at once (the actor pool's size), >= 1; each holds one reference copy.
+    concurrency: int = 1
+    # Pairs per reference forward, >= 1 (each pair is two sequences, so 2 x batch_size rows).
+    batch_size: int = 8
+    # GPUs per actor, >= 0: 0 scores on CPU; a fraction (0.5) packs several actors on one GPU.
+    num_gpus: float = 0.0
+    # CPUs per actor, >= 0; fractions allowed. Ray sets the actor's OMP_NUM_THREADS from it (>= 1).
+    num_cpus: float = 1.0
+    # Ray accelerator type the actors' GPUs must be (e.g. L4, A10G, T4), so scoring can run on
+    # cheaper devices than training. null = any GPU. Needs num_gpus > 0.
+    accelerator_type: str | None = None
+    # Reference weights dtype: auto (model.dtype: the values the in-loop reference would give) |
+    # float32 | bfloat16 | float16 (float16 needs num_gpus > 0). Stored log-probs are float32.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # Keep the scored pairs (Parquet) under output_dir/reference_logps/<cache key>/ and reuse them
+    # when a later run has the same key; false scores every run and writes nothing.
+    cache: bool = True
+    # Score while the workers train (they read pairs as they are scored) where the cluster has
+    # room for the actors beside the training workers; otherwise, or when false, score everything
+    # first. See dpo_cluster.data.reference_stream.
+    overlap: bool = True
+
+    def resolved_mode(self, lora: bool) -> str:
+        if self.mode == "auto":
+            return "adapter_disabled" if lora else "model"
+        return self.mode
+
+    def resolved_dtype(self, model_dtype: str) -> str:
+        """The dtype the precompute actors load the reference in."""
+        return model_dtype if self.dtype == "auto" else self.dtype
+
+    def check(self) -> None:
+        if self.concurrency < 1:
+            raise ConfigError(f"reference.concurrency: must be >= 1, got {self.concurrency}")
+        if self.batch_size < 1:
+            raise ConfigError(f"reference.batch_size: must be >= 1, got {self.batch_size}")
+        if self.num_gpus < 0 or self.num_cpus < 0:
+            raise ConfigError(
+                f"reference.num_gpus, reference.num_cpus: must be >= 0, got {self.num_gpus}, {self.num_cpus}"
+            )
+        if self.accelerator_type is not None and self.num_gpus == 0:
+            raise ConfigError("reference.accelerator_type: set, but reference.num_gpus is 0 (CPU actors)")
+        if self.dtype == "float16" and self.num_gpus == 0:
+            raise ConfigError("reference.dtype: float16 needs GPU actors (reference.num_gpus > 0)")
+        path = self.name_or_path
+        # Spelled as a path (not a hub id, which is checked when it loads): a missing one is a
+        # mistake to report now.
+        if looks_local(path) and not Path(str(path)).expanduser().is_dir():
+            raise ConfigError(f"reference.name_or_path: no such local model directory: {path}")
