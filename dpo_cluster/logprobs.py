@@ -1,22 +1,9 @@
-"""Per-token and per-sequence log-probabilities of completion tokens under a causal LM.
+"""Per-token and per-sequence log-probabilities of completion tokens under a causal LM's logits.
 
-Everything here works on a model's output logits and never materialises a full-vocabulary fp32
-tensor: rows (positions) are processed in chunks along the flattened B*T axis, each chunk upcast to
-fp32 on its own, so peak extra memory is a few chunks (`chunk_rows` x V floats each) whatever the
-batch size or sequence length. Only rows whose label is scored (mask == 1) are computed at all;
-prompt and padding positions cost nothing. The differentiable path is a custom autograd function
-whose backward recomputes the softmax chunk by chunk instead of keeping a (B, T, V) fp32
-`log_softmax` alive until backward; the only full-size tensor it allocates is the logits gradient.
-
-Label layout (see `build_shifted_labels`): labels and masks keep the logits' length T. Position t of
-the logits predicts token t + 1, so `labels[:, t] = input_ids[:, t + 1]` and the last position is
-never scored. Keeping length T (instead of slicing `logits[:, :-1]`) avoids a copy of the logits.
-
-Besides the log-probs used by every loss, the module computes the per-token statistics TRL's
-`DPOTrainer` reports or weights with: the vocabulary-mean logit (`logits/chosen`, `logits/rejected`
-metrics), WPO sequence weights, and LD-DPO length-desensitised sequence log-probs.
-
-Pure tensor math: no ray, no deepspeed.
+Rows (positions) are processed in fp32 chunks along the flattened B*T axis, and only rows whose label
+is scored (mask == 1) at all, so no full-vocabulary fp32 (B, T, V) tensor is ever materialised: the
+logits are the largest activation of a DPO step, and a second copy of them would set peak memory.
+Labels and masks keep the logits' length T (see `build_shifted_labels`), which avoids slicing them.
 """
 
 from __future__ import annotations
@@ -205,28 +192,28 @@ def compute_mean_logit_sums(
     """Sum over completion positions of the vocabulary-mean logit: `logits (B, T, V), mask (B, T) -> (B,)`.
 
     `out[b] = sum_t mask[b, t] * mean_v logits[b, t, v]`, fp32, no gradient. Divided by the completion
-    token count over a batch it is TRL's `logits/chosen` / `logits/rejected` metric (see
-    `dpo_cluster.losses.preference_metrics`).
+    token count over a batch it is TRL's `logits/chosen` / `logits/rejected` metric.
     """
     return compute_mean_logits(logits, completion_mask, chunk_rows=chunk_rows).sum(dim=1)
 
 
 @torch.no_grad()
-def compute_wpo_log_weights(
+def compute_wpo_token_logps(
     logits: torch.Tensor,
     labels: torch.Tensor,
     completion_mask: torch.Tensor,
     *,
     chunk_rows: int | None = None,
 ) -> torch.Tensor:
-    """WPO log-weight of each sequence: `logits (B, T, V), labels (B, T), mask (B, T) -> (B,)` fp32, no grad.
+    """WPO's aligned token log-probs: `logits (B, T, V), labels (B, T), mask (B, T) -> (B, T)` fp32, no grad.
 
     Weighted Preference Optimization (Zhou et al. 2024, eq. 2) weights a pair by how likely the
     current policy is to produce it, with per-token probabilities aligned to the policy's own sampling
-    distribution: `log w(y) = (1/|y|) sum_t [log p(y_t) - log sum_v p_v^2]`, where p is the next-token
-    distribution at t. `log sum_v p_v^2 = logsumexp(2 z) - 2 logsumexp(z)` for logits z. The pair
-    weight is `exp(log w(chosen) + log w(rejected))` (pass it as `pair_weights` to
-    `dpo_cluster.losses.compute_dpo_loss`). The token count is clamped to at least 1, as TRL does.
+    distribution: `out[b, t] = log p(y_t) - log sum_v p_v^2`, where p is the next-token distribution
+    at t and `log sum_v p_v^2 = logsumexp(2 z) - 2 logsumexp(z)` for logits z; 0 where mask == 0.
+    A sequence's log-weight is the mean over its completion tokens (count clamped to at least 1, as
+    TRL does), the pair weight `exp(log w(chosen) + log w(rejected))`. Per position rather than per
+    row, so packed rows holding several sequences can be reduced per sequence.
     """
     _check_shapes(logits, labels, completion_mask)
     batch, seq, vocab = logits.shape
@@ -241,8 +228,7 @@ def compute_wpo_log_weights(
         return (target - logsumexp) - log_sum_sq_probs
 
     values = _map_rows(logits_2d, rows, _rows_per_chunk(vocab, chunk_rows), aligned_logp)
-    sums = _scatter_rows(values, rows, logits.shape[:2]).sum(dim=1)
-    return sums / completion_mask.sum(dim=1).clamp(min=1)
+    return _scatter_rows(values, rows, logits.shape[:2])
 
 
 def compute_ld_sequence_logps(

@@ -11,7 +11,7 @@ import pytest
 import torch
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-from dpo_cluster.batch.collate import PreferenceBatch, collate_pairs, padding_fraction
+from dpo_cluster.batch.collate import PreferenceBatch, collate_pairs
 
 # The example of TRL's docstring, with reference log-probs added.
 TWO_PAIRS: dict[str, Any] = {
@@ -47,7 +47,7 @@ def test_two_pairs_literal() -> None:
     assert batch.num_pairs == 2
     assert batch.num_tokens == 5 + 3 + 4 + 4
     # 20 entries, 16 tokens: 4 pads.
-    assert padding_fraction(batch) == pytest.approx(4 / 20)
+    assert batch.input_ids.numel() - batch.num_tokens == 4
 
 
 def test_pad_to_multiple_of_and_pad_token_literal() -> None:
@@ -87,7 +87,7 @@ def test_pad_to_multiple_of_and_pad_token_literal() -> None:
         ),
     )
     assert batch.ref_chosen_logps is None and batch.ref_rejected_logps is None
-    assert padding_fraction(batch) == pytest.approx(16 / 32)
+    assert batch.input_ids.numel() - batch.num_tokens == 16  # of 32 entries
     # Already a multiple: unchanged.
     assert collate_pairs(TWO_PAIRS, 0, pad_to_multiple_of=5).input_ids.shape == (4, 5)
 
@@ -157,7 +157,7 @@ def test_equal_length_rows_as_2d_arrays_and_extra_columns() -> None:
     batch = collate_pairs(columns, 0)
     assert torch.equal(batch.input_ids, torch.tensor([[5, 6, 1], [7, 8, 2], [5, 6, 3], [7, 8, 4]]))
     assert torch.equal(batch.completion_mask, torch.tensor([[0, 0, 1]] * 4))
-    assert padding_fraction(batch) == 0.0
+    assert batch.num_tokens == batch.input_ids.numel()  # no padding
 
 
 def test_read_only_ray_buffers_are_copied() -> None:

@@ -11,7 +11,7 @@ from dpo_cluster.logprobs import (
     compute_mean_logit_sums,
     compute_sequence_logps,
     compute_token_logps,
-    compute_wpo_log_weights,
+    compute_wpo_token_logps,
 )
 
 B, T, V = 3, 7, 50
@@ -155,13 +155,15 @@ def test_mean_logit_sums(inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     torch.testing.assert_close(compute_mean_logit_sums(logits, mask, chunk_rows=2), expected)
 
 
-def test_wpo_log_weights(inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
-    """log w = mean over completion tokens of log p(y_t) - log sum_v p_v^2 (WPO eq. 2)."""
+def test_wpo_token_logps(inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+    """Aligned token log-probs of WPO eq. 2: log p(y_t) - log sum_v p_v^2, 0 off the mask, no grad."""
     logits, labels, mask = inputs
     probs = torch.softmax(logits, dim=-1)
-    aligned = naive_token_logps(logits, labels, mask) - torch.log((probs**2).sum(-1)) * mask
-    expected = aligned.sum(1) / mask.sum(1)
-    torch.testing.assert_close(compute_wpo_log_weights(logits, labels, mask, chunk_rows=3), expected)
+    expected = naive_token_logps(logits, labels, mask) - torch.log((probs**2).sum(-1)) * mask
+    leaf = logits.clone().requires_grad_(True)
+    got = compute_wpo_token_logps(leaf, labels, mask, chunk_rows=3)
+    torch.testing.assert_close(got, expected)
+    assert not got.requires_grad
 
 
 def test_ld_sequence_logps_literal() -> None:

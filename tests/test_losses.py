@@ -3,12 +3,14 @@ TRL 1.16's `DPOTrainer._compute_loss` (loss, logged metrics and gradients) for e
 
 The TRL tier builds a tiny random Qwen2 policy and a differently seeded reference, a word-level
 tokenizer and a six-pair dataset, all locally; each case constructs a real `DPOTrainer` from a real
-`DPOConfig` and compares with the same batch pushed through dpo_cluster.logprobs + dpo_cluster.losses.
+`DPOConfig` and compares it with the production forward (`dpo_cluster.train.forward.
+compute_micro_batch`, with the loss options of a `TrainConfig`) on the same pairs, padded and packed.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import math
 import re
@@ -17,13 +19,10 @@ from typing import Any
 import pytest
 import torch
 
-from dpo_cluster.logprobs import (
-    build_shifted_labels,
-    compute_ld_sequence_logps,
-    compute_mean_logit_sums,
-    compute_token_logps,
-    compute_wpo_log_weights,
-)
+from dpo_cluster.batch.collate import ID_COLUMNS, REF_COLUMNS, collate_pairs
+from dpo_cluster.batch.logps import MicroBatch, sequence_logps
+from dpo_cluster.batch.packing import pack_pairs, packing_route
+from dpo_cluster.config import TrainConfig
 from dpo_cluster.losses import (
     F_DIVERGENCE_LOSS_TYPES,
     LOSS_FUNCTIONS,
@@ -31,7 +30,13 @@ from dpo_cluster.losses import (
     compute_dpo_loss,
     compute_f_divergence_scores,
     compute_rewards,
-    preference_metrics,
+)
+from dpo_cluster.train.forward import (
+    LossSettings,
+    MicroBatchResult,
+    build_loss_settings,
+    compute_micro_batch,
+    sums_to_metrics,
 )
 
 # transformers deprecation notices about `gradient_checkpointing` come from inside TRL/Trainer.
@@ -54,6 +59,46 @@ TRL_LOSS_TYPES = [
     "sft",
     "sigmoid_norm",
 ]
+
+
+@torch.no_grad()
+def preference_metrics(
+    batch: PreferenceLogps,
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    *,
+    chosen_logit_sums: torch.Tensor | None = None,
+    rejected_logit_sums: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """TRL's DPO metrics of one batch, written out as TRL logs them: rewards (B,) -> {name: 0-dim}.
+
+    rewards/chosen, rewards/rejected: mean implicit rewards; rewards/accuracies: fraction of pairs
+    with chosen_reward > rejected_reward (strict, so ties count as 0); rewards/margins: mean of
+    chosen - rejected; logps/chosen, logps/rejected: mean summed policy log-probs; with logit sums
+    (B,) and lengths, logits/chosen, logits/rejected: the vocabulary-mean logit averaged over all
+    completion tokens of the batch (token-weighted; 0 for a batch without tokens). The oracle that
+    `dpo_cluster.train.forward.sums_to_metrics` is checked against.
+    """
+    metrics = {
+        "rewards/chosen": chosen_rewards.mean(),
+        "rewards/rejected": rejected_rewards.mean(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+        "logps/chosen": batch.policy_chosen_logps.detach().mean(),
+        "logps/rejected": batch.policy_rejected_logps.detach().mean(),
+    }
+    for side, sums, lengths in (
+        ("chosen", chosen_logit_sums, batch.chosen_lengths),
+        ("rejected", rejected_logit_sums, batch.rejected_lengths),
+    ):
+        if sums is None:
+            continue
+        assert lengths is not None, f"logits/{side} needs {side}_lengths"
+        tokens = lengths.sum()
+        metrics[f"logits/{side}"] = torch.where(
+            tokens > 0, sums.sum() / tokens.clamp(min=1), torch.zeros((), device=sums.device)
+        )
+    return {name: value.detach() for name, value in metrics.items()}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -312,7 +357,8 @@ def _tiny_model(seed: int) -> Any:
 
 
 @pytest.fixture(scope="module")
-def tokenizer() -> Any:
+def word_tokenizer() -> Any:
+    """A word-level tokenizer over "w0".."w59" (ids 3..62) with pad 0 and eos 1."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -367,62 +413,41 @@ def _collated_batch(trainer: Any) -> dict[str, torch.Tensor]:
     return trainer.data_collator([dataset[i] for i in range(len(dataset))])
 
 
-def _our_loss_and_metrics(
-    trainer: Any, inputs: dict[str, torch.Tensor], config: dict[str, Any]
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The same step as TRL's `_compute_loss`, through dpo_cluster.logprobs and dpo_cluster.losses."""
-    model_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
-    labels, label_mask = build_shifted_labels(inputs["input_ids"], inputs["completion_mask"])
-    policy_logits = trainer.model(**model_inputs).logits  # (2B, T, V), rows are [chosen..., rejected...]
-    policy_token_logps = compute_token_logps(policy_logits, labels, label_mask)
-    with torch.no_grad():
-        ref_token_logps = compute_token_logps(trainer.ref_model(**model_inputs).logits, labels, label_mask)
+def _micro_batches(trainer: Any, inputs: dict[str, torch.Tensor]) -> dict[str, MicroBatch]:
+    """TRL's tokenized rows as the production micro-batches: padded by `collate_pairs` (checked
+    equal to TRL's collated tensors) and packed by `pack_pairs`."""
+    dataset = trainer.train_dataset
+    names = [*ID_COLUMNS, *(name for name in REF_COLUMNS if name in dataset.column_names)]
+    columns = {name: dataset[name] for name in names}
+    pad_token_id = trainer.processing_class.pad_token_id
+    padded = collate_pairs(columns, pad_token_id)
+    for name in ("input_ids", "attention_mask", "completion_mask", *names[3:]):
+        assert torch.equal(getattr(padded, name), inputs[name]), name
+    return {"padded": padded, "packed": pack_pairs(columns, pad_token_id)}
 
-    chosen_mask, rejected_mask = label_mask.chunk(2)
-    ld_alpha = config.get("ld_alpha")
 
-    def sequence_logps(token_logps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        chosen, rejected = token_logps.chunk(2)
-        if ld_alpha is None:
-            return chosen.sum(1), rejected.sum(1)
-        return compute_ld_sequence_logps(chosen, rejected, chosen_mask, rejected_mask, alpha=ld_alpha)
+def _loss_settings(config: dict[str, Any]) -> LossSettings:
+    """The TRL case's options as the `train` config section (same key names), checked as at load."""
+    train_keys = {item.name for item in dataclasses.fields(TrainConfig)}
+    options = {key: value for key, value in config.items() if key != "precompute_ref_log_probs"}
+    assert set(options) <= train_keys, sorted(set(options) - train_keys)
+    train = TrainConfig(**options)
+    train.check(num_workers=1)
+    return build_loss_settings(train)
 
-    policy_chosen, policy_rejected = sequence_logps(policy_token_logps)
-    ref_chosen, ref_rejected = sequence_logps(ref_token_logps)
-    batch = PreferenceLogps(
-        policy_chosen_logps=policy_chosen,
-        policy_rejected_logps=policy_rejected,
-        ref_chosen_logps=ref_chosen,
-        ref_rejected_logps=ref_rejected,
-        chosen_lengths=chosen_mask.sum(1),
-        rejected_lengths=rejected_mask.sum(1),
-        policy_chosen_unweighted_logps=policy_token_logps.chunk(2)[0].sum(1),
-    )
-    pair_weights = None
-    if config.get("use_weighting"):
-        chosen_log_w, rejected_log_w = compute_wpo_log_weights(policy_logits, labels, label_mask).chunk(2)
-        pair_weights = torch.exp(chosen_log_w + rejected_log_w)
 
-    loss, chosen_rewards, rejected_rewards = compute_dpo_loss(
-        batch,
-        loss_types=config.get("loss_type", ["sigmoid"]),
-        loss_weights=config.get("loss_weights"),
-        beta=config.get("beta", 0.1),
-        label_smoothing=config.get("label_smoothing", 0.0),
-        discopop_tau=config.get("discopop_tau", 0.05),
-        f_divergence_type=config.get("f_divergence_type", "reverse_kl"),
-        f_alpha_divergence_coef=config.get("f_alpha_divergence_coef", 0.5),
-        pair_weights=pair_weights,
-    )
-    chosen_logit_sums, rejected_logit_sums = compute_mean_logit_sums(policy_logits, label_mask).chunk(2)
-    metrics = preference_metrics(
-        batch,
-        chosen_rewards,
-        rejected_rewards,
-        chosen_logit_sums=chosen_logit_sums,
-        rejected_logit_sums=rejected_logit_sums,
-    )
-    return loss.mean(), metrics
+def _our_step(trainer: Any, batch: MicroBatch, settings: LossSettings) -> MicroBatchResult:
+    """The production forward on `trainer`'s policy, with its reference scored as the loop does:
+    precomputed log-probs from the batch, else `sequence_logps` of the reference model."""
+
+    def reference_logps(b: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        if b.ref_chosen_logps is not None and b.ref_rejected_logps is not None:
+            return b.ref_chosen_logps, b.ref_rejected_logps
+        with torch.no_grad():
+            logps, _, _ = sequence_logps(trainer.ref_model, b, ld_alpha=settings.ld_alpha)
+        return logps[: b.num_pairs], logps[b.num_pairs :]
+
+    return compute_micro_batch(trainer.model, reference_logps, batch, settings)
 
 
 def _case(case_id: str, **config: Any) -> Any:
@@ -502,35 +527,39 @@ METRIC_NAMES = [
 
 
 @pytest.mark.parametrize("config", TRL_CASES)
-def test_matches_trl(tokenizer: Any, pairs: Any, tmp_path: Any, config: dict[str, Any]) -> None:
-    trainer = _build_trainer(tokenizer, pairs, tmp_path, config)
+def test_matches_trl(word_tokenizer: Any, pairs: Any, tmp_path: Any, config: dict[str, Any]) -> None:
+    trainer = _build_trainer(word_tokenizer, pairs, tmp_path, config)
     inputs = _collated_batch(trainer)
     if config.get("precompute_ref_log_probs"):
         assert "ref_chosen_logps" in inputs  # TRL reads the reference from the batch, skipping its forward
+    assert packing_route(trainer.model, trainer.ref_model)[0] == "mask"
 
     trl_loss = trainer._compute_loss(trainer.model, inputs, return_outputs=False)
     trl_metrics = {name: values[-1] for name, values in trainer._metrics["train"].items()}
     trl_loss.backward()
     trl_grads = {name: p.grad.clone() for name, p in trainer.model.named_parameters()}
-    trainer.model.zero_grad(set_to_none=True)
 
-    our_loss, our_metrics = _our_loss_and_metrics(trainer, inputs, config)
-    our_loss.backward()
+    settings = _loss_settings(config)
+    for layout, batch in _micro_batches(trainer, inputs).items():
+        trainer.model.zero_grad(set_to_none=True)
+        result = _our_step(trainer, batch, settings)
+        result.loss.backward()
+        torch.testing.assert_close(result.loss.detach(), trl_loss.detach(), atol=1e-5, rtol=1e-5, msg=layout)
+        metrics = sums_to_metrics(result.sums)
+        for name in METRIC_NAMES:
+            assert metrics[name] == pytest.approx(trl_metrics[name], abs=1e-5, rel=1e-5), (layout, name)
+        for name, parameter in trainer.model.named_parameters():
+            # An element that is a sum of large terms cancelling to a small value carries the rounding
+            # of the terms (the two sides sum in different orders), so the tolerance scales with the
+            # tensor's largest entry rather than with each element.
+            reference = trl_grads[name]
+            scale = reference.abs().max().item()
+            torch.testing.assert_close(
+                parameter.grad, reference, atol=1e-5 + 1e-4 * scale, rtol=1e-4, msg=f"{layout}: {name}"
+            )
 
-    torch.testing.assert_close(our_loss.detach(), trl_loss.detach(), atol=1e-5, rtol=1e-5)
-    assert set(METRIC_NAMES) <= set(our_metrics)
-    for name in METRIC_NAMES:
-        assert our_metrics[name].item() == pytest.approx(trl_metrics[name], abs=1e-5, rel=1e-5), name
-    for name, parameter in trainer.model.named_parameters():
-        # An element that is a sum of large terms cancelling to a small value carries the rounding
-        # of the terms (the two sides sum in different orders), so the tolerance scales with the
-        # tensor's largest entry rather than with each element.
-        reference = trl_grads[name]
-        scale = reference.abs().max().item()
-        torch.testing.assert_close(parameter.grad, reference, atol=1e-5 + 1e-4 * scale, rtol=1e-4, msg=name)
 
-
-def test_first_step_ln2_matches_trl(tokenizer: Any, pairs: Any, tmp_path: Any) -> None:
+def test_first_step_ln2_matches_trl(word_tokenizer: Any, pairs: Any, tmp_path: Any) -> None:
     """Reference = a copy of the policy: TRL and we both give exactly ln 2, zero rewards, 0 accuracy."""
     from trl import DPOConfig, DPOTrainer
 
@@ -543,22 +572,24 @@ def test_first_step_ln2_matches_trl(tokenizer: Any, pairs: Any, tmp_path: Any) -
         ref_model=copy.deepcopy(policy),
         args=args,
         train_dataset=pairs,
-        processing_class=tokenizer,
+        processing_class=word_tokenizer,
     )
     trainer.model.train()
     inputs = _collated_batch(trainer)
     trl_loss = trainer._compute_loss(trainer.model, inputs, return_outputs=False)
-    our_loss, our_metrics = _our_loss_and_metrics(trainer, inputs, {})
     assert trl_loss.item() == pytest.approx(math.log(2), abs=1e-7)
-    assert our_loss.item() == pytest.approx(math.log(2), abs=1e-7)
-    for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
-        assert our_metrics[name].item() == 0.0
-        assert trainer._metrics["train"][name][-1] == 0.0
+    for layout, batch in _micro_batches(trainer, inputs).items():
+        result = _our_step(trainer, batch, _loss_settings({}))
+        assert result.loss.item() == pytest.approx(math.log(2), abs=1e-7), layout
+        metrics = sums_to_metrics(result.sums)
+        for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+            assert metrics[name] == 0.0, (layout, name)
+            assert trainer._metrics["train"][name][-1] == 0.0
 
 
-def test_loss_names_match_trl(tokenizer: Any, pairs: Any, tmp_path: Any) -> None:
+def test_loss_names_match_trl(word_tokenizer: Any, pairs: Any, tmp_path: Any) -> None:
     """TRL's own list of valid loss types (from its unknown-loss error) is exactly LOSS_FUNCTIONS."""
-    trainer = _build_trainer(tokenizer, pairs, tmp_path, {"loss_type": ["no_such_loss"]})
+    trainer = _build_trainer(word_tokenizer, pairs, tmp_path, {"loss_type": ["no_such_loss"]})
     with pytest.raises(ValueError, match="Unknown loss type") as excinfo:
         trainer._compute_loss(trainer.model, _collated_batch(trainer), return_outputs=False)
     trl_names = re.findall(r"'([a-z_]+)'", str(excinfo.value).split("Should be one of")[1])

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from dpo_cluster.batch.collate import collate_pairs, padding_fraction
+from dpo_cluster.batch import packing
+from dpo_cluster.batch.collate import collate_pairs
 from dpo_cluster.batch.logps import MicroBatch, sequence_logps
 from dpo_cluster.batch.packing import (
     PackedBatch,
@@ -32,7 +33,6 @@ from dpo_cluster.config import Config, ConfigError, load_config
 from dpo_cluster.data.samples import SAMPLE_FILE
 from dpo_cluster.logprobs import build_shifted_labels, compute_token_logps
 from dpo_cluster.modeling import resolve_name_or_path
-from dpo_cluster.train import packing
 from dpo_cluster.train.context import WorkerContext
 from dpo_cluster.train.forward import SUM_KEYS, LossSettings, compute_micro_batch, sums_to_metrics
 
@@ -42,6 +42,11 @@ TWO_PAIRS: dict[str, Any] = {
     "chosen_ids": [[4, 5], [9]],
     "rejected_ids": [[6], [10, 11]],
 }
+
+
+def pad_share(batch: MicroBatch) -> float:
+    """Share of the computed `input_ids` entries ((2B, T) padded, (R, L) packed) that are padding."""
+    return 1.0 - batch.num_tokens / batch.input_ids.numel()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,9 +93,7 @@ def test_two_pairs_pack_into_two_full_rows_literal() -> None:
     assert batch.ref_chosen_logps is not None and batch.ref_rejected_logps is not None
     assert torch.equal(batch.ref_chosen_logps, torch.tensor([-1.5, -2.0]))
     assert torch.equal(batch.ref_rejected_logps, torch.tensor([-3.0, -0.5]))
-    assert (
-        padding_fraction(batch) == 0.0 < padding_fraction(collate_pairs(TWO_PAIRS, 0)) == pytest.approx(0.2)
-    )
+    assert pad_share(batch) == 0.0 < pad_share(collate_pairs(TWO_PAIRS, 0)) == pytest.approx(0.2)
     inputs = batch.model_inputs()
     # No attention mask and no cache: transformers then builds the packed mask from the position ids.
     assert set(inputs) == {"input_ids", "position_ids", "use_cache"} and inputs["use_cache"] is False
@@ -110,6 +113,19 @@ def test_two_pairs_pack_into_two_full_rows_literal() -> None:
     assert torch.equal(batch.unpack(batch.completion_mask), padded.completion_mask)
 
 
+def test_to_moves_every_tensor_and_keeps_the_rest() -> None:
+    ref = {"ref_chosen_logps": [0.0, 1.0], "ref_rejected_logps": [2.0, 3.0]}
+    batch = pack_pairs({**TWO_PAIRS, **ref}, 0, varlen=True)
+    moved = batch.to("meta")
+    assert isinstance(moved, PackedBatch) and moved.max_seqlen == batch.max_seqlen
+    tensors = [value for value in vars(moved).values() if isinstance(value, torch.Tensor)]
+    assert len(tensors) == 9 and all(t.device.type == "meta" for t in tensors)
+    assert batch.input_ids.device.type == "cpu"
+    plain = pack_pairs(TWO_PAIRS, 0).to("cpu")
+    assert plain.cu_seqlens is None and plain.ref_chosen_logps is None
+    assert (plain.num_pairs, plain.num_tokens) == (2, 16)
+
+
 def test_free_tail_is_its_own_segment_and_varlen_offsets_literal() -> None:
     """One pair: s0 = [1 2 3 4 5 6 7 8] (8), s1 = [1 2 3 9] (4). Capacity 8: one row each; row 1's
     free tail (4 pads) gets positions 0..3, a segment of its own. Varlen with row_tokens 8: segments
@@ -120,7 +136,7 @@ def test_free_tail_is_its_own_segment_and_varlen_offsets_literal() -> None:
         batch.input_ids, torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 3, 9, 99, 99, 99, 99]])
     )
     assert torch.equal(batch.position_ids, torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7], [0, 1, 2, 3, 0, 1, 2, 3]]))
-    assert padding_fraction(batch) == pytest.approx(4 / 16)
+    assert pad_share(batch) == pytest.approx(4 / 16)
 
     rows_of_8 = pack_pairs(pair, 99, row_tokens=8, varlen=True)
     assert rows_of_8.cu_seqlens is not None and rows_of_8.cu_seqlens.dtype == torch.int32
@@ -132,7 +148,7 @@ def test_free_tail_is_its_own_segment_and_varlen_offsets_literal() -> None:
     inputs = one_row.model_inputs()
     assert inputs["cu_seq_lens_q"] is inputs["cu_seq_lens_k"] is one_row.cu_seqlens
     assert inputs["max_length_q"] == inputs["max_length_k"] == 8
-    assert padding_fraction(one_row) == 0.0
+    assert pad_share(one_row) == 0.0
 
 
 def test_empty_prompt_first_token_is_never_scored_from_the_previous_sequence() -> None:
@@ -239,7 +255,7 @@ def test_packed_sequence_logps_equal_padded(attention: str) -> None:
     pairs = skewed_pairs()
     padded, packed = collate_pairs(pairs, 1), pack_pairs(pairs, 1)
     assert packed.input_ids.shape[0] < padded.input_ids.shape[0]
-    assert padding_fraction(packed) < padding_fraction(padded)
+    assert pad_share(packed) < pad_share(padded)
     with torch.no_grad():
         assert_same_sequence_results(sequence_logps(model, packed), sequence_logps(model, padded))
         want_tokens = token_logps(model, padded)
@@ -309,7 +325,7 @@ def test_packed_micro_batch_loss_metric_sums_and_gradients_equal_padded(attentio
     assert packed_sums["padded_tokens"] < sums["padded_tokens"]
     fraction = sums_to_metrics(packed[1])["padding_fraction"]
     packed_batch = pack_pairs(pairs, 1)
-    assert fraction == pytest.approx(padding_fraction(packed_batch))
+    assert fraction == pytest.approx(pad_share(packed_batch))
     assert fraction < sums_to_metrics(padded[1])["padding_fraction"]
 
     assert set(packed[2]) == set(padded[2]) and padded[2]

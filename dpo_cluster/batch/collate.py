@@ -1,25 +1,16 @@
 """Batch preference pairs into the padded tensors one policy forward pass consumes.
 
-A batch of B pairs becomes 2B right-padded sequences: rows 0..B-1 are prompt + chosen, rows
-B..2B-1 are prompt + rejected, so one forward pass scores both answers and the two halves line up
-pair by pair. The layout, dtypes and masks are those of TRL 1.16's `DataCollatorForPreference`
-(without its truncation: rows arrive already cut to `data.max_length` by the data pipeline), so
-log-probs and losses computed on these tensors match TRL's `DPOTrainer` exactly.
-
-Input is one batch from Ray Data's `iter_batches(batch_format="numpy")`: a mapping of columns in
-which `prompt_ids`, `chosen_ids` and `rejected_ids` hold one 1-D integer sequence per pair (numpy
-object arrays of int32 arrays, a 2-D array when all rows have the same length, or plain lists of
-lists), and the optional `ref_chosen_logps` / `ref_rejected_logps` hold one float per pair when the
-reference log-probs were precomputed. Other columns (row ids, notes) are ignored.
-
-Pure tensor code: no ray, no deepspeed.
+B pairs become 2B right-padded rows, prompt + chosen first and prompt + rejected after, so one
+forward scores both answers and the halves line up pair by pair. The layout, dtypes and masks are
+those of TRL 1.16's `DataCollatorForPreference`, so log-probs and losses match its `DPOTrainer`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -28,8 +19,41 @@ ID_COLUMNS: tuple[str, str, str] = ("prompt_ids", "chosen_ids", "rejected_ids")
 REF_COLUMNS: tuple[str, str] = ("ref_chosen_logps", "ref_rejected_logps")
 
 
+_Batch = TypeVar("_Batch", bound="PairSequences")
+
+
+class PairSequences:
+    """What padded and packed micro-batches share: 2B sequences, pair i's chosen answer at i and its
+    rejected answer at B + i, with `sequence_lengths` (2B,) real tokens each; every tensor field
+    moves with `to`."""
+
+    @property
+    def sequence_lengths(self) -> torch.Tensor:
+        """(2B,) prompt + completion tokens of each sequence."""
+        raise NotImplementedError
+
+    @property
+    def num_pairs(self) -> int:
+        """B, the number of preference pairs (half the sequences)."""
+        return self.sequence_lengths.shape[0] // 2
+
+    @property
+    def num_tokens(self) -> int:
+        """Real tokens over all 2B sequences (prompts counted in both halves), padding excluded."""
+        return int(self.sequence_lengths.sum().item())
+
+    def to(self: _Batch, device: torch.device | str, non_blocking: bool = False) -> _Batch:
+        """The same batch with every tensor on `device`."""
+        moved = {
+            item.name: value.to(device, non_blocking=non_blocking)
+            for item in dataclasses.fields(self)  # type: ignore[arg-type]
+            if isinstance(value := getattr(self, item.name), torch.Tensor)
+        }
+        return dataclasses.replace(self, **moved)  # type: ignore[type-var]
+
+
 @dataclass
-class PreferenceBatch:
+class PreferenceBatch(PairSequences):
     """B preference pairs as 2B padded sequences (chosen half first, then rejected half).
 
     input_ids: (2B, T) long; prompt + completion tokens, right-padded with the pad token id.
@@ -47,37 +71,22 @@ class PreferenceBatch:
     ref_rejected_logps: torch.Tensor | None = None
 
     @property
-    def num_pairs(self) -> int:
-        """B, the number of preference pairs (half the rows)."""
-        return self.input_ids.shape[0] // 2
-
-    @property
-    def num_tokens(self) -> int:
-        """Non-pad tokens over all 2B sequences (prompts counted in both halves)."""
-        return int(self.attention_mask.sum().item())
-
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> PreferenceBatch:
-        """The same batch with every tensor on `device`."""
-
-        def move(tensor: torch.Tensor | None) -> torch.Tensor | None:
-            return None if tensor is None else tensor.to(device, non_blocking=non_blocking)
-
-        return PreferenceBatch(
-            input_ids=self.input_ids.to(device, non_blocking=non_blocking),
-            attention_mask=self.attention_mask.to(device, non_blocking=non_blocking),
-            completion_mask=self.completion_mask.to(device, non_blocking=non_blocking),
-            ref_chosen_logps=move(self.ref_chosen_logps),
-            ref_rejected_logps=move(self.ref_rejected_logps),
-        )
+    def sequence_lengths(self) -> torch.Tensor:
+        """(2B,) non-pad tokens of each row."""
+        return self.attention_mask.sum(dim=1)
 
 
 def collate_pairs(
     batch: Mapping[str, Any], pad_token_id: int, pad_to_multiple_of: int | None = None
 ) -> PreferenceBatch:
-    """Pad B pairs into one `PreferenceBatch`.
+    """Pad B pairs into one `PreferenceBatch` (without truncation: the data pipeline has cut rows
+    to `data.max_length` already).
 
-    batch: columns `prompt_ids`, `chosen_ids`, `rejected_ids` (B sequences each) and optionally
-        `ref_chosen_logps`, `ref_rejected_logps` (B floats each, both or neither).
+    batch: one batch of Ray Data's `iter_batches(batch_format="numpy")` or plain lists: columns
+        `prompt_ids`, `chosen_ids`, `rejected_ids` (B 1-D integer sequences each: object arrays of
+        int32 arrays, a 2-D array when all rows have one length, or lists of lists) and optionally
+        `ref_chosen_logps`, `ref_rejected_logps` (B floats each, both or neither). Other columns
+        (row ids, notes) are ignored.
     Returns tensors of shape (2B, T) with T the longest prompt + completion, rounded up to a
     multiple of `pad_to_multiple_of` when given (tensor-core friendly shapes on GPU).
     Raises ValueError on an empty batch, a missing column, or columns of different lengths.
@@ -110,14 +119,6 @@ def collate_pairs(
         ref_chosen_logps=ref_chosen_logps,
         ref_rejected_logps=ref_rejected_logps,
     )
-
-
-def padding_fraction(batch: PreferenceBatch) -> float:
-    """Share of `input_ids` (2B, T) entries that are padding, in [0, 1): compute wasted on pad.
-
-    Also right for a `dpo_cluster.batch.packing.PackedBatch`, whose `input_ids` are (R, L)."""
-    total = batch.input_ids.numel()
-    return 0.0 if total == 0 else 1.0 - batch.num_tokens / total
 
 
 def read_pair_sequences(

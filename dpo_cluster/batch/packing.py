@@ -1,44 +1,8 @@
-"""Micro-batches without padding waste: padding-free packing and length grouping.
+"""Micro-batches without padding waste: padding-free packing (`pack_pairs`) and length grouping
+(`group_by_length`).
 
 Both leave the pairs of a micro-batch, and therefore the losses, as they are; they only change how
-many pad tokens the policy and reference forwards pay for.
-
-Packing (`train.packing`). The 2B sequences of a micro-batch (chosen half first, then rejected, as
-in `collate_pairs`) are laid end to end in R rows of L tokens (`pack_pairs`). Position ids restart
-at 0 for every sequence and attention never crosses from one sequence into another, so each token
-sees exactly what it sees in its own padded row. How the model is told depends on its attention
-implementation (`packing_route`):
-
-- "mask" (eager, sdpa): the forward gets `position_ids` and no attention mask. transformers' masking
-  utilities (`masking_utils.find_packed_sequence_indices`) read the boundaries off the position ids
-  (a new sequence wherever the position does not go up by one) and build a block-diagonal causal
-  mask. The free tail of a row gets positions 0, 1, ... as well, so it is a segment of its own that
-  no real token attends to.
-- "varlen" (flash_attention_2, flash_attention_3): the forward also gets `cu_seq_lens_q/k` and
-  `max_length_q/k`, the cumulative segment lengths over the flattened R * L tokens, which
-  transformers hands to flash-attn's varlen kernel. Attention then costs per sequence whatever the
-  row length, so by default one row holds every sequence and there is no padding at all.
-
-Rows are filled first-fit-decreasing (`plan_rows`). On the "mask" route a row holds at most the
-micro-batch's longest sequence rounded up to `ROW_MULTIPLE` tokens (or `train.packing_row_tokens`):
-dense attention is quadratic in the row length, so rows no longer than a padded row keep its
-attention cost while the number of rows drops from 2B to about total tokens / row length.
-
-Per-token values on the packed (R, L) layout are gathered back into the padded (2B, T) layout
-(`PackedBatch.unpack`) and summed per row, so summed log-probs, mean-logit sums and token counts
-come back in the padded path's (2B,) order and `dpo_cluster.train.forward.compute_micro_batch`
-treats both batch kinds alike.
-
-Length grouping (`train.group_by_length`, and the fallback where packing is unsupported). Within a
-window of `train.length_group_window` consecutive micro-batches of the ordered stream, pairs are
-sorted by padded length and re-cut into micro-batches of the same sizes, whose order within the
-window is then shuffled with a seed (`group_by_length`). Each micro-batch holds similar lengths
-while the epoch-level order stays random. The result depends only on the stream, the window and
-the seed, so every worker computes the same re-cut stream and the k % world_size == rank
-ownership of `WorkerContext.my_micro_batches` still holds.
-
-Pure tensor and numpy code: no ray, no deepspeed (transformers is imported only to inspect a model
-in `packing_route`).
+many pad tokens the policy and reference forwards pay for, which on skewed lengths is most of them.
 """
 
 from __future__ import annotations
@@ -52,13 +16,13 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from dpo_cluster.batch.collate import ID_COLUMNS, read_pair_sequences, read_ref_logps
+from dpo_cluster.batch.collate import ID_COLUMNS, PairSequences, read_pair_sequences, read_ref_logps
 from dpo_cluster.logprobs import build_shifted_labels
 
 # Default row capacities on the "mask" route are rounded up to a multiple of this many tokens.
 ROW_MULTIPLE = 8
 
-# Attention implementations and how each is told where packed sequences begin (see module doc).
+# Attention implementations and how each is told where packed sequences begin (see `packing_route`).
 MASK_ATTENTION = ("eager", "sdpa")
 VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
 
@@ -66,11 +30,14 @@ PackingRoute = Literal["mask", "varlen"]
 
 
 @dataclass
-class PackedBatch:
+class PackedBatch(PairSequences):
     """B preference pairs as 2B sequences packed into R rows of L tokens.
 
     Sequence s < B is pair s's prompt + chosen, s >= B pair (s - B)'s prompt + rejected: the row
-    order of `collate_pairs`, which every per-sequence result of this batch follows.
+    order of `collate_pairs`, which every per-sequence result of this batch follows. Position ids
+    restart at 0 for every sequence and attention never crosses from one sequence into another, so
+    each token sees exactly what it sees in its own padded row (see `packing_route` for how the
+    model is told). Per-token values come back to the padded (2B, T) layout with `unpack`.
 
     input_ids: (R, L) long; sequences end to end, each row's free tail filled with the pad id.
     position_ids: (R, L) long; 0, 1, ... within every sequence and within every free tail.
@@ -95,33 +62,9 @@ class PackedBatch:
     ref_rejected_logps: torch.Tensor | None = None
 
     @property
-    def num_pairs(self) -> int:
-        """B, the number of preference pairs (half the sequences)."""
-        return self.seq_lengths.shape[0] // 2
-
-    @property
-    def num_tokens(self) -> int:
-        """Real tokens over all 2B sequences (prompts counted in both halves), as in `PreferenceBatch`."""
-        return int(self.seq_lengths.sum().item())
-
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> PackedBatch:
-        """The same batch with every tensor on `device`."""
-
-        def move(tensor: torch.Tensor | None) -> torch.Tensor | None:
-            return None if tensor is None else tensor.to(device, non_blocking=non_blocking)
-
-        return PackedBatch(
-            input_ids=self.input_ids.to(device, non_blocking=non_blocking),
-            position_ids=self.position_ids.to(device, non_blocking=non_blocking),
-            completion_mask=self.completion_mask.to(device, non_blocking=non_blocking),
-            seq_rows=self.seq_rows.to(device, non_blocking=non_blocking),
-            seq_starts=self.seq_starts.to(device, non_blocking=non_blocking),
-            seq_lengths=self.seq_lengths.to(device, non_blocking=non_blocking),
-            cu_seqlens=move(self.cu_seqlens),
-            max_seqlen=self.max_seqlen,
-            ref_chosen_logps=move(self.ref_chosen_logps),
-            ref_rejected_logps=move(self.ref_rejected_logps),
-        )
+    def sequence_lengths(self) -> torch.Tensor:
+        """(2B,) tokens of each sequence (`seq_lengths`)."""
+        return self.seq_lengths
 
     def model_inputs(self) -> dict[str, Any]:
         """Keyword arguments of the model's forward: ids and position ids, no attention mask and no
@@ -172,6 +115,8 @@ class PackedBatch:
 def plan_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     """First-fit-decreasing bin packing: sequence lengths (S,) -> rows as lists of sequence indices.
 
+    Fewer, fuller rows are what packing saves: R rows instead of 2B padded ones.
+
     Sequences are taken longest first (ties by index, so the plan is deterministic) and each goes
     into the first row with room left, or opens a new row. A row's sequences are listed in the
     order they were placed. Raises ValueError when a sequence is longer than `capacity`.
@@ -198,7 +143,9 @@ def plan_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
 def row_capacity(lengths: Sequence[int], row_tokens: int | None, varlen: bool) -> int:
     """Tokens per packed row: `row_tokens` when given (raised to the longest sequence, which cannot
     be split), else every token in one row ("varlen") or the longest sequence rounded up to
-    `ROW_MULTIPLE` ("mask")."""
+    `ROW_MULTIPLE` ("mask"). Dense attention is quadratic in the row length, so on the "mask" route
+    rows no longer than a padded row keep its attention cost while the row count drops from 2B to
+    about total tokens / row length; varlen kernels cost per sequence whatever the row length."""
     longest = max(int(n) for n in lengths)
     if row_tokens is not None:
         return max(row_tokens, longest)
@@ -272,6 +219,14 @@ def packing_route(*models: torch.nn.Module | None) -> tuple[PackingRoute | None,
     may be wrapped by peft or a DeepSpeed engine. Packing needs transformers' own modeling code
     (custom code may ignore packed position ids) and an attention implementation whose packed-
     sequence handling is known: `MASK_ATTENTION` or `VARLEN_ATTENTION`.
+
+    - "mask" (eager, sdpa): the forward gets `position_ids` and no attention mask; transformers'
+      masking utilities (`masking_utils.find_packed_sequence_indices`) read the boundaries off the
+      position ids (a new sequence wherever the position does not go up by one) and build a
+      block-diagonal causal mask. A row's free tail gets positions 0, 1, ... too, a segment of its
+      own that no real token attends to.
+    - "varlen" (flash_attention_2/3): the forward also gets `cu_seq_lens_q/k` and `max_length_q/k`,
+      the cumulative segment lengths over the flattened R * L tokens, for flash-attn's varlen kernel.
     """
     from transformers import PreTrainedModel, masking_utils
 
@@ -323,13 +278,17 @@ def pair_lengths(batch: Mapping[str, Any]) -> np.ndarray:
 def group_by_length(
     batches: Iterable[dict[str, Any]], window: int, seed: Sequence[int]
 ) -> Iterator[dict[str, Any]]:
-    """Re-cut an ordered stream of micro-batches so each holds pairs of similar length.
+    """Re-cut an ordered stream of micro-batches so each holds pairs of similar length (less
+    padding) while the epoch-level order stays random (`train.group_by_length`, and the fallback
+    where packing is unsupported).
 
     The stream is taken `window` micro-batches at a time; the window's pairs are sorted by
     `pair_lengths` (stable: ties keep stream order) and cut into micro-batches of the window's
     sizes, and these are yielded in an order drawn from `numpy.random.default_rng([*seed, w])` for
     window number w. Same stream, window and seed: same output, on every worker. A last, shorter
-    window is grouped the same way. Every pair comes out exactly once.
+    window is grouped the same way. Every pair comes out exactly once. Since the result depends only
+    on the stream, the window and the seed, the k % world_size == rank ownership of
+    `WorkerContext.my_micro_batches` still holds.
 
     Columns come back as lists, except 1-D numeric numpy columns, which stay numpy arrays.
     """

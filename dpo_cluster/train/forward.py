@@ -1,11 +1,8 @@
 """One DPO micro-batch: policy and reference log-probs, the loss, and metric sums.
 
-Chosen and rejected sequences go through the policy in one concatenated forward: either padded
-(`PreferenceBatch`, rows 0..B-1 chosen, B..2B-1 rejected) or packed into rows without padding
-(`dpo_cluster.batch.packing.PackedBatch`). Both give per-sequence results in the same (2B,) order,
-so the loss code is the same for both. Metrics are returned as per-pair *sums* plus counts, so the
-loop can add them over micro-batches and all-reduce them over workers and still get exact batch
-means; `padded_tokens` counts the pad entries the forward actually computed, for either layout.
+Metrics come back as per-pair *sums* plus counts rather than means, so the loop can add them over
+micro-batches and all-reduce them over workers and still get exact batch means, whatever the
+micro-batch sizes; `padded_tokens` counts the pad entries the forward computed, for either layout.
 """
 
 from __future__ import annotations
@@ -15,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dpo_cluster.batch.logps import MicroBatch, sequence_logps
+from dpo_cluster.batch.logps import MicroBatch, SequenceScores, compute_sequence_scores
 from dpo_cluster.config import TrainConfig
 from dpo_cluster.losses import PreferenceLogps, compute_dpo_loss
 
@@ -41,15 +38,32 @@ SUM_KEYS = (
 
 @dataclass
 class LossSettings:
+    """The loss options of the `train` config section (TRL's `DPOConfig` names and meanings)."""
+
     loss_types: list[str]
     loss_weights: list[float] | None
     beta: float
     label_smoothing: float
+    f_divergence_type: str = "reverse_kl"
+    f_alpha_divergence_coef: float = 0.5
+    discopop_tau: float = 0.05
+    use_weighting: bool = False  # WPO pair weights from the policy's own logits
+    ld_alpha: float | None = None  # LD-DPO weight of the longer answer's tail; None = off
 
 
 def build_loss_settings(train: TrainConfig) -> LossSettings:
     """The loss options of the `train` config section, as the forward takes them."""
-    return LossSettings(train.loss_type, train.loss_weights, train.beta, train.label_smoothing)
+    return LossSettings(
+        loss_types=train.loss_type,
+        loss_weights=train.loss_weights,
+        beta=train.beta,
+        label_smoothing=train.label_smoothing,
+        f_divergence_type=train.f_divergence_type,
+        f_alpha_divergence_coef=train.f_alpha_divergence_coef,
+        discopop_tau=train.discopop_tau,
+        use_weighting=train.use_weighting,
+        ld_alpha=train.ld_alpha,
+    )
 
 
 @dataclass
@@ -58,30 +72,53 @@ class MicroBatchResult:
     sums: torch.Tensor  # (len(SUM_KEYS),) float64, detached
 
 
+def _pair_logps(
+    scores: SequenceScores, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor, settings: LossSettings
+) -> PreferenceLogps:
+    """(2B,) policy scores and (B,) reference log-probs -> the loss inputs of the B pairs."""
+    n = scores.logps.shape[0] // 2
+    return PreferenceLogps(
+        policy_chosen_logps=scores.logps[:n],
+        policy_rejected_logps=scores.logps[n:],
+        ref_chosen_logps=ref_chosen.to(scores.logps.dtype),
+        ref_rejected_logps=ref_rejected.to(scores.logps.dtype),
+        chosen_lengths=scores.lengths[:n],
+        rejected_lengths=scores.lengths[n:],
+        # sft's NLL is over the plain token log-probs, as in TRL, when LD-DPO weights the others.
+        policy_chosen_unweighted_logps=None if settings.ld_alpha is None else scores.plain_logps[:n],
+    )
+
+
 def compute_micro_batch(
     policy_forward: Callable[..., object],
     reference_logps: Callable[[MicroBatch], tuple[torch.Tensor, torch.Tensor]],
     batch: MicroBatch,
     settings: LossSettings,
 ) -> MicroBatchResult:
-    """DPO loss and metric sums of one micro-batch (padded or packed)."""
+    """DPO loss and metric sums of one micro-batch (padded or packed).
+
+    `reference_logps(batch)` gives the (B,) chosen and rejected reference log-probs, LD-DPO weighted
+    when `settings.ld_alpha` is set (`sequence_logps(..., ld_alpha=...)`). The policy's forward also
+    yields the WPO pair weights exp(log w_c + log w_r) when `settings.use_weighting` is set.
+    """
     n = batch.num_pairs
-    logps, logit_sums, lengths = sequence_logps(policy_forward, batch)
-    ref_chosen, ref_rejected = reference_logps(batch)
-    pair = PreferenceLogps(
-        policy_chosen_logps=logps[:n],
-        policy_rejected_logps=logps[n:],
-        ref_chosen_logps=ref_chosen.to(logps.dtype),
-        ref_rejected_logps=ref_rejected.to(logps.dtype),
-        chosen_lengths=lengths[:n],
-        rejected_lengths=lengths[n:],
+    scores = compute_sequence_scores(
+        policy_forward, batch, ld_alpha=settings.ld_alpha, wpo_weights=settings.use_weighting
     )
+    pair = _pair_logps(scores, *reference_logps(batch), settings)
+    pair_weights = None
+    if scores.wpo_log_weights is not None:
+        pair_weights = torch.exp(scores.wpo_log_weights[:n] + scores.wpo_log_weights[n:])
     losses, chosen_rewards, rejected_rewards = compute_dpo_loss(
         pair,
         loss_types=settings.loss_types,
         loss_weights=settings.loss_weights,
         beta=settings.beta,
         label_smoothing=settings.label_smoothing,
+        discopop_tau=settings.discopop_tau,
+        f_divergence_type=settings.f_divergence_type,
+        f_alpha_divergence_coef=settings.f_alpha_divergence_coef,
+        pair_weights=pair_weights,
     )
     with torch.no_grad():
         total_tokens = batch.input_ids.numel()  # (2B, T) padded or (R, L) packed entries computed
@@ -94,10 +131,10 @@ def compute_micro_batch(
             "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
             "logps/chosen": pair.policy_chosen_logps.detach().sum(),
             "logps/rejected": pair.policy_rejected_logps.detach().sum(),
-            "logits/chosen": logit_sums[:n].sum(),
-            "logits/rejected": logit_sums[n:].sum(),
-            "chosen_tokens": lengths[:n].sum(),
-            "rejected_tokens": lengths[n:].sum(),
+            "logits/chosen": scores.logit_sums[:n].sum(),
+            "logits/rejected": scores.logit_sums[n:].sum(),
+            "chosen_tokens": scores.lengths[:n].sum(),
+            "rejected_tokens": scores.lengths[n:].sum(),
             "tokens": float(batch.num_tokens),
             "padded_tokens": float(total_tokens - batch.num_tokens),
             "micro_batches": 1.0,

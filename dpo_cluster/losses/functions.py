@@ -1,35 +1,25 @@
-"""Preference-optimisation losses over per-example sequence log-probs: one pure function per loss type.
+"""The per-type preference losses: one pure function per TRL `loss_type`, over per-pair log-probs.
 
-Every loss function takes a `PreferenceLogps` (summed completion log-probs of chosen and rejected
-answers under the policy and the reference model, all (B,)) plus its hyperparameters as keyword
-arguments, and returns per-example losses (B,). Nothing here reduces over the batch or across
-workers: the training loop does. The set of loss types, their names and their arithmetic are those
-of TRL 1.16's `DPOTrainer` (`loss_type` in `DPOConfig`), so a recipe moves between the two unchanged.
-
-Notation used in the docstrings, per example:
-    r_c = log pi(y_c|x) - log pi_ref(y_c|x)     chosen log-ratio
-    r_r = log pi(y_r|x) - log pi_ref(y_r|x)     rejected log-ratio
-    Delta = r_c - r_r                           (or f'-scores of them under an f-divergence, see below)
-    sigma = logistic sigmoid; beta = the DPO temperature; eps = `label_smoothing`;
-    |y| = number of completion tokens of y.
-
-`compute_dpo_loss` combines several loss types with weights (TRL's list-valued `loss_type`, e.g. MPO
-or RPO = sigmoid + sft) and returns the implicit rewards the metrics are built on;
-`preference_metrics` produces TRL's logged metric names from them.
-
-Pure tensor math: no ray, no deepspeed.
+Each function takes a `PreferenceLogps` (all (B,)) plus its hyperparameters as keyword arguments and
+returns per-pair losses (B,); none reduces over the batch. Names and arithmetic are TRL 1.16's
+`DPOTrainer`'s, so a recipe moves between the two unchanged.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
+
+# Notation of the docstrings below, per pair:
+#     r_c = log pi(y_c|x) - log pi_ref(y_c|x)     chosen log-ratio
+#     r_r = log pi(y_r|x) - log pi_ref(y_r|x)     rejected log-ratio
+#     Delta = r_c - r_r                           (or f'-scores of them under an f-divergence)
+#     sigma = logistic sigmoid; beta = the DPO temperature; eps = `label_smoothing`;
+#     |y| = number of completion tokens of y.
 
 F_DIVERGENCE_TYPES: tuple[str, ...] = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 
@@ -89,15 +79,6 @@ def _require_lengths(batch: PreferenceLogps, loss_name: str) -> tuple[torch.Tens
             f"the {loss_name!r} loss needs chosen_lengths and rejected_lengths in PreferenceLogps"
         )
     return batch.chosen_lengths, batch.rejected_lengths
-
-
-def compute_rewards(policy_logps: torch.Tensor, ref_logps: torch.Tensor, beta: float) -> torch.Tensor:
-    """Implicit DPO reward `policy_logps (B,), ref_logps (B,) -> (B,)`: beta * (log pi(y|x) - log pi_ref(y|x)).
-
-    Rafailov et al. 2023, eq. 5 / section 5: the reward the policy implicitly optimises, up to the
-    prompt-only term beta * log Z(x), which cancels between chosen and rejected.
-    """
-    return beta * (policy_logps - ref_logps)
 
 
 def compute_f_divergence_scores(
@@ -370,8 +351,9 @@ def sft_loss(batch: PreferenceLogps) -> torch.Tensor:
     loss = -(sum_i log pi(y_c,i | x_i)) / (sum_i |y_c,i|), the per-token mean over every chosen
     token of the batch (not a mean of per-pair means), broadcast to (B,) as TRL does so that it
     combines with the per-pair losses; its batch mean is the token mean. Paired with `sigmoid` it is
-    RPO (Pang et al. 2024, "Iterative Reasoning Preference Optimization"). Uses `policy_chosen_unweighted_logps` when set (LD-DPO). The
-    token count is clamped to at least 1 (TRL would return NaN for a batch without chosen tokens).
+    RPO (Pang et al. 2024, "Iterative Reasoning Preference Optimization"). Uses
+    `policy_chosen_unweighted_logps` when set (LD-DPO). The token count is clamped to at least 1
+    (TRL would return NaN for a batch without chosen tokens).
     """
     chosen_lengths, _ = _require_lengths(batch, "sft")
     logps = batch.policy_chosen_logps
@@ -426,13 +408,6 @@ LOSS_FUNCTIONS: dict[str, Callable[..., torch.Tensor]] = {
 BATCH_SORTED_LOSS_TYPES: frozenset[str] = frozenset({"aot", "aot_unpaired"})
 
 
-@functools.cache
-def _keyword_names(fn: Callable[..., torch.Tensor]) -> frozenset[str]:
-    return frozenset(
-        name for name, param in inspect.signature(fn).parameters.items() if param.kind is param.KEYWORD_ONLY
-    )
-
-
 # Loss types allowed with a non-default `f_divergence_type` (TRL's list): those built on the margin
 # Delta, where the f-DPO reparameterisation's beta * log Z(x) term cancels, plus sft, which has no
 # log-ratio at all and is unaffected. The others (nca_pair, bco_pair, sppo_hard, apo_*, aot*) use
@@ -440,118 +415,3 @@ def _keyword_names(fn: Callable[..., torch.Tensor]) -> frozenset[str]:
 F_DIVERGENCE_LOSS_TYPES: frozenset[str] = frozenset(
     {"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"}
 )
-
-
-def compute_dpo_loss(
-    batch: PreferenceLogps,
-    *,
-    loss_types: Sequence[str],
-    loss_weights: Sequence[float] | None = None,
-    beta: float,
-    label_smoothing: float = 0.0,
-    discopop_tau: float = 0.05,
-    f_divergence_type: str = "reverse_kl",
-    f_alpha_divergence_coef: float = 0.5,
-    pair_weights: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Weighted sum of loss types: `batch -> (loss (B,), chosen_rewards (B,), rejected_rewards (B,))`.
-
-    loss_i = sum_k w_k * pair_weight_i * loss_k,i, with w = `loss_weights` (default all 1.0), so the
-    batch mean is TRL's `sum_k w_k * mean_i(pair_weight_i * loss_k,i)` for a list-valued `loss_type`.
-    `pair_weights` (B,) are optional per-pair weights, e.g. WPO's exp(log w_c + log w_r) from
-    `dpo_cluster.logprobs.compute_wpo_log_weights`; they are refused with the batch-sorted aot losses.
-    Each loss function receives only the hyperparameters it declares, so e.g. `label_smoothing` does
-    not touch `sigmoid` (as in TRL); a non-default `f_divergence_type` is an error for loss types
-    without an f-divergence form (TRL's rule). Pair weights with `sft` scale the broadcast token-mean
-    NLL per pair (TRL 1.16 fails on that combination: it scales the broadcast tensor in place).
-    Rewards are `compute_rewards` of the (possibly LD-weighted) log-probs, detached, for metrics.
-    """
-    if not loss_types:
-        raise ValueError("loss_types must name at least one loss type")
-    unknown = [name for name in loss_types if name not in LOSS_FUNCTIONS]
-    if unknown:
-        raise ValueError(f"unknown loss type(s) {unknown}; valid: {sorted(LOSS_FUNCTIONS)}")
-    weights = [1.0] * len(loss_types) if loss_weights is None else list(loss_weights)
-    if len(weights) != len(loss_types):
-        raise ValueError(f"got {len(weights)} loss_weights for {len(loss_types)} loss_types; they must match")
-    if f_divergence_type not in F_DIVERGENCE_TYPES:
-        raise ValueError(
-            f"unknown f_divergence_type {f_divergence_type!r}; expected one of {F_DIVERGENCE_TYPES}"
-        )
-    if f_divergence_type != "reverse_kl":
-        unsupported = sorted(set(loss_types) - F_DIVERGENCE_LOSS_TYPES)
-        if unsupported:
-            raise ValueError(
-                f"f_divergence_type={f_divergence_type!r} applies only to {sorted(F_DIVERGENCE_LOSS_TYPES)}; "
-                f"{unsupported} have no f-divergence form"
-            )
-    if pair_weights is not None:
-        sorted_types = sorted(BATCH_SORTED_LOSS_TYPES.intersection(loss_types))
-        if sorted_types:
-            raise ValueError(f"pair_weights cannot be used with {sorted_types}: they sort across the batch")
-        if pair_weights.shape != (batch.batch_size,):
-            raise ValueError(
-                f"pair_weights must be (B,) = ({batch.batch_size},), got {tuple(pair_weights.shape)}"
-            )
-
-    hyperparameters = {
-        "beta": beta,
-        "label_smoothing": label_smoothing,
-        "discopop_tau": discopop_tau,
-        "f_divergence_type": f_divergence_type,
-        "f_alpha_divergence_coef": f_alpha_divergence_coef,
-    }
-    loss = torch.zeros_like(batch.policy_chosen_logps)
-    for name, weight in zip(loss_types, weights):
-        fn = LOSS_FUNCTIONS[name]
-        accepted = _keyword_names(fn)
-        per_example = fn(batch, **{key: value for key, value in hyperparameters.items() if key in accepted})
-        if pair_weights is not None:
-            per_example = per_example * pair_weights
-        loss = loss + weight * per_example
-
-    chosen_rewards = compute_rewards(batch.policy_chosen_logps, batch.ref_chosen_logps, beta).detach()
-    rejected_rewards = compute_rewards(batch.policy_rejected_logps, batch.ref_rejected_logps, beta).detach()
-    return loss, chosen_rewards, rejected_rewards
-
-
-@torch.no_grad()
-def preference_metrics(
-    batch: PreferenceLogps,
-    chosen_rewards: torch.Tensor,
-    rejected_rewards: torch.Tensor,
-    *,
-    chosen_logit_sums: torch.Tensor | None = None,
-    rejected_logit_sums: torch.Tensor | None = None,
-) -> dict[str, torch.Tensor]:
-    """TRL's DPO metrics for one batch: rewards (B,) -> {name: 0-dim tensor}, per-batch means.
-
-    rewards/chosen, rewards/rejected: mean implicit rewards; rewards/accuracies: fraction of pairs
-    with chosen_reward > rejected_reward (strict, so ties, e.g. at the first step where policy ==
-    reference, count as 0); rewards/margins: mean of chosen - rejected; logps/chosen,
-    logps/rejected: mean summed policy log-probs. With `chosen_logit_sums`/`rejected_logit_sums`
-    (B,) from `dpo_cluster.logprobs.compute_mean_logit_sums` (and lengths in `batch`), also
-    logits/chosen, logits/rejected: the vocabulary-mean logit averaged over all completion tokens of
-    the batch (token-weighted; 0 for a batch without tokens). Nothing is reduced across workers here.
-    """
-    metrics = {
-        "rewards/chosen": chosen_rewards.mean(),
-        "rewards/rejected": rejected_rewards.mean(),
-        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
-        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
-        "logps/chosen": batch.policy_chosen_logps.detach().mean(),
-        "logps/rejected": batch.policy_rejected_logps.detach().mean(),
-    }
-    for side, sums, lengths in (
-        ("chosen", chosen_logit_sums, batch.chosen_lengths),
-        ("rejected", rejected_logit_sums, batch.rejected_lengths),
-    ):
-        if sums is None:
-            continue
-        if lengths is None:
-            raise ValueError(f"logits/{side} needs {side}_lengths in PreferenceLogps")
-        tokens = lengths.sum()
-        metrics[f"logits/{side}"] = torch.where(
-            tokens > 0, sums.sum() / tokens.clamp(min=1), torch.zeros((), device=sums.device)
-        )
-    return {name: value.detach() for name, value in metrics.items()}
