@@ -264,6 +264,61 @@ def test_f_divergence_types_are_the_divergences_implemented() -> None:
     assert set(F_DIVERGENCE_TYPES) == set(losses.F_DIVERGENCE_TYPES)
 
 
+def test_loss_type_groups_are_the_losses_groups() -> None:
+    from dpo_cluster import losses
+    from dpo_cluster.config.train import BATCH_SORTED_LOSS_TYPES, F_DIVERGENCE_LOSS_TYPES
+
+    assert set(F_DIVERGENCE_LOSS_TYPES) == set(losses.F_DIVERGENCE_LOSS_TYPES)
+    assert set(BATCH_SORTED_LOSS_TYPES) == set(losses.BATCH_SORTED_LOSS_TYPES)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["train.f_divergence_type=kl"],
+            "train.f_divergence_type: unknown divergence 'kl'; valid: reverse_kl",
+        ),
+        (
+            ["train.f_divergence_type=js_divergence", "train.loss_type=[sigmoid, bco_pair]"],
+            "train.f_divergence_type: js_divergence applies only to .*; train.loss_type bco_pair has no f-divergence form",
+        ),
+        (
+            ["train.use_weighting=true", "train.loss_type=[aot]"],
+            "train.use_weighting: .* with aot, which sort",
+        ),
+        (["train.f_alpha_divergence_coef=0"], "train.f_alpha_divergence_coef: must be > 0, got 0"),
+        (["train.discopop_tau=-1"], "train.discopop_tau: must be > 0"),
+        (["train.ld_alpha=1.5"], r"train.ld_alpha: must be in \[0, 1\] or null, got 1.5"),
+    ],
+)
+def test_loss_options_are_checked_at_load(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [*_overrides(), *overrides])
+
+
+def test_loss_options_load() -> None:
+    config = load_config(
+        None,
+        [
+            *_overrides(),
+            "train.loss_type=[discopop, sft]",
+            "train.f_divergence_type=alpha_divergence",
+            "train.f_alpha_divergence_coef=0.3",
+            "train.discopop_tau=0.5",
+            "train.use_weighting=true",
+            "train.ld_alpha=0.25",
+        ],
+    )
+    train = config.train
+    assert (train.f_divergence_type, train.f_alpha_divergence_coef, train.discopop_tau) == (
+        "alpha_divergence",
+        0.3,
+        0.5,
+    )
+    assert (train.use_weighting, train.ld_alpha) == (True, 0.25)
+
+
 def test_judge_rules_are_the_rules_implemented() -> None:
     from dpo_cluster.evaluation.judges import RULES
 

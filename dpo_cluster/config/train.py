@@ -34,6 +34,10 @@ LOSS_TYPES: tuple[str, ...] = (
 
 # The divergences `dpo_cluster.losses` implements.
 F_DIVERGENCE_TYPES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+# Loss types with an f-divergence form (`losses.F_DIVERGENCE_LOSS_TYPES`), and those that sort
+# across the batch and so take no per-pair WPO weights (`losses.BATCH_SORTED_LOSS_TYPES`).
+F_DIVERGENCE_LOSS_TYPES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
+BATCH_SORTED_LOSS_TYPES = ("aot", "aot_unpaired")
 
 
 @dataclass
@@ -168,6 +172,18 @@ class TrainConfig:
             raise ConfigError(
                 f"train.f_divergence_type: unknown divergence {self.f_divergence_type!r}; "
                 f"valid: {', '.join(F_DIVERGENCE_TYPES)}"
+            )
+        no_f_form = [name for name in self.loss_type if name not in F_DIVERGENCE_LOSS_TYPES]
+        if self.f_divergence_type != "reverse_kl" and no_f_form:
+            raise ConfigError(
+                f"train.f_divergence_type: {self.f_divergence_type} applies only to "
+                f"{', '.join(F_DIVERGENCE_LOSS_TYPES)}; train.loss_type {', '.join(no_f_form)} has no f-divergence form"
+            )
+        sorted_types = [name for name in self.loss_type if name in BATCH_SORTED_LOSS_TYPES]
+        if self.use_weighting and sorted_types:
+            raise ConfigError(
+                f"train.use_weighting: per-pair weights cannot be used with {', '.join(sorted_types)}, "
+                "which sort across the batch"
             )
         if self.f_alpha_divergence_coef <= 0:
             raise ConfigError(
