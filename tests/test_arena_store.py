@@ -1,5 +1,5 @@
-"""Tests of `dpo_cluster.serving.arena_store` on real SQLite files, with real child processes for
-durability and concurrency.
+"""Tests of the arena's store (`dpo_cluster.serving.arena_store`), leaderboard and export rows on
+real SQLite files, with real child processes for durability and concurrency.
 
 Seeded assignments used below (models sorted: "base" < "tuned"; a draw < 0.5 makes "base" A):
 random.Random(0).random() = 0.844 -> A = tuned, B = base;
@@ -22,9 +22,9 @@ import pytest
 
 from dpo_cluster import stats
 from dpo_cluster.data.formats import FormatSpec, detect_format, normalize_row
+from dpo_cluster.serving.arena_leaderboard import RATING_METHOD
 from dpo_cluster.serving.arena_store import (
     EXPORT_PAGE,
-    RATING_METHOD,
     WINNERS,
     AlreadyVoted,
     ArenaStore,

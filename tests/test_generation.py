@@ -16,19 +16,19 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
-from dpo_cluster.modeling import count_parameters, resolve_name_or_path
+from dpo_cluster.modeling import count_parameters
 from dpo_cluster.serving.generation import (
     GenerationRequest,
     GenerationResult,
     SamplingParams,
     StreamDelta,
     TransformersBackend,
-    _stable_length,
     adapter_base,
     is_adapter_dir,
 )
+from dpo_cluster.serving.generation.decode import stable_length
 from dpo_cluster.tiny import build_tiny_model
 
 PROMPTS = [
@@ -38,16 +38,6 @@ PROMPTS = [
     "今天天气很好",
 ]
 GREEDY = SamplingParams(max_new_tokens=12, temperature=0.0)
-
-
-@pytest.fixture(scope="module")
-def base_dir() -> Path:
-    return Path(resolve_name_or_path("builtin:tiny"))
-
-
-@pytest.fixture(scope="module")
-def tokenizer(base_dir: Path) -> Any:
-    return AutoTokenizer.from_pretrained(base_dir)
 
 
 @pytest.fixture(scope="module")
@@ -420,14 +410,14 @@ def test_stream_holds_back_a_character_until_its_last_byte_arrives(
 
 
 def test_stable_length_holds_back_incomplete_characters_and_stop_prefixes() -> None:
-    assert _stable_length("hello", ()) == 5
-    assert _stable_length("hello\ufffd\ufffd", ()) == 5
-    assert _stable_length("hello wor", ("world",)) == 6
-    assert _stable_length("hello w", ("xyz", "wo")) == 6
-    assert _stable_length("hello", ("lo!", "o!")) == 3
-    assert _stable_length("hel\ufffd", ("l\u00e9",)) == 2
-    assert _stable_length("hello", ("ohx",)) == 4
-    assert _stable_length("", ("a",)) == 0
+    assert stable_length("hello", ()) == 5
+    assert stable_length("hello\ufffd\ufffd", ()) == 5
+    assert stable_length("hello wor", ("world",)) == 6
+    assert stable_length("hello w", ("xyz", "wo")) == 6
+    assert stable_length("hello", ("lo!", "o!")) == 3
+    assert stable_length("hel\ufffd", ("l\u00e9",)) == 2
+    assert stable_length("hello", ("ohx",)) == 4
+    assert stable_length("", ("a",)) == 0
 
 
 def test_concurrent_calls_give_the_sequential_results(
@@ -492,7 +482,7 @@ def test_unloadable_weights_and_adapters_raise_value_errors_naming_the_path(
     # Same shapes, another base: served, with a warning.
     sibling = build_tiny_model(tmp_path / "sibling", tokenizer_dir=base_dir, seed=4)
     sibling_adapter = _make_adapter(sibling, tmp_path / "sibling-adapter", seed=5, tokenizer=None)
-    with caplog.at_level(logging.WARNING, logger="dpo_cluster.serving.generation"):
+    with caplog.at_level(logging.WARNING, logger="dpo_cluster.serving.generation.weights"):
         served = TransformersBackend(str(base_dir), {"tuned": str(sibling_adapter)}, device="cpu")
     assert any("sibling-adapter" in r.getMessage() for r in caplog.records)
     assert served.generate([GenerationRequest("tuned", (5, 6, 7), GREEDY)])[0].completion_tokens > 0

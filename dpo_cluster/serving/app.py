@@ -29,8 +29,9 @@ from typing import Any
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from dpo_cluster.config import Config, ConfigError, load_config
+from dpo_cluster.config import Config, ConfigError, ServeConfig, load_config
 from dpo_cluster.modeling import resolve_name_or_path
+from dpo_cluster.paths import looks_local
 from dpo_cluster.serving.arena_store import ArenaStore
 from dpo_cluster.serving.gateway import Gateway, Limits, ServedModel
 from dpo_cluster.serving.generation import (
@@ -175,29 +176,9 @@ def build_app(config: Config) -> serve.Application:
     """The Serve application for config's serve section (see the module docstring)."""
     s = config.serve
     base, tuned = config.serve_base(), config.serve_tuned()
-    base_path = str(Path(base).expanduser().resolve()) if Path(base).expanduser().exists() else base
-    tuned_path = str(Path(tuned).expanduser().resolve()) if Path(tuned).expanduser().exists() else tuned
-    if base_path.startswith(("/", ".", "~")) and not Path(base_path).exists():
-        raise ConfigError(f"serve.base: no such model directory: {base}")
-    if tuned_path.startswith(("/", ".", "~")) and not Path(tuned_path).exists():
-        raise ConfigError(
-            f"serve.tuned: no such model directory: {tuned} (train first, or point it elsewhere)"
-        )
-
-    replica_options: dict[str, Any] = {
-        "ray_actor_options": {"num_cpus": s.num_cpus, "num_gpus": s.num_gpus},
-        "max_ongoing_requests": s.max_ongoing_requests,
-        "health_check_period_s": s.health_check_period_s,
-        "health_check_timeout_s": s.health_check_timeout_s,
-    }
-    if s.max_replicas > s.min_replicas:
-        replica_options["autoscaling_config"] = {
-            "min_replicas": s.min_replicas,
-            "max_replicas": s.max_replicas,
-            "target_ongoing_requests": s.target_ongoing_requests,
-        }
-    else:
-        replica_options["num_replicas"] = s.min_replicas
+    base_path = _model_path(base, "serve.base")
+    tuned_path = _model_path(tuned, "serve.tuned", " (train first, or point it elsewhere)")
+    replica_options = _replica_options(s)
     server_args = {
         "device": s.device,
         "dtype": s.dtype,
@@ -232,7 +213,45 @@ def build_app(config: Config) -> serve.Application:
                 tuned_path, {"tuned": None}, **server_args
             ),
         }
-    settings = {
+    return Frontend.options(num_replicas=s.ingress_replicas, ray_actor_options={"num_cpus": 0}).bind(
+        models, handles, _front_settings(config)
+    )
+
+
+def _model_path(name: str, key: str, hint: str = "") -> str:
+    """An existing path made absolute, or a hub id or builtin name as given; ConfigError for a
+    name spelled as a path that does not exist (a typo must not be sent to the hub)."""
+    path = Path(name).expanduser()
+    if path.exists():
+        return str(path.resolve())
+    if looks_local(name):
+        raise ConfigError(f"{key}: no such model directory: {name}{hint}")
+    return name
+
+
+def _replica_options(s: ServeConfig) -> dict[str, Any]:
+    """Deployment options of every model server: resources, health checks, replicas."""
+    options: dict[str, Any] = {
+        "ray_actor_options": {"num_cpus": s.num_cpus, "num_gpus": s.num_gpus},
+        "max_ongoing_requests": s.max_ongoing_requests,
+        "health_check_period_s": s.health_check_period_s,
+        "health_check_timeout_s": s.health_check_timeout_s,
+    }
+    if s.max_replicas > s.min_replicas:
+        options["autoscaling_config"] = {
+            "min_replicas": s.min_replicas,
+            "max_replicas": s.max_replicas,
+            "target_ongoing_requests": s.target_ongoing_requests,
+        }
+    else:
+        options["num_replicas"] = s.min_replicas
+    return options
+
+
+def _front_settings(config: Config) -> dict[str, Any]:
+    """What the Frontend replicas need of the config, with paths made absolute."""
+    s = config.serve
+    return {
         "max_prompt_tokens": s.max_prompt_tokens,
         "max_new_tokens": s.max_new_tokens,
         "default_max_new_tokens": s.default_max_new_tokens,
@@ -242,9 +261,6 @@ def build_app(config: Config) -> serve.Application:
         "api_key_env": s.api_key_env,
         "api_key_file": str(Path(s.api_key_file).expanduser().resolve()) if s.api_key_file else None,
     }
-    return Frontend.options(num_replicas=s.ingress_replicas, ray_actor_options={"num_cpus": 0}).bind(
-        models, handles, settings
-    )
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:

@@ -3,7 +3,7 @@
 `Gateway` owns the served models' tokenizers and the request limits: it renders a prompt into
 token ids (rejecting empty or oversize prompts with the field named), clamps the token budget,
 and calls the model deployment that hosts the requested name, with a deadline. It knows nothing
-of HTTP; `api.py` maps its errors onto status codes. Handles are Ray Serve `DeploymentHandle`s
+of HTTP; `api_errors.py` maps its errors onto status codes. Handles are Ray Serve `DeploymentHandle`s
 to `ModelServer` replicas, so one gateway can front one deployment hosting both names (a LoRA
 adapter over its base) or one deployment per name (two full models).
 """

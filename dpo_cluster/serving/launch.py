@@ -32,7 +32,7 @@ def start_serving(config: Config) -> ServingUrls:
     """Deploy the app and return its URLs once every replica is up (models loaded)."""
     from ray import serve
 
-    from dpo_cluster.data.pipeline import ensure_ray
+    from dpo_cluster.ray_session import ensure_ray
     from dpo_cluster.serving.app import APP_NAME, build_app
 
     app = build_app(config)  # fails on a bad config before anything starts

@@ -9,7 +9,7 @@ one prompt: a text `prompt` or a chat `messages`.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -70,16 +70,6 @@ class Sampling(BaseModel):
         if self.stop is None:
             return ()
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
-
-    def params_dict(self, max_new_tokens: int) -> dict[str, Any]:
-        """The sampling parameters as recorded with an arena battle."""
-        return {
-            "max_new_tokens": max_new_tokens,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "seed": self.seed,
-            "stop": list(self.stop_strings()),
-        }
 
 
 class StreamOptions(BaseModel):
