@@ -5,6 +5,7 @@ in-loop reference (Ray Train with 2 workers, and in one process with LoRA)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -20,17 +21,12 @@ import torch
 from dpo_cluster.batch.collate import ID_COLUMNS, REF_COLUMNS, collate_pairs
 from dpo_cluster.batch.logps import sequence_logps
 from dpo_cluster.config import Config, ConfigError, LoraConfig, ReferenceConfig, load_config
-from dpo_cluster.data import reference_logps
 from dpo_cluster.data.pipeline import PreparedData, prepare
-from dpo_cluster.data.reference_logps import (
-    REFERENCE_DIR,
-    REPORT_FILE,
-    ReferenceLogps,
-    compute_reference_key,
-    compute_reference_logps,
-    hash_weights,
-)
 from dpo_cluster.modeling import load_reference, resolve_name_or_path
+from dpo_cluster.reference import cache, precompute
+from dpo_cluster.reference.cache import REFERENCE_DIR, REPORT_FILE, compute_reference_key, hash_weights
+from dpo_cluster.reference.precompute import ReferenceLogps, compute_reference_logps
+from dpo_cluster.reference.scorer import ReferenceScorer, build_reference_spec
 from tests.test_train_local import losses, metrics_rows, train_config
 
 pytestmark = pytest.mark.slow
@@ -123,6 +119,28 @@ def test_stage_values_equal_the_reference_scored_in_process(
         assert cached.equals(got.select(cached.column_names))
 
 
+def test_the_scorer_weights_its_sums_as_ld_dpo_when_asked(
+    stage_run: tuple[Config, PreparedData, ReferenceLogps],
+) -> None:
+    """An actor's values with train.ld_alpha equal `sequence_logps(..., ld_alpha=)` in process, and
+    differ from the plain sums where a pair's answers differ in length."""
+    config, prepared, _ = stage_run
+    table = prepared_table(prepared, "train").slice(0, 6)
+    spec = build_reference_spec(
+        dataclasses.replace(config, train=dataclasses.replace(config.train, ld_alpha=0.25))
+    )
+    assert spec.ld_alpha == 0.25
+    scorer = ReferenceScorer(spec)
+    got = stage_logps(scorer(table))
+    model = scorer.model
+    batch = collate_pairs({name: table.column(name).to_pylist() for name in ID_COLUMNS}, spec.pad_token_id)
+    with torch.no_grad():
+        weighted, _, _ = sequence_logps(model, batch, ld_alpha=0.25)
+        plain, _, _ = sequence_logps(model, batch)
+    torch.testing.assert_close(got, torch.stack([weighted[:6], weighted[6:]], dim=1).float())
+    assert not torch.allclose(weighted, plain)
+
+
 def test_the_report_and_the_workers_side(stage_run: tuple[Config, PreparedData, ReferenceLogps]) -> None:
     config, prepared, result = stage_run
     report = json.loads((Path(config.output_dir) / REPORT_FILE).read_text())
@@ -152,8 +170,8 @@ def test_a_second_run_reuses_the_cache_without_scoring(
     def no_scoring(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("the reference stage ran although its cache matches")
 
-    monkeypatch.setattr(reference_logps, "build_scored_dataset", no_scoring)
-    with caplog.at_level(logging.INFO, logger=reference_logps.__name__):
+    monkeypatch.setattr(precompute, "build_scored_dataset", no_scoring)
+    with caplog.at_level(logging.INFO, logger=precompute.__name__):
         second = compute_reference_logps(config, prepared)
     assert second.report["reused"] is True and second.report["rows_scored"] == 0
     assert second.report["cache_key"] == first.report["cache_key"]
@@ -182,8 +200,8 @@ def test_another_reference_recomputes_and_the_old_key_still_reuses(
     changed = compute_reference_logps(changed_config, prepared)
     assert changed.report["reused"] is False and changed.report["rows_scored"] > 0
     assert changed.report["cache_key"] != first.report["cache_key"]
-    assert reference_logps.plan_cache(changed_config, prepared).reusable
-    assert reference_logps.plan_cache(config, prepared).reusable
+    assert cache.plan_cache(changed_config, prepared).reusable
+    assert cache.plan_cache(config, prepared).reusable
     base, values = (stage_logps(split_table(run, "train")) for run in (first, changed))
     assert not torch.allclose(base, values)
     expected = in_process_logps(str(other), split_table(changed, "train"))
@@ -195,32 +213,32 @@ def test_an_interrupted_write_leaves_no_usable_cache(
 ) -> None:
     _, prepared, first = stage_run
     config = precompute_config(tmp_path, "reference.concurrency=1")
-    plan = reference_logps.plan_cache(config, prepared)
+    plan = cache.plan_cache(config, prepared)
     tables = {split: split_table(first, split) for split in plan.counts}
     root = tmp_path / REFERENCE_DIR
 
-    def killed(*args: Any) -> None:
+    def killed(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("killed after the Parquet was written, before the rename")
 
     # Interrupted between writing and installing: nothing under the key.
     with monkeypatch.context() as m:
-        m.setattr(reference_logps, "_install", killed)
+        m.setattr(cache, "install_directory", killed)
         with pytest.raises(RuntimeError, match="killed"):
-            reference_logps._write_cache(tables, plan)
+            cache.write_cache(tables, plan)
     assert not [p for p in root.iterdir() if not p.name.startswith(".")]
 
     # What a hard kill leaves: a complete staging directory (never renamed), and a key directory
     # copied without its manifest. Neither is trusted; both are replaced by a fresh, whole cache.
-    reference_logps._write_cache(tables, plan)
-    assert reference_logps.plan_cache(config, prepared).reusable
+    cache.write_cache(tables, plan)
+    assert cache.plan_cache(config, prepared).reusable
     shutil.copytree(root / plan.key, root / f".tmp-{plan.key}-deadbeef")
     (root / plan.key / "manifest.json").unlink()
-    assert "has no manifest.json" in str(reference_logps.plan_cache(config, prepared).problem)
+    assert "has no manifest.json" in str(cache.plan_cache(config, prepared).problem)
     again = compute_reference_logps(config, prepared)
     assert again.report["reused"] is False and again.report["rows_scored"] > 0
     assert (root / plan.key / "manifest.json").is_file()
     assert [p.name for p in root.iterdir()] == [plan.key]
-    assert reference_logps.plan_cache(config, prepared).reusable
+    assert cache.plan_cache(config, prepared).reusable
 
 
 def test_cache_off_scores_every_run_and_writes_nothing(
@@ -258,6 +276,7 @@ def test_the_key_covers_weights_dtype_and_data_but_not_the_loss(tmp_path: Path) 
     assert key(base) != key(base, "p2")  # other prepared data (data, tokenizer, template, lengths)
     assert key(base) != key(changed("reference.dtype=bfloat16"))
     assert key(base) != key(changed("model.attn_implementation=eager"))
+    assert key(base) != key(changed("train.ld_alpha=0.5"))  # LD-DPO weights the stored sums
     # The loss acts on the stored values; it never changes them.
     assert key(base) == key(changed("train.beta=0.5", "train.loss_type=ipo", "reference.concurrency=4"))
     # A local copy of the same weights, then the same copy with one weight file changed.
@@ -348,7 +367,7 @@ def test_ray_training_with_precompute_equals_the_in_loop_reference(tmp_path: Pat
         assert report["overlapped"] is (name == "overlapped")
         # Both leave a complete cache a later run reuses.
         config = train_config(tmp_path / name, *common, *runs[name])
-        assert reference_logps.plan_cache(config, prepare(config)).reusable
+        assert cache.plan_cache(config, prepare(config)).reusable
     assert not (tmp_path / "model" / REPORT_FILE).exists()
 
 

@@ -12,8 +12,8 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
-from dpo_cluster.data.reference_logps import CachePlan
-from dpo_cluster.data.reference_stream import LogPairSource, overlap_problem, start_pair_log
+from dpo_cluster.reference.cache import CachePlan
+from dpo_cluster.reference.stream import LogPairSource, overlap_problem, start_pair_log
 from tests.test_train_local import train_config
 
 pytestmark = pytest.mark.slow

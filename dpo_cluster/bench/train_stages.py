@@ -115,7 +115,8 @@ def run_precompute(s: BenchSettings) -> dict[str, Any]:
 
     from dpo_cluster.config import load_config
     from dpo_cluster.data.pipeline import REPORT_FILE, PreparedData
-    from dpo_cluster.data.reference_logps import REFERENCE_DIR, compute_reference_logps
+    from dpo_cluster.reference.cache import REFERENCE_DIR
+    from dpo_cluster.reference.precompute import compute_reference_logps
 
     config = load_config(None, s.dpo_cluster_overrides("dpo-cluster-fast", s.prepare_dir))
     prepared = PreparedData(

@@ -65,7 +65,7 @@ class ReferenceConfig:
     cache: bool = True
     # Score while the workers train (they read pairs as they are scored) where the cluster has
     # room for the actors beside the training workers; otherwise, or when false, score everything
-    # first. See dpo_cluster.data.reference_stream.
+    # first. See dpo_cluster.reference.stream.
     overlap: bool = True
 
     def resolved_mode(self, lora: bool) -> str:

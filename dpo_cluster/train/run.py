@@ -68,7 +68,7 @@ def _worker_entry(loop_config: dict[str, Any]) -> None:
         if counts.get(split, 0) == 0:
             return None
         if reference_log is not None:  # the reference stage's log, scored beside training
-            from dpo_cluster.data.reference_stream import LogPairSource
+            from dpo_cluster.reference.stream import LogPairSource
 
             return LogPairSource(reference_log, split, counts[split], config.train.seed, shuffle)
         return RayShardPairSource(
@@ -157,8 +157,8 @@ def run_training(config: Config) -> TrainingResult:
     data_context.enable_progress_bars = False
     stream = None
     if config.reference.resolved_mode(config.lora.enabled) == "precompute":
-        from dpo_cluster.data.reference_logps import compute_reference_logps
-        from dpo_cluster.data.reference_stream import start_streamed_reference
+        from dpo_cluster.reference.precompute import compute_reference_logps
+        from dpo_cluster.reference.stream import start_streamed_reference
 
         # The reference actor pool scores beside training, the workers reading its log; or, where
         # it cannot overlap (or the cache has the values), it scores every pair now and its actors

@@ -1,30 +1,15 @@
-"""The reference stage overlapped with training (`reference.mode: precompute`, `reference.overlap`).
+"""The reference stage beside training (`reference.overlap`): workers train while the pool scores.
 
-`dpo_cluster.data.reference_logps` scores every pair before training starts. Here the same
-actor pool scores while the workers train: the workers start at once and read pairs as soon as
-they are scored.
+    driver:   prepared rows (read first, while CPUs are free) -> actor pool of the reference in a
+              driver thread -> each scored block: ray.put, appended to its split's `PairLog`, and
+              written in order to the cache's staging file, sealed and installed once complete
+    workers:  `LogPairSource` reads block 0, 1, 2, ... of its split, waiting for blocks not scored
+              yet; every worker reads every block, in the same order, every epoch
 
-    driver:   prepared rows (read first, while CPUs are free) -> actor pool of the reference
-              (a Ray Data execution in a driver thread, rows in the prepared order)
-              -> each scored block: ray.put, appended to the split's log; and written in order
-                 to the cache's staging file, sealed and installed once complete
-    PairLog:  one small actor (0 CPUs) holding, per split, the ordered list of block references
-    workers:  `LogPairSource` reads block 0, 1, 2, ... of its split, waiting for blocks not
-              scored yet; every worker reads every block, in the same order, every epoch
-
-Every worker sees every row in one fixed order, which the training loop's ownership rule needs
-(`dpo_cluster.train.context`), and the reference runs once, not once per worker and epoch (a
-lazy Ray Data stage handed to each worker would). Epochs after the first read blocks that are
-already there; blocks stay in the object store as a materialized dataset's would.
-
-It only overlaps where the cluster can hold the actors beside the training workers
-(`overlap_problem`): actors that wait for CPUs or GPUs the workers hold would never score the
-blocks the workers wait for. Otherwise, or when the cache already holds the values, the run takes
-the pre-pass and logs why.
-
-Failures: an error in the stage is put in the log, so waiting workers raise it instead of
-waiting forever, and `StreamedReference.close` raises it in the driver. Workers restarted after a
-failure read the log from the start again.
+Why a log of blocks and not a dataset per worker: the training loop needs every row on every
+worker in one fixed order, and the reference must run once, not once per worker and epoch. It
+overlaps only where the cluster holds the actors beside the workers (`overlap_problem`). An error
+in the stage is put in the log, so waiting workers raise it instead of waiting forever.
 """
 
 from __future__ import annotations
@@ -46,19 +31,21 @@ import pyarrow.parquet as pq
 
 from dpo_cluster.config import Config
 from dpo_cluster.data.pipeline import PreparedData
-from dpo_cluster.data.reference_logps import (
+from dpo_cluster.reference.cache import (
     CACHE_FILE,
     CachePlan,
-    build_reference_spec,
     new_staging_dir,
     plan_cache,
     prepared_row_ids,
+    seal_cache,
+    write_report,
+)
+from dpo_cluster.reference.scorer import (
+    build_reference_spec,
     preserve_order,
     score_rows,
     scoring_input,
-    seal_cache,
     select_split,
-    write_report,
 )
 
 logger = logging.getLogger(__name__)
