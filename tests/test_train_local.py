@@ -15,7 +15,7 @@ from dpo_cluster.config import Config, load_config
 from dpo_cluster.data.pipeline import PreparedData, prepare
 from dpo_cluster.data.samples import SAMPLE_FILE
 from dpo_cluster.train.local import run_local
-from dpo_cluster.train.loop import NonFiniteLossError
+from dpo_cluster.train.loop import LoopState, NonFiniteLossError
 
 pytestmark = pytest.mark.slow
 
@@ -193,6 +193,23 @@ def test_lora_merged_on_save_is_a_full_model(prepared: PreparedData, tmp_path: P
     assert not (tmp_path / "final" / "adapter_config.json").exists()
 
 
+@pytest.mark.parametrize("mode", ["model", "adapter_disabled"])
+def test_ld_dpo_weights_the_reference_like_the_policy(
+    prepared: PreparedData, tmp_path: Path, mode: str
+) -> None:
+    """LD-DPO (train.ld_alpha) down-weights the longer answer's tail in the policy's log-probs; the
+    reference's are weighted alike, so at step 1 (policy == reference) every reward is 0 and the
+    loss is ln 2."""
+    lora = ("lora.enabled=true", "lora.r=8") if mode == "adapter_disabled" else ()
+    config = train_config(
+        tmp_path, *lora, f"reference.mode={mode}", "train.ld_alpha=0.5", "train.max_steps=1"
+    )
+    run_local(config, prepared.split_dir("train"))
+    first = metrics_rows(tmp_path)[0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert first["rewards/margins"] == 0.0
+
+
 def test_non_finite_loss_stops_with_step_and_rows(prepared: PreparedData, tmp_path: Path) -> None:
     config = train_config(tmp_path, "train.learning_rate=1e9", "train.max_grad_norm=0", "train.lr_scheduler=constant",
                           "train.save_strategy=steps", "train.save_steps=1", "train.max_steps=20")  # fmt: skip
@@ -263,3 +280,18 @@ def test_precomputed_reference_logps_equal_the_in_loop_reference(
 def test_tensorboard_events_are_written(full_run: tuple[Path, Any]) -> None:
     out, _ = full_run
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_loop_state_takes_only_its_own_keys_from_a_checkpoint() -> None:
+    """DeepSpeed's `load_checkpoint` returns its leftover keys beside the loop's (`optimizer` under
+    ZeRO, `ds_config`, ...): the loop keeps its own state only, so they never reach a later checkpoint."""
+    saved = {"step": 6, "best": {"step": 3, "value": 0.5}, "last_eval": {"eval_loss": 0.5},
+             "optimizer": {"state": {}}, "ds_config": {}, "global_samples": 24}  # fmt: skip
+    state = LoopState.from_client_state(saved)
+    assert state.client_state() == {k: saved[k] for k in ("step", "best", "last_eval")}
+    state.step, state.last_eval = 9, {"eval_loss": 0.4}
+    state.update_best("eval_loss", "min")
+    state.step, state.last_eval = 12, {"eval_loss": 0.45}
+    state.update_best("eval_loss", "min")
+    assert state.client_state()["best"] == {"step": 9, "value": 0.4}
+    assert LoopState().client_state() == {"step": 0, "best": None, "last_eval": {}}

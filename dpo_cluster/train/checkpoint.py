@@ -1,13 +1,7 @@
-"""Checkpoints (DeepSpeed engine state + data position + RNG) and the final Hugging Face export.
-
-A checkpoint directory holds what `engine.save_checkpoint` writes under the tag "state" (module,
-optimizer, scheduler; ZeRO shards per rank), the loop's `client_state` (epoch, step, best metric)
-and one `rng_rank{R}.pt` per worker, so a resumed run draws the same random numbers (dropout) as
-the uninterrupted one. Every worker writes its own files; Ray Train merges them into one directory.
-
-`export_final` writes `final/` in Hugging Face format: the full model as safetensors (ZeRO-3 shards
-are gathered first) or, with LoRA, the adapter (optionally merged into the base), plus the
-tokenizer, the resolved config and a metrics summary.
+"""Checkpoints (DeepSpeed engine state under the tag "state", the loop's `client_state`, one
+`rng_rank{R}.pt` per worker) and the final export in Hugging Face format. The RNG files make a
+resumed run draw the same random numbers (dropout) as the uninterrupted one. Every worker writes
+its own files; Ray Train merges them into one directory.
 """
 
 from __future__ import annotations
@@ -70,7 +64,9 @@ def export_final(
     rank: int,
     metrics_summary: dict[str, Any],
 ) -> None:
-    """Collective under ZeRO-3 (the weights are gathered); rank 0 writes `out_dir`."""
+    """Collective under ZeRO-3 (the weights are gathered); rank 0 writes `out_dir`: the full model
+    as safetensors or, with LoRA, the adapter (merged into the base with lora.merge_on_save), plus
+    the tokenizer, the resolved config (dpo_config.yaml) and metrics_summary.json."""
     if config.deepspeed.zero_stage == 3:
         state_dict = engine._zero3_consolidated_16bit_state_dict()  # full dict on rank 0 only
     else:

@@ -1,19 +1,11 @@
-"""What the per-worker training loop needs from its surroundings, and nothing more.
+"""What the per-worker training loop needs from its surroundings (`WorkerContext`: rank, world
+size, device, data, a `report` callback, the checkpoint to resume from), so the same loop runs
+under Ray Train (`dpo_cluster.train.run`) and in a plain process (`dpo_cluster.train.local`).
 
-`WorkerContext` carries rank, world size, device, the data, a `report` callback and the checkpoint
-to resume from. Under Ray Train it is built from `ray.train.get_context()` and the dataset shards
-(`dpo_cluster.train.run`); in a plain process (tests, a single GPU) it is built directly, so the same
-loop runs in both.
-
-Data order is part of the contract: every worker streams the same, deterministically ordered
-prepared dataset and keeps micro-batch k when k % world_size == rank. The pairs of a global step
-are therefore the same whatever the worker count and accumulation, which is what makes runs with
-1 x 4, 2 x 2 and 1 x 1 x accumulation 4 equivalent and resumption exact. Reading token ids is cheap
-next to a forward and backward pass of the model, so the extra reading is a fair price. Length
-grouping (`train.group_by_length`) re-cuts that stream the same way on every worker before the
-ownership rule applies, so it keeps this contract for a fixed micro-batch size. Token-budget
-micro-batches (`train.max_tokens_per_micro_batch`) keep it too: every worker cuts each step's pairs
-the same way and takes its own share (`dpo_cluster.train.token_budget`).
+Every worker streams the same ordered pairs and keeps micro-batch k when k % world_size == rank;
+length grouping and token budgets re-cut the stream alike on every worker first. A global step
+therefore holds the same pairs whatever the worker count and accumulation, which makes those runs
+equivalent and resumption exact.
 """
 
 from __future__ import annotations

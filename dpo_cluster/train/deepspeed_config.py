@@ -1,15 +1,8 @@
-"""Build the DeepSpeed config JSON of a run from its typed `Config` fields.
-
-The JSON is derived, never written by hand: batch sizes from `train.*` and the worker count, the
-AdamW optimizer from `train.*`, ZeRO stage and CPU offload from `deepspeed.*`, mixed precision
-from `deepspeed.precision` and the hardware. `deepspeed.overrides` is merged last, recursively,
-as the escape hatch for any DeepSpeed setting without a typed field.
-
-There is deliberately no `scheduler` block: the training loop builds a torch LR scheduler
-(`train.lr_scheduler`, `train.warmup_ratio`) over the engine's optimizer and passes it to
-`deepspeed.initialize`, so the schedule is the same whatever DeepSpeed supports.
-
-This module only builds a dict; it does not import deepspeed.
+"""The DeepSpeed config JSON of a run, derived from its typed `Config` fields (batch sizes, AdamW,
+ZeRO stage and offload, precision), with `deepspeed.overrides` merged last for any setting without
+a field. It has no `scheduler` block: the loop hands `deepspeed.initialize` its own torch LR
+schedule, so the schedule is the same whatever DeepSpeed supports. Only a dict is built here;
+deepspeed is not imported.
 """
 
 from __future__ import annotations

@@ -1,40 +1,29 @@
-"""The per-worker DPO training loop, run against a `WorkerContext`.
-
-The same function runs in every Ray Train worker and in a plain process (tests, one GPU):
-
-    model + reference -> deepspeed.initialize -> [resume] -> for each optimizer step:
-        for each of this worker's micro-batches (a fixed number of pairs, or cut by a token
-        budget: train.max_tokens_per_micro_batch): one concatenated chosen/rejected forward
-        (padded, or packed without padding: train.packing), reference log-probs, DPO loss,
-        engine.backward, engine.step (DeepSpeed accumulates up to the step's last micro-batch)
-        -> metric sums all-reduced over workers -> log / evaluate / checkpoint when due
-    -> [load best] -> final/ in Hugging Face format
-
-Every worker runs the same number of steps and evaluation batches, so the collectives inside
-DeepSpeed (gradient reduction, ZeRO-3 parameter gathering) always line up.
+"""The per-worker DPO training loop, run against a `WorkerContext` so that the same function runs in
+every Ray Train worker and in a plain process (tests, one GPU): setup, [resume], optimizer steps
+with logging, evaluation and checkpoints when due, [load best], final/ in Hugging Face format.
+Every worker runs the same number of steps, forwards and evaluation batches, so the collectives
+inside DeepSpeed (gradient reduction, ZeRO-3 parameter gathers) always line up.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-import math
-import os
-import socket
 import tempfile
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from dpo_cluster.batch.logps import MicroBatch, sequence_logps
-from dpo_cluster.config import Config
+from dpo_cluster.config import Config, TrainConfig
 from dpo_cluster.train.checkpoint import export_final, load_state, save_state
 from dpo_cluster.train.context import Batch, WorkerContext
-from dpo_cluster.train.forward import SUM_KEYS, build_loss_settings, compute_micro_batch, sums_to_metrics
+from dpo_cluster.train.forward import SUM_KEYS, compute_micro_batch, sums_to_metrics
 from dpo_cluster.train.metrics_log import MetricsLog
-from dpo_cluster.train.token_budget import TokenBudget
+from dpo_cluster.train.setup import BatchLayout, TrainSetup, build_setup
 
 FINAL_DIR = "final"
 
@@ -45,48 +34,231 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the message names the step and the batch's rows."""
 
 
-def steps_per_epoch(config: Config, num_rows: int, world_size: int) -> int:
-    """Optimizer steps in one pass: full global batches only (the remainder waits for the next epoch)."""
-    return num_rows // config.train.pairs_per_step(world_size)
+@dataclass
+class LoopState:
+    """The loop's progress: what a checkpoint carries besides the engine, and the last step's
+    gradient norm."""
+
+    step: int = 0  # optimizer steps done
+    best_step: int | None = None  # the checkpointed step with the best train.best_metric so far
+    best_value: float | None = None
+    last_eval: dict[str, float] = field(default_factory=dict)  # the latest evaluation's metrics
+    grad_norm: float | None = None  # measured here without ZeRO; DeepSpeed reports it under ZeRO
+
+    @classmethod
+    def from_client_state(cls, saved: dict[str, Any]) -> LoopState:
+        """The state a checkpoint's `client_state` holds (DeepSpeed's own keys beside it are left out)."""
+        best = saved.get("best")
+        return cls(
+            step=saved.get("step", 0),
+            best_step=best["step"] if best else None,
+            best_value=best["value"] if best else None,
+            last_eval=dict(saved.get("last_eval", {})),
+        )
+
+    def client_state(self) -> dict[str, Any]:
+        """What a checkpoint stores: {"step", "best": {"step", "value"} or None, "last_eval"}."""
+        best = None if self.best_step is None else {"step": self.best_step, "value": self.best_value}
+        return {"step": self.step, "best": best, "last_eval": self.last_eval}
+
+    def update_best(self, metric: str, mode: str) -> None:
+        """Make the current step the best if the latest evaluation's `metric` beats the best so far."""
+        value = self.last_eval.get(metric)
+        if value is None:
+            return
+        if self.best_value is None or (value < self.best_value if mode == "min" else value > self.best_value):
+            self.best_step, self.best_value = self.step, value
 
 
-def total_steps(config: Config, num_rows: int, world_size: int) -> int:
-    per_epoch = steps_per_epoch(config, num_rows, world_size)
-    if config.train.max_steps is not None:
-        return config.train.max_steps
-    return max(1, math.ceil(config.train.num_epochs * per_epoch))
+@dataclass
+class MetricWindow:
+    """Metric sums (len(SUM_KEYS),) float64 over all workers of the steps since the last logged one."""
+
+    sums: torch.Tensor = field(default_factory=lambda: torch.zeros(len(SUM_KEYS), dtype=torch.float64))
+    started: float = field(default_factory=time.perf_counter)
+    steps: int = 0
+
+    def add(self, sums: torch.Tensor) -> None:
+        self.sums += sums
+        self.steps += 1
+
+    def flush(self, setup: TrainSetup, grad_norm: float | None) -> dict[str, float]:
+        """The window's training metrics (TRL's names, throughput), and a fresh window."""
+        elapsed = time.perf_counter() - self.started
+        steps = max(self.steps, 1)
+        metrics = sums_to_metrics(self.sums) | {
+            "grad_norm": _float(grad_norm if grad_norm is not None else setup.engine.get_global_grad_norm()),
+            "learning_rate": setup.scheduler.get_last_lr()[0],
+            "tokens_per_second": self.sums[SUM_KEYS.index("tokens")].item() / max(elapsed, 1e-9),
+            "seconds_per_step": elapsed / steps,
+            # Forward passes per optimizer step over all workers (varies with a token budget).
+            "micro_batches_per_step": self.sums[SUM_KEYS.index("micro_batches")].item() / steps,
+        }
+        self.sums.zero_()
+        self.started, self.steps = time.perf_counter(), 0
+        return metrics
 
 
-def _ensure_distributed(ctx: WorkerContext, backend: str) -> None:
-    """Ray Train sets up torch.distributed; a plain single process gets a 1-worker group."""
-    import deepspeed
+def train_loop(config: Config, ctx: WorkerContext) -> dict[str, Any]:
+    """Train with DPO; returns the final metrics (every worker gets the same dict)."""
+    setup = build_setup(config, ctx)
+    _log_layout(setup.layout, config.train.packing, ctx)
+    state = LoopState()
+    if ctx.resume_checkpoint is not None:
+        state = LoopState.from_client_state(load_state(setup.engine, ctx.resume_checkpoint, rank=ctx.rank))
+    log = MetricsLog(Path(config.output_dir), total_steps=setup.steps, initial_step=state.step,
+                     enabled=ctx.is_main)  # fmt: skip
+    window = MetricWindow()
+    try:
+        for step, micro_batches in _step_batches(setup, ctx, state.step):
+            sums, state.grad_norm = _run_step(setup, micro_batches, step)
+            window.add(_all_reduce(sums, setup.device))
+            state.step = step
+            log.advance()
+            _log_evaluate_save(setup, ctx, state, window, log)
+    finally:
+        log.close()
+    return _finish(setup, ctx, state)
+
+
+def _log_layout(layout: BatchLayout, packing: bool, ctx: WorkerContext) -> None:
+    if not (packing and ctx.is_main):
+        return
+    if layout.route is None:
+        logger.warning("train.packing: padded micro-batches grouped by length instead, as %s", layout.note)
+    else:
+        logger.info("train.packing: %s", layout.note)
+
+
+def _step_batches(setup: TrainSetup, ctx: WorkerContext, start: int) -> Iterator[tuple[int, list[Batch]]]:
+    """(step number, this worker's micro-batches of that step) for the steps after `start`; a resumed
+    run first skips the data of its epoch's steps already done."""
+    train, step = setup.config.train, start
+    while step < setup.steps:
+        epoch, done_in_epoch = divmod(step, setup.per_epoch)
+        my_steps = ctx.my_steps(ctx.train, train.micro_batch_size, train.gradient_accumulation_steps, epoch,
+                                length_group_window=setup.layout.group_window, seed=train.seed,
+                                token_budget=setup.layout.budget)  # fmt: skip
+        for _ in range(done_in_epoch):
+            next(my_steps)
+        for _ in range(done_in_epoch, setup.per_epoch):
+            if step >= setup.steps:
+                break
+            step += 1
+            yield step, next(my_steps)
+
+
+def _run_step(setup: TrainSetup, micro_batches: list[Batch], step: int) -> tuple[torch.Tensor, float | None]:
+    """Forward and backward over this worker's micro-batches of one step, then the update ->
+    (this worker's metric sums (len(SUM_KEYS),) float64, the gradient norm without ZeRO, else None).
+
+    Each loss is weighted by its micro-batch's share of the worker's pairs, so the gradient is the
+    mean over the step's pairs whatever the cut; the last micro-batch is the accumulation boundary
+    (DeepSpeed's own micro-step count assumes a fixed number per step).
+    """
+    engine, train = setup.engine, setup.config.train
+    share = train.micro_batch_size * train.gradient_accumulation_steps  # this worker's pairs per step
+    sums = torch.zeros(len(SUM_KEYS), dtype=torch.float64)
+    grad_norm = None
+    for index, raw in enumerate(micro_batches):
+        batch = setup.layout.build_batch(raw).to(setup.device)
+        result = compute_micro_batch(engine, setup.reference.compute_logps, batch, setup.settings)
+        _check_finite(result.loss, step, raw, setup.device)
+        boundary = index == len(micro_batches) - 1
+        engine.set_gradient_accumulation_boundary(boundary)
+        engine.backward(result.loss * (batch.num_pairs / share), scale_wrt_gas=False)
+        if boundary and setup.config.deepspeed.zero_stage == 0:
+            # After the gradients are averaged over workers and before clipping, as DeepSpeed
+            # reports it under ZeRO.
+            grad_norm = _plain_grad_norm(engine)
+        engine.step()
+        sums += result.sums
+    return sums, grad_norm
+
+
+def _log_evaluate_save(
+    setup: TrainSetup, ctx: WorkerContext, state: LoopState, window: MetricWindow, log: MetricsLog
+) -> None:
+    """After a step: log the window's metrics, evaluate and checkpoint when due, report to the context."""
+    train, step = setup.config.train, state.step
+    last = step == setup.steps
+    metrics: dict[str, Any] = {}
+    if step % train.logging_steps == 0 or last:
+        metrics = window.flush(setup, state.grad_norm)
+    eval_due, save_due = _eval_and_save_due(train, step, last, step % setup.per_epoch == 0, setup.has_eval)
+    if eval_due:
+        state.last_eval = _evaluate(setup, ctx)
+        metrics |= state.last_eval
+    if metrics or save_due:
+        metrics |= {"step": step, "epoch": step / setup.per_epoch}
+        log.log(metrics)
+    if save_due:
+        state.update_best(train.best_metric, train.best_mode)
+        _save_and_report(setup.engine, ctx, state, metrics)
+    elif metrics:
+        ctx.report(metrics, None, None)
+
+
+def _eval_and_save_due(
+    train: TrainConfig, step: int, last: bool, epoch_end: bool, has_eval: bool
+) -> tuple[bool, bool]:
+    """Whether `train.eval_strategy` and `train.save_strategy` call for an evaluation and a
+    checkpoint after `step`; the last step does both (where they are on at all)."""
+
+    def due(strategy: str, every: int) -> bool:
+        return last or (strategy == "steps" and step % every == 0) or (strategy == "epoch" and epoch_end)
+
+    eval_due = has_eval and due(train.eval_strategy, train.eval_steps)
+    save_due = train.save_strategy != "no" and due(train.save_strategy, train.save_steps)
+    if save_due and has_eval and not eval_due and train.best_metric.startswith("eval_"):
+        eval_due = True  # a checkpoint is ranked by a fresh eval metric
+    return eval_due, save_due
+
+
+def _evaluate(setup: TrainSetup, ctx: WorkerContext) -> dict[str, float]:
+    """Eval metrics (prefixed `eval_`, and `eval_pairs`) over as many eval micro-batches as every
+    worker has: the same count on every worker, as ZeRO-3's parameter gathers need."""
+    assert ctx.eval is not None
+    engine, micro, seed = setup.engine, setup.config.train.micro_batch_size, setup.config.train.seed
+    engine.eval()
+    count = (ctx.eval.num_rows // micro) // ctx.world_size
+    batches = ctx.my_micro_batches(
+        ctx.eval, micro, 0, length_group_window=setup.layout.group_window, seed=seed
+    )
+    sums = torch.zeros(len(SUM_KEYS), dtype=torch.float64)
+    with torch.no_grad():
+        for _, raw in itertools.islice(batches, count):
+            batch = setup.layout.build_batch(raw).to(setup.device)
+            sums += compute_micro_batch(engine, setup.reference.compute_logps, batch, setup.settings).sums
+    engine.train()
+    return sums_to_metrics(_all_reduce(sums, setup.device), prefix="eval_") | {
+        "eval_pairs": count * micro * ctx.world_size
+    }
+
+
+def _save_and_report(engine: Any, ctx: WorkerContext, state: LoopState, metrics: dict[str, Any]) -> None:
+    """Collective: every worker writes its checkpoint files into local scratch and reports them."""
+    step = state.step
+    staging = Path(tempfile.mkdtemp(prefix=f"ckpt-{step:07d}-", dir=ctx.scratch_dir))
+    save_state(engine, staging, rank=ctx.rank, client_state=state.client_state())
+    ctx.report(metrics | state.last_eval | {"step": step}, staging, f"step-{step:07d}")
+
+
+def _finish(setup: TrainSetup, ctx: WorkerContext, state: LoopState) -> dict[str, Any]:
+    """Load the best checkpoint's weights when asked, export final/ -> the run's summary."""
     import torch.distributed as dist
 
-    if dist.is_initialized():
-        return
-    if ctx.world_size != 1:
-        raise RuntimeError("torch.distributed is not initialized but world_size > 1")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
-                       "LOCAL_RANK": "0"}.items():  # fmt: skip
-        # Set, not defaulted: values inherited from a parent process that trained in-process too
-        # name a port that process still listens on.
-        os.environ[key] = value
-    deepspeed.init_distributed(dist_backend=backend)
-
-
-def _seed_everything(seed: int) -> None:
-    import random
-
-    import numpy as np
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    if torch.cuda.is_available():
-        torch.cuda.manual_seed_all(seed)
+    config = setup.config
+    if config.train.load_best_at_end:
+        best = ctx.best_checkpoint()
+        if best is not None:
+            load_state(setup.engine, best, rank=ctx.rank, weights_only=True)
+    summary = {"steps": state.step, "epochs": state.step / setup.per_epoch, "precision": setup.precision,
+               **state.last_eval}  # fmt: skip
+    export_final(setup.engine, setup.tokenizer, config, Path(config.output_dir) / FINAL_DIR, rank=ctx.rank,
+                 metrics_summary=summary)  # fmt: skip
+    dist.barrier()
+    return summary
 
 
 def _plain_grad_norm(engine: Any) -> float:
@@ -95,260 +267,8 @@ def _plain_grad_norm(engine: Any) -> float:
     return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
 
-def _disable_dropout(model: torch.nn.Module) -> None:
-    # As TRL's DPOTrainer does by default: dropout would make policy and reference log-probs
-    # differ by noise at the first step, and the DPO reward is a difference of log-probs.
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-
-
-def train_loop(config: Config, ctx: WorkerContext) -> dict[str, Any]:
-    """Train with DPO; returns the final metrics (every worker gets the same dict)."""
-    use_gpu = config.scaling.use_gpu
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if use_gpu else "cpu")  # read when deepspeed imports
-    import deepspeed
-    import torch.distributed as dist
-
-    from dpo_cluster.batch.collate import collate_pairs
-    from dpo_cluster.batch.packing import pack_pairs, packing_route
-    from dpo_cluster.modeling import load_policy, load_reference, load_tokenizer, reference_context
-    from dpo_cluster.train.deepspeed_config import build_deepspeed_config, resolve_precision
-    from dpo_cluster.train.schedule import build_lr_scheduler
-
-    _ensure_distributed(ctx, "nccl" if use_gpu else "gloo")
-    _seed_everything(config.train.seed)
-    train = config.train
-    micro, accum = train.micro_batch_size, train.gradient_accumulation_steps
-    per_epoch = steps_per_epoch(config, ctx.train.num_rows, ctx.world_size)
-    if per_epoch == 0:
-        raise ValueError(
-            f"{ctx.train.num_rows} training pairs are fewer than one global batch "
-            f"({train.pairs_per_step(ctx.world_size)} = train.micro_batch_size x gradient_accumulation_steps "
-            "x scaling.num_workers)"
-        )
-    steps = total_steps(config, ctx.train.num_rows, ctx.world_size)
-
-    tokenizer = load_tokenizer(config.tokenizer_path(), trust_remote_code=config.model.trust_remote_code)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    policy = load_policy(config.model, config.lora)
-    ref_mode = config.reference.resolved_mode(config.lora.enabled)
-    # None unless mode is model: adapter_disabled reuses the policy, precompute / precomputed read
-    # the reference log-probs from the data, so those workers hold no second model.
-    reference = load_reference(config.model, config.reference, config.lora)
-    if train.disable_dropout:
-        _disable_dropout(policy)
-        if reference is not None:
-            _disable_dropout(reference)
-
-    bf16_ok = use_gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    ds_config = build_deepspeed_config(config, world_size=ctx.world_size, bf16_supported=bf16_ok)
-    warmup = math.ceil(train.warmup_ratio * steps)
-
-    def make_scheduler(optimizer: torch.optim.Optimizer) -> Any:
-        return build_lr_scheduler(optimizer, train.lr_scheduler, warmup_steps=warmup, total_steps=steps)
-
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=policy,
-        model_parameters=[p for p in policy.parameters() if p.requires_grad],
-        config=ds_config,
-        lr_scheduler=make_scheduler,
-    )
-    device = engine.device
-    if ctx.world_size == 1 and config.deepspeed.zero_stage == 0:
-        # One worker has nothing to average, but DeepSpeed's no-ZeRO path would still flatten every
-        # gradient into one buffer at each step boundary (a second full copy of the gradients, the
-        # top of the memory curve) and all-reduce it with itself.
-        engine.enable_backward_allreduce = False
-    if reference is not None:
-        reference = _prepare_reference(reference, ds_config, config.deepspeed.zero_stage, device)
-
-    def reference_logps(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        n = batch.num_pairs
-        # precompute: the reference stage (dpo_cluster.data.reference_logps) has added the columns
-        # to the data before training; from here on it is the same as precomputed.
-        if ref_mode in ("precompute", "precomputed"):
-            if batch.ref_chosen_logps is None or batch.ref_rejected_logps is None:
-                where = (
-                    "run_training adds them; with run_local pass the reference stage's split "
-                    "directories (ReferenceLogps.split_dir)"
-                    if ref_mode == "precompute"
-                    else "add them to the data"
-                )
-                raise ValueError(
-                    f"reference.mode is {ref_mode} but the data has no ref_chosen_logps / "
-                    f"ref_rejected_logps columns ({where})"
-                )
-            return batch.ref_chosen_logps, batch.ref_rejected_logps
-        model = engine.module if ref_mode == "adapter_disabled" else reference
-        with reference_context(engine.module, ref_mode):
-            logps, _, _ = sequence_logps(model, batch)
-        return logps[:n].detach(), logps[n:].detach()
-
-    settings = build_loss_settings(train)
-    precision = resolve_precision(config.deepspeed.precision, use_gpu, bf16_ok)
-
-    # Micro-batch layout (dpo_cluster.batch.packing): packed rows where every model scoring them
-    # supports it, else padded rows, grouped by length when asked for or when packing falls back.
-    group_window = train.length_group_window if train.group_by_length else None
-    route, route_note = packing_route(engine.module, reference) if train.packing else (None, "")
-    if train.packing and route is None:
-        group_window = train.length_group_window
-        if ctx.is_main:
-            logger.warning("train.packing: padded micro-batches grouped by length instead, as %s", route_note)
-    elif route is not None and ctx.is_main:
-        logger.info("train.packing: %s", route_note)
-
-    def make_batch(raw: Batch) -> MicroBatch:
-        if route is None:
-            return collate_pairs(raw, pad_id)
-        return pack_pairs(raw, pad_id, row_tokens=train.packing_row_tokens, varlen=route == "varlen")
-
-    # Token-budget micro-batches (dpo_cluster.train.token_budget): the same pairs per step, cut into
-    # forwards by what they cost in the layout chosen above.
-    budget = None
-    if train.max_tokens_per_micro_batch is not None:
-        budget = TokenBudget(train.max_tokens_per_micro_batch, route or "padded", train.packing_row_tokens)
-    share = micro * accum  # this worker's pairs per optimizer step, however they are cut
-
-    def train_step(micro_batches: list[Batch], step: int) -> torch.Tensor:
-        """Forward and backward over this worker's micro-batches of one step, then the update.
-        Each loss is weighted by its micro-batch's share of the worker's pairs, so the gradient is
-        the mean over the step's pairs whatever the cut; the last micro-batch is the accumulation
-        boundary (DeepSpeed's own micro-step count assumes a fixed number per step)."""
-        sums = torch.zeros(len(SUM_KEYS), dtype=torch.float64)
-        for index, raw in enumerate(micro_batches):
-            batch = make_batch(raw).to(device)
-            result = compute_micro_batch(engine, reference_logps, batch, settings)
-            _check_finite(result.loss, step, raw, device)
-            boundary = index == len(micro_batches) - 1
-            engine.set_gradient_accumulation_boundary(boundary)
-            engine.backward(result.loss * (batch.num_pairs / share), scale_wrt_gas=False)
-            if boundary:
-                grad_norm[0] = _plain_grad_norm(engine) if config.deepspeed.zero_stage == 0 else None
-            engine.step()
-            sums += result.sums
-        return sums
-
-    # DeepSpeed reports the gradient norm under ZeRO 1-3 only; without ZeRO it is measured here,
-    # after the gradients are averaged over workers and before clipping (as DeepSpeed reports it).
-    grad_norm: list[float | None] = [None]
-
-    def evaluate(step: int) -> dict[str, float]:
-        assert ctx.eval is not None
-        engine.eval()
-        count = (ctx.eval.num_rows // micro) // ctx.world_size  # the same on every worker (ZeRO-3 gathers)
-        batches = ctx.my_micro_batches(ctx.eval, micro, 0, length_group_window=group_window, seed=train.seed)
-        sums = torch.zeros(len(SUM_KEYS), dtype=torch.float64)
-        with torch.no_grad():
-            for _, raw in itertools.islice(batches, count):
-                sums += compute_micro_batch(
-                    engine, reference_logps, make_batch(raw).to(device), settings
-                ).sums
-        engine.train()
-        return sums_to_metrics(_all_reduce(sums, device), prefix="eval_") | {
-            "eval_pairs": count * micro * ctx.world_size
-        }
-
-    state: dict[str, Any] = {"step": 0, "best": None, "last_eval": {}}
-    if ctx.resume_checkpoint is not None:
-        state |= load_state(engine, ctx.resume_checkpoint, rank=ctx.rank)
-    log = MetricsLog(
-        Path(config.output_dir), total_steps=steps, initial_step=state["step"], enabled=ctx.is_main
-    )
-    window = torch.zeros(len(SUM_KEYS), dtype=torch.float64)
-    window_started, window_steps = time.perf_counter(), 0
-    has_eval = (
-        ctx.eval is not None and ctx.eval.num_rows >= micro * ctx.world_size and train.eval_strategy != "no"
-    )
-    step = state["step"]
-    try:
-        while step < steps:
-            epoch, done_in_epoch = divmod(step, per_epoch)
-            my_steps = ctx.my_steps(ctx.train, micro, accum, epoch, length_group_window=group_window,
-                                    seed=train.seed, token_budget=budget)  # fmt: skip
-            for _ in range(done_in_epoch):  # the data position of a resumed run
-                next(my_steps)
-            for _ in range(done_in_epoch, per_epoch):
-                if step >= steps:
-                    break
-                window += _all_reduce(train_step(next(my_steps), step + 1), device)
-                step += 1
-                window_steps += 1
-                log.advance()
-                last = step == steps
-                epoch_end = step % per_epoch == 0
-                metrics: dict[str, Any] = {}
-                if step % train.logging_steps == 0 or last:
-                    elapsed = time.perf_counter() - window_started
-                    metrics = sums_to_metrics(window) | {
-                        "grad_norm": _float(
-                            grad_norm[0] if grad_norm[0] is not None else engine.get_global_grad_norm()
-                        ),
-                        "learning_rate": scheduler.get_last_lr()[0],
-                        "tokens_per_second": window[SUM_KEYS.index("tokens")].item() / max(elapsed, 1e-9),
-                        "seconds_per_step": elapsed / max(window_steps, 1),
-                        # Forward passes per optimizer step over all workers (varies with a token budget).
-                        "micro_batches_per_step": window[SUM_KEYS.index("micro_batches")].item()
-                        / max(window_steps, 1),
-                    }
-                    window.zero_()
-                    window_started, window_steps = time.perf_counter(), 0
-                eval_due = has_eval and (
-                    last
-                    or (train.eval_strategy == "steps" and step % train.eval_steps == 0)
-                    or (train.eval_strategy == "epoch" and epoch_end)
-                )
-                save_due = train.save_strategy != "no" and (
-                    last
-                    or (train.save_strategy == "steps" and step % train.save_steps == 0)
-                    or (train.save_strategy == "epoch" and epoch_end)
-                )
-                if save_due and has_eval and not eval_due and train.best_metric.startswith("eval_"):
-                    eval_due = True  # a checkpoint is ranked by a fresh eval metric
-                if eval_due:
-                    state["last_eval"] = evaluate(step)
-                    metrics |= state["last_eval"]
-                if metrics or save_due:
-                    metrics |= {"step": step, "epoch": step / per_epoch}
-                    log.log(metrics)
-                if save_due:
-                    state["step"] = step
-                    _update_best(state, train.best_metric, train.best_mode, step)
-                    _save_and_report(engine, ctx, state, metrics)
-                elif metrics:
-                    ctx.report(metrics, None, None)
-    finally:
-        log.close()
-
-    if train.load_best_at_end:
-        best = ctx.best_checkpoint()
-        if best is not None:
-            load_state(engine, best, rank=ctx.rank, weights_only=True)
-    summary = {"steps": step, "epochs": step / per_epoch, "precision": precision, **state["last_eval"]}
-    export_final(engine, tokenizer, config, Path(config.output_dir) / FINAL_DIR, rank=ctx.rank,
-                 metrics_summary=summary)  # fmt: skip
-    dist.barrier()
-    return summary
-
-
-def _prepare_reference(reference: torch.nn.Module, ds_config: dict[str, Any], zero_stage: int,
-                       device: torch.device) -> Any:  # fmt: skip
-    """Under ZeRO-3 the frozen reference is sharded like the policy (an engine with no optimizer);
-    otherwise it is simply moved to the device."""
-    if zero_stage != 3:
-        return reference.to(device).eval()
-    import deepspeed
-
-    ref_config = {
-        k: v for k, v in ds_config.items() if k not in ("optimizer", "scheduler", "gradient_clipping")
-    }
-    engine, *_ = deepspeed.initialize(model=reference, config=ref_config)
-    engine.eval()
-    return engine
-
-
 def _all_reduce(sums: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Sum (K,) float64 over workers (through `device`, which the backend needs) -> (K,) on the CPU."""
     import torch.distributed as dist
 
     reduced = sums.to(device)
@@ -375,19 +295,3 @@ def _float(value: Any) -> float:
     return float(
         value.item() if isinstance(value, torch.Tensor) else (value if value is not None else float("nan"))
     )
-
-
-def _update_best(state: dict[str, Any], metric: str, mode: str, step: int) -> None:
-    value = state["last_eval"].get(metric)
-    if value is None:
-        return
-    best = state["best"]
-    if best is None or (value < best["value"] if mode == "min" else value > best["value"]):
-        state["best"] = {"step": step, "value": value}
-
-
-def _save_and_report(engine: Any, ctx: WorkerContext, state: dict[str, Any], metrics: dict[str, Any]) -> None:
-    step = state["step"]
-    staging = Path(tempfile.mkdtemp(prefix=f"ckpt-{step:07d}-", dir=ctx.scratch_dir))
-    save_state(engine, staging, rank=ctx.rank, client_state=state)
-    ctx.report(metrics | state["last_eval"] | {"step": step}, staging, f"step-{step:07d}")

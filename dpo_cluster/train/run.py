@@ -1,22 +1,7 @@
-"""DPO on a Ray cluster: prepare the data with Ray Data, then Ray Train's `TorchTrainer` runs
-`train_loop` on every worker with DeepSpeed.
-
-- Data: the prepared splits are materialized in the object store (spilling to disk if large) and
-  stream into every worker via `get_dataset_shard`, unsplit and in a fixed order; each worker keeps
-  its own micro-batches (see `dpo_cluster.train.context`). No worker reads or tokenizes raw data.
-  With `reference.mode: precompute` an actor pool of the reference adds the reference log-probs
-  to every pair, beside training where the cluster has room (`dpo_cluster.data.reference_stream`:
-  the workers then read the stage's log instead of the datasets) or before it
-  (`dpo_cluster.data.reference_logps`), and the workers load no reference.
-- Checkpoints: every worker reports its DeepSpeed shard files and Ray Train merges them into one
-  checkpoint under `scaling.storage_path` (default `output_dir/ray_results`), keeping
-  `train.num_checkpoints_to_keep`, ranked by `train.best_metric` when there is eval data.
-- Failures: with `train.max_failures > 0` a failed worker group restarts from the latest
-  checkpoint; `train.resume_from` continues a stopped run from a checkpoint directory.
-- Outputs: rank 0 writes `metrics.jsonl`, TensorBoard files, `workers.json` (which node, node rank
-  and local rank each worker ran on) and `final/` into `output_dir`, which
-  on a multi-node cluster must be storage every node reaches (like `storage_path`); the driver
-  then draws `training_curves.png` from metrics.jsonl.
+"""The Ray Train driver: prepare the data with Ray Data, then `TorchTrainer` runs `train_loop` on
+every worker with DeepSpeed. Workers read the prepared (and, with `reference.mode: precompute`,
+reference-scored) pairs from the object store, unsplit and in one fixed order, so no worker reads
+or tokenizes raw data and any worker count sees the same global batches.
 """
 
 from __future__ import annotations
@@ -28,6 +13,7 @@ import signal
 import tempfile
 import threading
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -50,67 +36,90 @@ class TrainingResult:
 
 
 def _worker_entry(loop_config: dict[str, Any]) -> None:
+    """Every Ray Train worker: record where it runs, build its `WorkerContext`, run `train_loop`."""
     import ray.train
-    import torch
 
     config: Config = loop_config["config"]
-    counts: dict[str, int] = loop_config["counts"]
-    reference_log = loop_config["reference_log"]  # a PairLog actor, or None
     # Iterating the materialized splits logs a line per pass at INFO; keep warnings and errors.
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     context = ray.train.get_context()
-    local_rank = context.get_local_rank()
-    use_gpu = config.scaling.use_gpu
-    device = torch.device(f"cuda:{local_rank}" if use_gpu else "cpu")
     _record_placement(Path(config.output_dir), context)
+    # reference_log: a PairLog actor, or None
+    ctx = _build_worker_context(config, context, loop_config["counts"], loop_config["reference_log"])
+    train_loop(config, ctx)
 
-    def source(split: str, shuffle: bool) -> PairSource | None:
-        if counts.get(split, 0) == 0:
-            return None
-        if reference_log is not None:  # the reference stage's log, scored beside training
-            from dpo_cluster.reference.stream import LogPairSource
 
-            return LogPairSource(reference_log, split, counts[split], config.train.seed, shuffle)
-        return RayShardPairSource(
-            ray.train.get_dataset_shard(split), counts[split], config.train.seed, shuffle
-        )
+def _build_worker_context(
+    config: Config, context: Any, counts: dict[str, int], reference_log: Any
+) -> WorkerContext:
+    """This worker's `WorkerContext` from Ray Train's context (`ray.train.get_context()`)."""
+    import torch
 
-    resume: Path | None = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:  # restarted after a failure: continue from the latest checkpoint
-        resume = Path(checkpoint.to_directory())
-    elif config.train.resume_from:
-        resume = Path(config.train.resume_from)
-
-    def report(metrics: dict[str, Any], directory: Path | None, name: str | None) -> None:
-        checkpoint = ray.train.Checkpoint.from_directory(str(directory)) if directory is not None else None
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name if checkpoint else None)
-
-    def best() -> Path | None:
-        metric, mode = config.train.best_metric, config.train.best_mode
-        scored = [
-            (rc.metrics[metric], rc.checkpoint)
-            for rc in ray.train.get_all_reported_checkpoints()
-            if rc.metrics.get(metric) is not None
-        ]
-        if not scored:
-            return None
-        pick = min if mode == "min" else max
-        return Path(pick(scored, key=lambda item: item[0])[1].to_directory())
-
-    ctx = WorkerContext(
+    local_rank = context.get_local_rank()
+    source = partial(_pair_source, config, counts, reference_log)
+    train = source("train", shuffle=config.train.shuffle)
+    assert train is not None  # a run has training pairs (prepare checks)
+    return WorkerContext(
         rank=context.get_world_rank(),
         world_size=context.get_world_size(),
         local_rank=local_rank,
-        device=device,
-        train=source("train", shuffle=config.train.shuffle),  # type: ignore[arg-type]
+        device=torch.device(f"cuda:{local_rank}" if config.scaling.use_gpu else "cpu"),
+        train=train,
         eval=source("eval", shuffle=False),
-        report=report,
-        resume_checkpoint=resume,
-        best_checkpoint=best,
+        report=_report,
+        resume_checkpoint=_resume_checkpoint(config),
+        best_checkpoint=partial(_best_checkpoint, config.train.best_metric, config.train.best_mode),
         scratch_dir=Path(tempfile.mkdtemp(prefix="dpo-worker-")),
     )
-    train_loop(config, ctx)
+
+
+def _pair_source(
+    config: Config, counts: dict[str, int], reference_log: Any, split: str, shuffle: bool
+) -> PairSource | None:
+    """A split's pairs: the dataset shard, or the reference stage's log where it scores beside
+    training; None for an empty split."""
+    import ray.train
+
+    if counts.get(split, 0) == 0:
+        return None
+    if reference_log is not None:  # the reference stage's log, scored beside training
+        from dpo_cluster.reference.stream import LogPairSource
+
+        return LogPairSource(reference_log, split, counts[split], config.train.seed, shuffle)
+    return RayShardPairSource(ray.train.get_dataset_shard(split), counts[split], config.train.seed, shuffle)
+
+
+def _resume_checkpoint(config: Config) -> Path | None:
+    """The latest reported checkpoint after a failure restarted the workers, else `train.resume_from`."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        return Path(checkpoint.to_directory())
+    return Path(config.train.resume_from) if config.train.resume_from else None
+
+
+def _report(metrics: dict[str, Any], directory: Path | None, name: str | None) -> None:
+    """`ray.train.report`, with this worker's checkpoint files in `directory` when there are some."""
+    import ray.train
+
+    checkpoint = ray.train.Checkpoint.from_directory(str(directory)) if directory is not None else None
+    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name if checkpoint else None)
+
+
+def _best_checkpoint(metric: str, mode: str) -> Path | None:
+    """The reported checkpoint with the best `metric` (`mode`: min | max), None where none has it."""
+    import ray.train
+
+    scored = [
+        (rc.metrics[metric], rc.checkpoint)
+        for rc in ray.train.get_all_reported_checkpoints()
+        if rc.metrics.get(metric) is not None
+    ]
+    if not scored:
+        return None
+    pick = min if mode == "min" else max
+    return Path(pick(scored, key=lambda item: item[0])[1].to_directory())
 
 
 def _record_placement(output_dir: Path, context: Any) -> None:
@@ -137,71 +146,108 @@ def _record_placement(output_dir: Path, context: Any) -> None:
 
 
 def run_training(config: Config) -> TrainingResult:
-    """Prepare (or reuse) the data, train on the Ray cluster, return where final/ is."""
-    import ray.data
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+    """Prepare (or reuse) the data, train on the Ray cluster, return where final/ is.
 
+    Checkpoints go under `scaling.storage_path` (default output_dir/ray_results), keeping
+    `train.num_checkpoints_to_keep`, ranked by `train.best_metric` when there is eval data; with
+    `train.max_failures > 0` a failed worker group restarts from the latest one. Rank 0 writes
+    metrics.jsonl, TensorBoard files, workers.json and final/ into output_dir (on several nodes,
+    storage every node reaches, like storage_path); training_curves.png is drawn here after.
+    """
     from dpo_cluster.data.pipeline import prepare
 
     config = config.with_absolute_paths()  # workers run in their own working directory
     prepared = prepare(config)  # also joins or starts the Ray cluster
     counts = {split: stats["rows_kept"] for split, stats in prepared.report["splits"].items()}
-    # Materialized here, before the workers take their CPUs: iterating it then needs no Ray Data
-    # tasks in the workers (which could starve waiting for CPUs the workers hold), and
-    # preserve_order fixes the order, so runs repeat and worker counts are interchangeable.
+    _configure_ray_data()
+    stream, datasets = _training_datasets(config, prepared)
+    result = _fit(_build_trainer(config, counts, datasets, stream), stream)
+    output_dir = Path(config.output_dir)
+    metrics_path = output_dir / METRICS_FILE
+    if metrics_path.exists():
+        plot_training_curves(metrics_path, output_dir / CURVES_FILE)
+    checkpoint = result.checkpoint
+    return TrainingResult(
+        final_dir=output_dir / FINAL_DIR,
+        metrics=dict(result.metrics or {}),
+        checkpoint_dir=Path(checkpoint.path) if checkpoint is not None else None,
+    )
+
+
+def _configure_ray_data() -> None:
+    """Ray Data settings the training datasets are made with (a dataset keeps the context it was
+    made with)."""
+    import ray.data
+
     data_context = ray.data.DataContext.get_current()
+    # A fixed order: runs repeat, and worker counts are interchangeable.
     data_context.execution_options.preserve_order = True
     # Workers iterate these every epoch and evaluation; per-iteration progress bars would flood the
-    # log (a dataset carries the context it was made with). The loop's own bar shows progress.
+    # log. The loop's own bar shows progress.
     data_context.enable_progress_bars = False
-    stream = None
-    if config.reference.resolved_mode(config.lora.enabled) == "precompute":
-        from dpo_cluster.reference.precompute import compute_reference_logps
-        from dpo_cluster.reference.stream import start_streamed_reference
 
-        # The reference actor pool scores beside training, the workers reading its log; or, where
-        # it cannot overlap (or the cache has the values), it scores every pair now and its actors
-        # exit before the workers start: the trainer's datasets are then the stage's output.
-        stream, why_not = start_streamed_reference(config, prepared)
-        if stream is None:
-            logger.info("reference log-probs before training: %s", why_not)
-        datasets = {} if stream is not None else compute_reference_logps(config, prepared).datasets
-    else:
-        datasets = {split: ds.materialize() for split, ds in prepared.datasets().items()}
-    has_eval = counts.get("eval", 0) > 0
-    train = config.train
-    output_dir = Path(config.output_dir)
-    storage = config.scaling.storage_path or str(output_dir / "ray_results")
+
+def _training_datasets(config: Config, prepared: Any) -> tuple[Any, dict[str, Any]]:
+    """(the reference stage scoring beside training, or None; the trainer's datasets).
+
+    Materialized here, before the workers take their CPUs: iterating them then needs no Ray Data
+    tasks in the workers, which could starve waiting for CPUs the workers hold."""
+    if config.reference.resolved_mode(config.lora.enabled) != "precompute":
+        return None, {split: ds.materialize() for split, ds in prepared.datasets().items()}
+    from dpo_cluster.reference.precompute import compute_reference_logps
+    from dpo_cluster.reference.stream import start_streamed_reference
+
+    # The reference actor pool scores beside training, the workers reading its log; or, where it
+    # cannot overlap (or the cache has the values), it scores every pair now and its actors exit
+    # before the workers start: the trainer's datasets are then the stage's output.
+    stream, why_not = start_streamed_reference(config, prepared)
+    if stream is not None:
+        return stream, {}
+    logger.info("reference log-probs before training: %s", why_not)
+    return None, compute_reference_logps(config, prepared).datasets
+
+
+def _worker_env(config: Config) -> dict[str, str]:
+    """Environment variables of the workers: DeepSpeed's accelerator, and the driver's offline and
+    cache settings."""
     env = {"DS_ACCELERATOR": "cuda" if config.scaling.use_gpu else "cpu"}
     for key in ("HF_HUB_OFFLINE", "DPO_CLUSTER_CACHE", "HF_HOME"):
         if key in os.environ:
             env[key] = os.environ[key]
+    return env
 
-    trainer = TorchTrainer(
+
+def _build_trainer(config: Config, counts: dict[str, int], datasets: dict[str, Any], stream: Any) -> Any:
+    """The `TorchTrainer` running `_worker_entry` on `scaling.num_workers` workers."""
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    train, scaling, output_dir = config.train, config.scaling, Path(config.output_dir)
+    return TorchTrainer(
         _worker_entry,
         train_loop_config={
             "config": config,
             "counts": counts,
             "reference_log": stream.log if stream else None,
         },
-        torch_config=TorchConfig(backend="nccl" if config.scaling.use_gpu else "gloo"),
+        torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=config.scaling.num_workers,
-            use_gpu=config.scaling.use_gpu,
-            resources_per_worker=config.scaling.resources_per_worker or None,
-            placement_strategy=config.scaling.placement_strategy,
+            num_workers=scaling.num_workers,
+            use_gpu=scaling.use_gpu,
+            resources_per_worker=scaling.resources_per_worker or None,
+            placement_strategy=scaling.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
             name=output_dir.name,
-            storage_path=storage,
+            storage_path=scaling.storage_path or str(output_dir / "ray_results"),
             failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=train.num_checkpoints_to_keep,
-                checkpoint_score_attribute=train.best_metric if has_eval else None,
+                checkpoint_score_attribute=train.best_metric if counts.get("eval", 0) > 0 else None,
                 checkpoint_score_order=train.best_mode,
             ),
-            worker_runtime_env={"env_vars": env},
+            worker_runtime_env={"env_vars": _worker_env(config)},
         ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(
@@ -209,6 +255,11 @@ def run_training(config: Config) -> TrainingResult:
             execution_options=ray.data.ExecutionOptions(preserve_order=True),
         ),
     )
+
+
+def _fit(trainer: Any, stream: Any) -> Any:
+    """`trainer.fit()`; the reference stage beside training is stopped when training fails and
+    closed when it succeeds."""
     # Ray Train installs its own Ctrl-C handler (abort the run) and leaves it in place: put the
     # caller's back, or a later Ctrl-C (stopping the demo's server, say) would go unheard.
     sigint = signal.getsignal(signal.SIGINT)
@@ -224,12 +275,4 @@ def run_training(config: Config) -> TrainingResult:
             signal.signal(signal.SIGINT, sigint)
     if stream is not None:
         stream.close()  # scored, cached and reported by now: the workers read every block
-    metrics_path = output_dir / METRICS_FILE
-    if metrics_path.exists():
-        plot_training_curves(metrics_path, output_dir / CURVES_FILE)
-    checkpoint = result.checkpoint
-    return TrainingResult(
-        final_dir=output_dir / FINAL_DIR,
-        metrics=dict(result.metrics or {}),
-        checkpoint_dir=Path(checkpoint.path) if checkpoint is not None else None,
-    )
+    return result

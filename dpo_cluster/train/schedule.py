@@ -1,19 +1,9 @@
-"""Learning-rate schedules (`train.lr_scheduler`, `train.warmup_ratio`) as torch `LambdaLR`s.
-
-Every schedule warms up linearly from 0 over the warmup steps, then:
-- linear: decays linearly to 0 at the last step;
-- cosine: follows half a cosine period down to 0 at the last step;
-- constant: stays at the configured learning rate.
-
-The multipliers are those of transformers' `get_linear_schedule_with_warmup`,
-`get_cosine_schedule_with_warmup` (num_cycles 0.5) and `get_constant_schedule_with_warmup`, so
-learning rates line up with TRL's step for step (tested against them), except that constant
-keeps its warmup, as documented (transformers' "constant" ignores it). Written out here also
-because importing transformers' schedules imports its Trainer utilities and, through them, peft,
-into every training worker, LoRA or not (about 100 MB resident over torch and transformers alone;
-most of it is shared with what DeepSpeed imports anyway).
-
-Pure torch: no ray, no deepspeed.
+"""Learning-rate schedules (`train.lr_scheduler`, `train.warmup_ratio`) as torch `LambdaLR`s: a
+linear warmup from 0, then a linear decay to 0 at the last step, half a cosine period down to 0,
+or constant. The multipliers are those of transformers' `get_linear_schedule_with_warmup`,
+`get_cosine_schedule_with_warmup` and `get_constant_schedule_with_warmup` (except that constant
+keeps its warmup), written out so that a training worker never imports transformers' Trainer
+utilities and, through them, peft.
 """
 
 from __future__ import annotations

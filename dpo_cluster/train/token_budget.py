@@ -1,27 +1,8 @@
-"""Token-budget micro-batches (`train.max_tokens_per_micro_batch`): each optimizer step's pairs are
-cut into forward passes by the tokens they cost, not by a fixed pair count.
-
-An optimizer step keeps its configured pairs (micro_batch_size x gradient_accumulation_steps x
-num_workers, the global batch that DPO's hyperparameters are tuned for). Only how those pairs are
-split into forward passes changes:
-
-1. The step's pairs are sorted by padded length, longest first (`pair_lengths`; ties keep stream
-   order) and cut greedily: a micro-batch takes pairs while its cost stays within the budget
-   (`micro_batch_cost`). Long pairs go a few at a time, short ones many at a time, so every
-   forward costs about the same memory. A pair that alone is over the budget forms a micro-batch
-   of its own (the config check makes the budget hold a pair of data.max_length tokens).
-2. While the number of micro-batches is not a multiple of the worker count, the one with the most
-   pairs is halved, so every worker runs the same number of forwards and backwards: DeepSpeed's
-   collectives (ZeRO-2 gradient reduction, ZeRO-3 parameter gathers) happen per micro-batch and
-   must line up across workers.
-3. Micro-batch j goes to worker j % world_size.
-
-The loop weights each micro-batch's mean loss by its share of the worker's pairs (pairs /
-(pairs of the step / world_size)) and marks the last one as the accumulation boundary, so the
-gradient is the mean over the step's pairs, as with fixed micro-batches. The cut depends only on
-the step's pairs, so every worker computes the same one.
-
-Pure numpy: no torch, ray or deepspeed.
+"""Token-budget micro-batches (`train.max_tokens_per_micro_batch`): each optimizer step's pairs
+are cut into forward passes by the tokens they cost rather than by a fixed pair count, so every
+forward costs about the same memory while a step keeps the global batch (micro_batch_size x
+gradient_accumulation_steps x num_workers) that DPO's hyperparameters are tuned for. The cut works
+on sequence lengths alone, with numpy; the layout helpers it uses come from `dpo_cluster.batch`.
 """
 
 from __future__ import annotations
@@ -52,7 +33,13 @@ class TokenBudget:
         return micro_batch_cost(sequence_lengths, self.layout, self.row_tokens)
 
     def cut(self, pairs: Mapping[str, Any], world_size: int) -> list[list[np.ndarray]]:
-        """A step's pairs -> for each worker, the index arrays of its micro-batches (see the module)."""
+        """A step's pairs -> for each worker, the index arrays of its micro-batches.
+
+        Pairs go longest first (`pair_lengths`; ties keep stream order) into a micro-batch while its
+        `cost` stays within the budget; a pair over the budget alone forms a micro-batch of its own
+        (the config check makes the budget hold a pair of data.max_length tokens). `deal` then gives
+        every worker as many. The cut depends only on the step's pairs, so every worker computes it alike.
+        """
         prompts, chosen, rejected = (pairs[name] for name in ID_COLUMNS)
         chosen_lengths = [len(p) + len(c) for p, c in zip(prompts, chosen)]
         rejected_lengths = [len(p) + len(r) for p, r in zip(prompts, rejected)]
@@ -87,8 +74,10 @@ def micro_batch_cost(sequence_lengths: Sequence[int], layout: Layout, row_tokens
 
 def deal(pieces: list[list[int]], world_size: int) -> list[list[list[int]]]:
     """Halve the largest micro-batch until their number is a multiple of `world_size`, then deal
-    micro-batch j to worker j % world_size. Needs at least `world_size` pairs in all when the
-    count is not already a multiple (a step always has a multiple of world_size pairs)."""
+    micro-batch j to worker j % world_size: DeepSpeed's collectives (ZeRO-2 gradient reduction,
+    ZeRO-3 parameter gathers) run per micro-batch and must line up across workers. Needs at least
+    `world_size` pairs in all when the count is not already a multiple (a step always has a
+    multiple of world_size pairs)."""
     pieces = [list(p) for p in pieces]
     while len(pieces) % world_size:
         largest = max(range(len(pieces)), key=lambda j: (len(pieces[j]), -j))

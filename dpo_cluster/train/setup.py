@@ -1,0 +1,266 @@
+"""What the per-worker training loop runs with, built once per run: the process group, seeds,
+tokenizer, policy and reference, the DeepSpeed engine with its LR schedule, and the micro-batch
+layout. Every worker builds these in the same order, seeded before any weights are made, so
+random initialisation (LoRA adapters) and every later random draw agree across workers.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import socket
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import numpy as np
+import torch
+
+from dpo_cluster.batch.collate import collate_pairs
+from dpo_cluster.batch.logps import MicroBatch, sequence_logps
+from dpo_cluster.batch.packing import PackingRoute, pack_pairs, packing_route
+from dpo_cluster.config import Config, TrainConfig
+from dpo_cluster.modeling import load_policy, load_reference, load_tokenizer, reference_context
+from dpo_cluster.train.context import Batch, WorkerContext
+from dpo_cluster.train.deepspeed_config import build_deepspeed_config, resolve_precision
+from dpo_cluster.train.forward import LossSettings, build_loss_settings
+from dpo_cluster.train.schedule import build_lr_scheduler
+from dpo_cluster.train.token_budget import TokenBudget
+
+
+def steps_per_epoch(config: Config, num_rows: int, world_size: int) -> int:
+    """Optimizer steps in one pass: full global batches only (the remainder waits for the next epoch)."""
+    return num_rows // config.train.pairs_per_step(world_size)
+
+
+def total_steps(config: Config, num_rows: int, world_size: int) -> int:
+    """Optimizer steps of the run: `train.max_steps`, else `train.num_epochs` passes (at least one step)."""
+    per_epoch = steps_per_epoch(config, num_rows, world_size)
+    if config.train.max_steps is not None:
+        return config.train.max_steps
+    return max(1, math.ceil(config.train.num_epochs * per_epoch))
+
+
+def init_process_group(ctx: WorkerContext, backend: str) -> None:
+    """Ray Train sets up torch.distributed; a plain single process gets a 1-worker group."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    if ctx.world_size != 1:
+        raise RuntimeError("torch.distributed is not initialized but world_size > 1")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
+                       "LOCAL_RANK": "0"}.items():  # fmt: skip
+        # Set, not defaulted: values inherited from a parent process that trained in-process too
+        # name a port that process still listens on.
+        os.environ[key] = value
+    deepspeed.init_distributed(dist_backend=backend)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's generators (every CUDA device's too)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Set every dropout probability to 0 in place."""
+    # As TRL's DPOTrainer does by default: dropout would make policy and reference log-probs
+    # differ by noise at the first step, and the DPO reward is a difference of log-probs.
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+@dataclass(frozen=True)
+class ReferenceSource:
+    """Where a micro-batch's reference log-probs come from, per `reference.mode`: a separate frozen
+    model ("model"), the policy with its LoRA adapter off ("adapter_disabled"), or columns the data
+    already carries ("precompute", "precomputed")."""
+
+    mode: str
+    policy: torch.nn.Module  # the engine's module
+    model: Any  # the frozen reference (a module, or an engine under ZeRO-3); None unless mode is model
+    ld_alpha: float | None  # train.ld_alpha: LD-DPO weights the reference's log-probs as the policy's
+
+    def compute_logps(self, batch: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reference log-probs of the batch's B pairs -> (chosen (B,), rejected (B,)), without grad."""
+        if self.mode in ("precompute", "precomputed"):
+            return _precomputed_logps(batch, self.mode)
+        n = batch.num_pairs
+        model = self.policy if self.mode == "adapter_disabled" else self.model
+        with reference_context(self.policy, self.mode):
+            logps, _, _ = sequence_logps(model, batch, ld_alpha=self.ld_alpha)
+        return logps[:n].detach(), logps[n:].detach()
+
+
+def _precomputed_logps(batch: MicroBatch, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    # precompute: the reference stage (dpo_cluster.reference) has added the columns to the data
+    # before training; from here on it is the same as precomputed.
+    if batch.ref_chosen_logps is None or batch.ref_rejected_logps is None:
+        where = (
+            "run_training adds them; with run_local pass the reference stage's split "
+            "directories (ReferenceLogps.split_dir)"
+            if mode == "precompute"
+            else "add them to the data"
+        )
+        raise ValueError(
+            f"reference.mode is {mode} but the data has no ref_chosen_logps / "
+            f"ref_rejected_logps columns ({where})"
+        )
+    return batch.ref_chosen_logps, batch.ref_rejected_logps
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """How raw pairs become micro-batches (`dpo_cluster.batch.packing`): packed rows where every
+    model scoring them supports it, else padded rows, grouped by length when asked for or when
+    packing falls back; cut by a token budget when `train.max_tokens_per_micro_batch` is set."""
+
+    route: PackingRoute | None  # None: padded rows
+    note: str  # the packing route's description, or why packing fell back ("" without packing)
+    group_window: int | None  # micro-batches per length-grouping window; None: stream order
+    budget: TokenBudget | None
+    pad_id: int
+    row_tokens: int | None  # train.packing_row_tokens
+
+    def build_batch(self, raw: Batch) -> MicroBatch:
+        """A micro-batch of B pairs as columns -> padded rows (2B, T) or packed rows (R, L)."""
+        if self.route is None:
+            return collate_pairs(raw, self.pad_id)
+        return pack_pairs(raw, self.pad_id, row_tokens=self.row_tokens, varlen=self.route == "varlen")
+
+
+def build_layout(train: TrainConfig, policy: Any, reference: Any, pad_id: int) -> BatchLayout:
+    """The layout of `train.packing`, `train.group_by_length` and the token budget for these models."""
+    group_window = train.length_group_window if train.group_by_length else None
+    route, note = packing_route(policy, reference) if train.packing else (None, "")
+    if train.packing and route is None:
+        group_window = train.length_group_window
+    budget = None
+    if train.max_tokens_per_micro_batch is not None:
+        # The same pairs per step, cut into forwards by what they cost in this layout.
+        budget = TokenBudget(train.max_tokens_per_micro_batch, route or "padded", train.packing_row_tokens)
+    return BatchLayout(route, note, group_window, budget, pad_id, train.packing_row_tokens)
+
+
+def build_engine(
+    config: Config, ctx: WorkerContext, policy: torch.nn.Module, ds_config: dict[str, Any], steps: int
+) -> tuple[Any, Any]:
+    """`deepspeed.initialize` over the policy's trainable weights, with the torch LR schedule of
+    `train.lr_scheduler` over `steps` optimizer steps -> (engine, scheduler)."""
+    import deepspeed
+
+    train = config.train
+    warmup = math.ceil(train.warmup_ratio * steps)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=policy,
+        model_parameters=[p for p in policy.parameters() if p.requires_grad],
+        config=ds_config,
+        lr_scheduler=partial(
+            build_lr_scheduler, kind=train.lr_scheduler, warmup_steps=warmup, total_steps=steps
+        ),
+    )
+    if ctx.world_size == 1 and config.deepspeed.zero_stage == 0:
+        # One worker has nothing to average, but DeepSpeed's no-ZeRO path would still flatten every
+        # gradient into one buffer at each step boundary (a second full copy of the gradients, the
+        # top of the memory curve) and all-reduce it with itself.
+        engine.enable_backward_allreduce = False
+    return engine, scheduler
+
+
+def prepare_reference(
+    reference: torch.nn.Module, ds_config: dict[str, Any], zero_stage: int, device: torch.device
+) -> Any:
+    """Under ZeRO-3 the frozen reference is sharded like the policy (an engine with no optimizer);
+    otherwise it is simply moved to the device."""
+    if zero_stage != 3:
+        return reference.to(device).eval()
+    import deepspeed
+
+    ref_config = {
+        k: v for k, v in ds_config.items() if k not in ("optimizer", "scheduler", "gradient_clipping")
+    }
+    engine, *_ = deepspeed.initialize(model=reference, config=ref_config)
+    engine.eval()
+    return engine
+
+
+@dataclass
+class TrainSetup:
+    """Everything `train_loop` runs with, the same on every worker."""
+
+    config: Config
+    tokenizer: Any
+    engine: Any  # deepspeed.DeepSpeedEngine over the policy
+    scheduler: Any  # the engine's torch LR scheduler
+    reference: ReferenceSource
+    layout: BatchLayout
+    settings: LossSettings
+    precision: str  # resolved deepspeed.precision: fp32 | bf16 | fp16
+    steps: int  # optimizer steps of the run
+    per_epoch: int  # optimizer steps per pass over the training split
+    has_eval: bool  # eval data enough for one micro-batch per worker, and an eval strategy
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
+
+
+def build_setup(config: Config, ctx: WorkerContext) -> TrainSetup:
+    """Process group, seeds, tokenizer, models, DeepSpeed engine and layout, in that order.
+    Raises ValueError when the training split holds fewer pairs than one global batch."""
+    train, use_gpu = config.train, config.scaling.use_gpu
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if use_gpu else "cpu")  # read when deepspeed imports
+    init_process_group(ctx, "nccl" if use_gpu else "gloo")
+    seed_everything(train.seed)
+    per_epoch = steps_per_epoch(config, ctx.train.num_rows, ctx.world_size)
+    if per_epoch == 0:
+        raise ValueError(
+            f"{ctx.train.num_rows} training pairs are fewer than one global batch "
+            f"({train.pairs_per_step(ctx.world_size)} = train.micro_batch_size x gradient_accumulation_steps "
+            "x scaling.num_workers)"
+        )
+    steps = total_steps(config, ctx.train.num_rows, ctx.world_size)
+    tokenizer = load_tokenizer(config.tokenizer_path(), trust_remote_code=config.model.trust_remote_code)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    policy = load_policy(config.model, config.lora)
+    # None unless mode is model: adapter_disabled reuses the policy, precompute / precomputed read
+    # the reference log-probs from the data, so those workers hold no second model.
+    reference = load_reference(config.model, config.reference, config.lora)
+    if train.disable_dropout:
+        for model in (policy, reference):
+            if model is not None:
+                disable_dropout(model)
+    bf16_ok = use_gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    ds_config = build_deepspeed_config(config, world_size=ctx.world_size, bf16_supported=bf16_ok)
+    engine, scheduler = build_engine(config, ctx, policy, ds_config, steps)
+    if reference is not None:
+        reference = prepare_reference(reference, ds_config, config.deepspeed.zero_stage, engine.device)
+    micro = train.micro_batch_size
+    has_eval = (
+        ctx.eval is not None and ctx.eval.num_rows >= micro * ctx.world_size and train.eval_strategy != "no"
+    )
+    return TrainSetup(
+        config=config,
+        tokenizer=tokenizer,
+        engine=engine,
+        scheduler=scheduler,
+        reference=ReferenceSource(
+            config.reference.resolved_mode(config.lora.enabled), engine.module, reference, train.ld_alpha
+        ),
+        layout=build_layout(train, engine.module, reference, pad_id),
+        settings=build_loss_settings(train),
+        precision=resolve_precision(config.deepspeed.precision, use_gpu, bf16_ok),
+        steps=steps,
+        per_epoch=per_epoch,
+        has_eval=has_eval,
+    )
