@@ -1,12 +1,11 @@
-"""The `dpo-cluster` command line.
+"""The `dpo-cluster` command line: one subcommand per program, each a thin call into the library.
 
-    dpo-cluster {prepare,train,eval,serve,bench} --config PATH [dotted.key=value ...]
+    dpo-cluster {prepare,train,eval,serve} --config PATH [dotted.key=value ...]
     dpo-cluster demo
-    dpo-cluster bench data [--rows N]
-    dpo-cluster bench train [--steps N] [--modes trl,dpo-cluster,dpo-cluster-fast]
+    dpo-cluster bench {data,serve,train} [flags]
 
-Errors the user can fix (config, data) print one clear message and exit 2, never a traceback.
-`python jobs/<name>.py --config PATH [overrides]` runs the same commands inside a Ray job.
+Errors the user can fix (config, data) print one clear message and exit 2, never a traceback, so
+that a typo'd key reads as a typo. `python jobs/<name>.py` runs the same commands in a Ray job.
 """
 
 from __future__ import annotations
@@ -44,6 +43,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(run=cmd_train)
 
+    _add_serve_parser(sub)
+    _add_eval_parser(sub)
+    _add_demo_parser(sub)
+    p = sub.add_parser("bench", help="benchmarks that print side-by-side ratios against a peer")
+    bench = p.add_subparsers(dest="bench", required=True, metavar="WHAT")
+    _add_bench_data_parser(bench)
+    _add_bench_serve_parser(bench)
+    _add_bench_train_parser(bench)
+    return parser
+
+
+def _add_serve_parser(sub: Any) -> None:
     p = sub.add_parser(
         "serve",
         help="base and tuned side by side on Ray Serve: OpenAI API, /v1/compare, A/B arena",
@@ -56,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. serve.port=8080")
     p.set_defaults(run=cmd_serve)
 
+
+def _add_eval_parser(sub: Any) -> None:
     p = sub.add_parser(
         "eval",
         help="tuned vs base: held-out reward accuracy and a judged win rate; writes eval_report.json",
@@ -73,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="the JSON report (default: output_dir/eval_report.json)")
     p.set_defaults(run=cmd_eval)
 
+
+def _add_demo_parser(sub: Any) -> None:
     p = sub.add_parser(
         "demo",
         help="the whole system on its embedded default: data, DPO, evaluation, report, serving",
@@ -85,8 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. serve.port=8080")
     p.set_defaults(run=cmd_demo)
 
-    p = sub.add_parser("bench", help="benchmarks that print side-by-side ratios against a peer")
-    bench = p.add_subparsers(dest="bench", required=True, metavar="WHAT")
+
+def _add_bench_data_parser(bench: Any) -> None:
     b = bench.add_parser("data", help="this pipeline vs TRL's datasets.map preprocessing, rows/s")
     b.add_argument("--rows", type=int, default=20_000, help="generated preference pairs (default 20000)")
     b.add_argument(
@@ -94,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--output", default=None, help="also write the results as JSON to this path")
     b.set_defaults(run=cmd_bench_data)
+
+
+def _add_bench_serve_parser(bench: Any) -> None:
     b = bench.add_parser("serve", help="/v1/compare (both models) vs one generation: latency p50/p95")
     b.add_argument("--base", default="builtin:tiny", help="base model (default builtin:tiny)")
     b.add_argument("--tuned", default=None, help="tuned model or adapter (default: a LoRA over the base)")
@@ -103,12 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--port", type=int, default=8000, help="Serve HTTP port (default 8000)")
     b.add_argument("--output", default=None, help="also write the results as JSON to this path")
     b.set_defaults(run=cmd_bench_serve)
-    _add_bench_train_parser(bench)
-    return parser
 
 
 def _add_bench_train_parser(bench: Any) -> None:
-    from dpo_cluster.bench.train import MODES, BenchSettings
+    from dpo_cluster.bench.train_settings import MODES, BenchSettings
 
     d = BenchSettings(workdir="")
     b = bench.add_parser(

@@ -1,14 +1,9 @@
 """Loading pretrained artefacts by name, and the policy and reference models DPO trains against.
 
-Names are Hugging Face hub ids, local directories, or the project's own built-in models, built on
-first use into a cache directory so examples and tests run with no model hub: "builtin:tiny" (a
-byte-level BPE tokenizer and a randomly initialized 2-layer Qwen2) and "builtin:demo" (a 4-layer
-Qwen2 warmed up to write video titles, `dpo_cluster.demo.model`).
-
-`load_policy` loads the model being trained: all weights, a LoRA adapter over them, or a LoRA
-adapter over a 4-bit base (QLoRA). `load_reference` loads the frozen reference when the reference
-is a second model; with a LoRA policy the reference is usually the policy itself with its adapter
-switched off (`reference_context`), and with precomputed reference log-probs there is none.
+Names are hub ids, local directories, or "builtin:NAME": a model its owner builds (found by name
+through the `dpo_cluster.builtins` entry points, so this layer imports no owner), built once into
+a cache so examples and tests run with no model hub. The reference is a second model, the LoRA
+policy with its adapter off (`reference_context`), or none when its log-probs are precomputed.
 """
 
 from __future__ import annotations
@@ -16,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import uuid
 from collections.abc import Iterator
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +21,12 @@ import torch
 
 from dpo_cluster import __version__
 from dpo_cluster.config import LoraConfig, ModelConfig, ReferenceConfig
+from dpo_cluster.paths import install_directory, looks_local
 
 BUILTIN_PREFIX = "builtin:"
-BUILTINS = ("tiny", "demo")
+# The entry-point group of the built-in models: NAME = "module:builder", the builder taking the
+# directory to build into. Each owner declares its own in pyproject.toml.
+BUILTIN_GROUP = "dpo_cluster.builtins"
 # A built-in directory is complete only when all of these exist; a cache written by an older
 # layout (the tokenizer alone) is rebuilt rather than trusted.
 BUILTIN_FILES = ("tokenizer.json", "config.json", "model.safetensors")
@@ -37,42 +37,62 @@ def cache_dir() -> Path:
     return Path(os.environ.get("DPO_CLUSTER_CACHE", Path.home() / ".cache" / "dpo-cluster"))
 
 
+def builtin_entry_points() -> dict[str, EntryPoint]:
+    """The built-in models by name, as declared in the group `BUILTIN_GROUP` (nothing is imported).
+
+    The installed package's metadata is read; where it declares none (the source tree run without
+    installing it, as a Ray job's working_dir is), the table in the pyproject.toml beside the
+    package is, so both places always agree.
+    """
+    found = {ep.name: ep for ep in entry_points(group=BUILTIN_GROUP)}
+    return found or _pyproject_entry_points(Path(__file__).resolve().parents[1] / "pyproject.toml")
+
+
+def _pyproject_entry_points(pyproject: Path) -> dict[str, EntryPoint]:
+    """The `BUILTIN_GROUP` table of a pyproject.toml; empty without the file or tomllib (< 3.11)."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:
+        return {}
+    if not pyproject.is_file():
+        return {}
+    table = tomllib.loads(pyproject.read_text()).get("project", {}).get("entry-points", {})
+    return {
+        name: EntryPoint(name, value, BUILTIN_GROUP) for name, value in table.get(BUILTIN_GROUP, {}).items()
+    }
+
+
 def resolve_name_or_path(name_or_path: str) -> str:
-    """A hub id or path as is; "builtin:NAME" -> a local directory, built if missing."""
+    """A hub id or path as is; "builtin:NAME" -> a local directory, built if missing.
+
+    A complete directory already in `cache_dir()` is returned without importing its builder.
+    Raises ValueError listing the available built-ins for an unknown NAME.
+    """
     if not name_or_path.startswith(BUILTIN_PREFIX):
         return name_or_path
     name = name_or_path[len(BUILTIN_PREFIX) :]
-    if name not in BUILTINS:
-        raise ValueError(
-            f"unknown built-in {name_or_path!r}; available: {', '.join(BUILTIN_PREFIX + b for b in BUILTINS)}"
+    available = builtin_entry_points()
+    if name not in available:
+        listed = ", ".join(BUILTIN_PREFIX + n for n in sorted(available)) or (
+            f"none (no {BUILTIN_GROUP!r} entry points: install dpo-cluster, e.g. pip install -e .)"
         )
+        raise ValueError(f"unknown built-in {name_or_path!r}; available: {listed}")
     target = cache_dir() / f"{name}-{__version__}"
-    if not all((target / f).exists() for f in BUILTIN_FILES):
-        # Build beside the target and rename, so concurrent first uses never see half a directory.
-        tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-        _build_builtin(name, tmp)
-        if target.exists() and not all((target / f).exists() for f in BUILTIN_FILES):
-            # An incomplete older layout: move it aside first (rename is atomic, rmtree is not).
-            stale = target.with_name(f"{target.name}.stale-{os.getpid()}")
-            with contextlib.suppress(OSError):  # another process moved it already
-                target.rename(stale)
-            shutil.rmtree(stale, ignore_errors=True)
-        try:
-            tmp.rename(target)
-        except OSError:  # another process won the race; its copy is identical
-            shutil.rmtree(tmp, ignore_errors=True)
+    if _is_complete_builtin(target):
+        return str(target)
+    # Built beside the target and renamed into place: concurrent first uses never see half of it.
+    staging = target.with_name(f"{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    build = available[name].load()
+    try:
+        build(staging)
+        install_directory(staging, target, is_complete=_is_complete_builtin)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # a failed build, or another process's win
     return str(target)
 
 
-def _build_builtin(name: str, out_dir: Path) -> None:
-    if name == "demo":
-        from dpo_cluster.demo.model import build_demo_model
-
-        build_demo_model(out_dir)
-    else:
-        from dpo_cluster.tiny import build_tiny_model
-
-        build_tiny_model(out_dir)
+def _is_complete_builtin(path: Path) -> bool:
+    return all((path / f).exists() for f in BUILTIN_FILES)
 
 
 def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False) -> Any:
@@ -245,7 +265,7 @@ def _load_causal_lm(
         # Quantized weights cannot be moved with .to() after loading: place them while loading.
         kwargs["device_map"] = {"": device if device is not None else torch.cuda.current_device()}
     resolved = os.path.expanduser(resolve_name_or_path(name_or_path))
-    if resolved.startswith(("/", ".")) and not Path(resolved).is_dir():
+    if looks_local(resolved) and not Path(resolved).is_dir():
         # Spelled as a path, so not a hub id: say so, rather than the hub's repo-id complaint.
         raise ValueError(f"could not load model {name_or_path!r}: no such local directory")
     try:

@@ -1,32 +1,16 @@
 """Tiny tokenizers and models the project builds itself, so tests, benchmarks and the demo run
-offline.
-
-`build_tiny_tokenizer` trains a byte-level BPE (the `tokenizers` library) on a small corpus that
-this module generates deterministically from word lists: English prose, questions and answers,
-Chinese sentences, SQL, Python and numbers. The result is saved in Hugging Face format and loads
-with `transformers.AutoTokenizer.from_pretrained(out_dir)`.
-
-It behaves like the real tokenizers the pipeline meets:
-- byte-level, so any Unicode text (Chinese, emoji) round-trips exactly through encode/decode;
-- eos "<|endoftext|>", pad "<|pad|>" and the ChatML markers "<|im_start|>", "<|im_end|>";
-- optionally a bos "<|bos|>" that `tokenizer(text)` prepends (a post-processor, as Llama's does);
-- optionally a ChatML chat template (as Qwen2's), or none at all.
-
-Every variant has the same vocabulary and ids; only the post-processor, the special-token map and
-the template differ. Training is deterministic: rebuilding writes a byte-identical tokenizer.json.
-
-`build_tiny_model` saves a randomly initialized 2-layer Qwen2 causal LM (grouped-query attention,
-tied embeddings) sized to such a tokenizer, with the tokenizer beside it, so the directory loads
-with `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained` like a hub model.
-Its weights are a function of the seed alone: rebuilding writes a byte-identical model.safetensors.
+offline and deterministically: a byte-level BPE trained on a generated corpus, a small Qwen2 sized
+to it (`build_tiny_model` is "builtin:tiny"), its config alone, and LoRA adapters over such a base.
+Every builder is a function of its seed: rebuilding writes byte-identical files.
 """
 
 from __future__ import annotations
 
 import itertools
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -206,8 +190,15 @@ def build_tiny_tokenizer(
     chat_template: bool = True,
     extra_corpus: Iterable[str] = (),
 ) -> Path:
-    """Train a tiny byte-level BPE tokenizer, save it to `out_dir` in Hugging Face format and return
-    the directory.
+    """Train a tiny byte-level BPE tokenizer on `corpus_lines()` (English prose, questions and
+    answers, Chinese, SQL, Python, numbers), save it to `out_dir` in Hugging Face format
+    (`AutoTokenizer.from_pretrained(out_dir)` loads it) and return the directory.
+
+    It behaves like the real tokenizers the pipeline meets: byte-level, so any Unicode text
+    round-trips exactly; eos "<|endoftext|>", pad "<|pad|>" and the ChatML markers; optionally a
+    bos that `tokenizer(text)` prepends (a post-processor, as Llama's) and a ChatML chat template
+    (as Qwen2's). Every variant has the same vocabulary and ids; only the post-processor, the
+    special-token map and the template differ.
 
     vocab_size: the most tokens the vocabulary holds, special tokens included (the small corpus may
     run out of merges before reaching it). bos: `tokenizer(text)` prepends "<|bos|>".
@@ -282,8 +273,9 @@ def build_tiny_model(
     max_position_embeddings: int = 1024,
     seed: int = 0,
 ) -> Path:
-    """Save a randomly initialized Qwen2 causal LM and its tokenizer to `out_dir` (Hugging Face
-    format, float32 safetensors) and return the directory.
+    """Save a randomly initialized Qwen2 causal LM (grouped-query attention, tied embeddings) and
+    its tokenizer to `out_dir` (Hugging Face format, float32 safetensors) and return the directory,
+    which loads with `AutoModelForCausalLM` and `AutoTokenizer.from_pretrained` like a hub model.
 
     tokenizer_dir: a saved tokenizer whose files are copied in; None builds `build_tiny_tokenizer`
     into `out_dir`. The vocabulary is len(tokenizer) and the bos/eos/pad ids are the tokenizer's.
@@ -302,19 +294,14 @@ def build_tiny_model(
                     shutil.copyfile(tokenizer_dir / name, out_dir / name)
     tokenizer = AutoTokenizer.from_pretrained(out_dir)
 
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
+    config = build_tiny_qwen2_config(
+        tokenizer,
         hidden_size=hidden_size,
         num_hidden_layers=num_layers,
         num_attention_heads=num_heads,
         num_key_value_heads=num_kv_heads,
         intermediate_size=intermediate_size,
         max_position_embeddings=max_position_embeddings,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        dtype="float32",
     )
     # A forked RNG: seeding here must not change the random stream of whoever called us.
     with torch.random.fork_rng(devices=[]):
@@ -322,3 +309,83 @@ def build_tiny_model(
         model = Qwen2ForCausalLM(config).to(dtype=torch.float32)
     model.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
+
+
+def build_tiny_qwen2_config(tokenizer: Any | None = None, **overrides: Any) -> Qwen2Config:
+    """The tiny Qwen2's config: 2 layers, hidden 64, 4 query and 2 kv heads, MLP 128, 1024
+    positions, tied embeddings, float32; `overrides` are any `Qwen2Config` fields
+    (e.g. num_labels=1 for a reward model). With a tokenizer, the vocabulary is len(tokenizer)
+    and the bos/eos/pad ids are its own; without one, a 1024-token vocabulary without them.
+    """
+    fields: dict[str, Any] = {
+        "vocab_size": 1024,
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 128,
+        "max_position_embeddings": 1024,
+        "tie_word_embeddings": True,
+        "dtype": "float32",
+    }
+    if tokenizer is not None:
+        fields |= {
+            "vocab_size": len(tokenizer),
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        }
+    return Qwen2Config(**(fields | overrides))
+
+
+def build_lora_adapter(
+    base_dir: str | Path,
+    out_dir: str | Path,
+    tokenizer: Any | None,
+    *,
+    random_b: bool,
+    seed: int = 0,
+    r: int = 4,
+    alpha: int = 8,
+    target_modules: Sequence[str] = ("q_proj", "v_proj", "o_proj", "down_proj"),
+    b_std: float | None = None,
+) -> Path:
+    """Save a peft LoRA adapter over the causal LM in `base_dir` to `out_dir`, with `tokenizer`
+    saved beside it (as a LoRA training run's final/ is; None saves none), and return `out_dir`.
+
+    random_b False: peft's default init (B = 0), so the adapter changes nothing, as at the start of
+    training. True: A and B both random (init_lora_weights=False); b_std: B drawn from N(0, b_std)
+    instead, large enough (e.g. 0.5) to change greedy answers. The weights depend on seed alone;
+    the caller's torch random state is left as it was.
+    """
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    out_dir = Path(out_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    lora = LoraConfig(
+        r=r, lora_alpha=alpha, target_modules=list(target_modules), init_lora_weights=not random_b
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(model, lora)
+    if random_b and b_std is not None:
+        randomize_lora_b(peft_model, b_std, seed=seed)
+    peft_model.save_pretrained(out_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def randomize_lora_b(model: torch.nn.Module, std: float, *, seed: int = 0) -> int:
+    """Draw every LoRA B matrix of `model` from N(0, std) (seeded; the global random state is left
+    alone), so a fresh adapter (B = 0, the identity) changes the model. Returns how many were drawn.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    drawn = 0
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
+                drawn += 1
+    return drawn

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForSequenceClassification
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, Qwen2ForSequenceClassification
 
 from dpo_cluster import stats
 from dpo_cluster.config import ConfigError, DataConfig, EvalConfig, load_config
@@ -43,11 +43,10 @@ from dpo_cluster.evaluation.win_rate import (
     judge_by_rule,
 )
 from dpo_cluster.losses import PreferenceLogps, compute_dpo_loss
-from dpo_cluster.modeling import resolve_name_or_path
 from dpo_cluster.serving.arena_store import ArenaStore
 from dpo_cluster.serving.generation import GenerationRequest, SamplingParams, TransformersBackend
 from dpo_cluster.serving.prompts import load_served_tokenizer, render_prompt_ids
-from dpo_cluster.tiny import build_tiny_model
+from dpo_cluster.tiny import build_lora_adapter, build_tiny_model, build_tiny_qwen2_config
 
 REPO = Path(__file__).resolve().parents[1]
 BETA = 0.1
@@ -63,43 +62,17 @@ LONG = "In this video I am going to talk about sourdough bread and everything re
 
 
 @pytest.fixture(scope="module")
-def base_dir() -> Path:
-    return Path(resolve_name_or_path("builtin:tiny"))
-
-
-@pytest.fixture(scope="module")
-def tokenizer(base_dir: Path) -> Any:
-    return AutoTokenizer.from_pretrained(base_dir)
-
-
-def _make_adapter(base: Path, out: Path, tokenizer: Any, *, random_b: bool) -> Path:
-    """A LoRA adapter saved with its tokenizer, as a training run's final/ is. random_b=False is
-    peft's default init (B = 0): the adapter changes nothing, exactly as at the start of training."""
-    model = AutoModelForCausalLM.from_pretrained(base)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(3)
-        peft_model = get_peft_model(
-            model,
-            LoraConfig(
-                r=4,
-                lora_alpha=16,
-                target_modules=["q_proj", "v_proj", "o_proj", "down_proj"],
-                init_lora_weights=not random_b,
-            ),
-        )
-    peft_model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module")
 def adapter_dir(base_dir: Path, tokenizer: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _make_adapter(base_dir, tmp_path_factory.mktemp("adapter"), tokenizer, random_b=True)
+    """A LoRA adapter with random A and B, saved with its tokenizer as a training run's final/ is."""
+    out = tmp_path_factory.mktemp("adapter")
+    return build_lora_adapter(base_dir, out, tokenizer, random_b=True, seed=3, alpha=16)
 
 
 @pytest.fixture(scope="module")
 def zero_adapter_dir(base_dir: Path, tokenizer: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _make_adapter(base_dir, tmp_path_factory.mktemp("zero_adapter"), tokenizer, random_b=False)
+    """peft's default init (B = 0): the adapter changes nothing, exactly as at the start of training."""
+    out = tmp_path_factory.mktemp("zero_adapter")
+    return build_lora_adapter(base_dir, out, tokenizer, random_b=False, seed=3, alpha=16)
 
 
 @pytest.fixture(scope="module")
@@ -111,8 +84,8 @@ def full_tuned_dir(base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 @pytest.fixture(scope="module")
 def reward_model_dir(tokenizer: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 1-layer Qwen2 sequence classifier with one output, saved with the tiny tokenizer."""
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
+    config = build_tiny_qwen2_config(
+        tokenizer,
         hidden_size=32,
         num_hidden_layers=1,
         num_attention_heads=2,
@@ -120,7 +93,6 @@ def reward_model_dir(tokenizer: Any, tmp_path_factory: pytest.TempPathFactory) -
         intermediate_size=64,
         max_position_embeddings=512,
         num_labels=1,
-        pad_token_id=tokenizer.pad_token_id,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(5)
@@ -290,9 +262,9 @@ def test_reward_model_judge_counts_tuned_wins(reward_model_dir: Path, tokenizer:
 
 
 def test_a_reward_model_with_several_outputs_is_refused(tmp_path: Path, tokenizer: Any) -> None:
-    config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, intermediate_size=32, num_labels=2,
+    config = build_tiny_qwen2_config(
+        tokenizer, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+        intermediate_size=32, num_labels=2,
     )  # fmt: skip
     Qwen2ForSequenceClassification(config).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)

@@ -16,7 +16,7 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
 from dpo_cluster.config import LoraConfig, ModelConfig
 from dpo_cluster.mlp_recompute import recompute_mlp_activations, silu_mul
 from dpo_cluster.modeling import load_policy
-from dpo_cluster.tiny import build_tiny_model
+from dpo_cluster.tiny import build_tiny_model, randomize_lora_b
 
 
 @pytest.fixture(scope="module")
@@ -108,10 +108,7 @@ def test_lora_gradients_are_unchanged(tiny_model_dir: Path) -> None:
     assert not any("forward" in vars(m) for m in plain.modules() if isinstance(m, Qwen2MLP))
     # LoRA's B starts at zero: move it so that the adapters change the MLP's activations.
     for model in (plain, switched):
-        torch.manual_seed(4)
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:
-                nn.init.normal_(parameter, std=0.1)
+        randomize_lora_b(model, 0.1, seed=4)
     ids = torch.randint(0, 100, (2, 10), generator=torch.Generator().manual_seed(3))
     for model in (plain, switched):
         model.eval()  # no LoRA dropout: both see the same activations

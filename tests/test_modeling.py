@@ -4,6 +4,9 @@ and the policy and reference models: full, LoRA, adapter-disabled and frozen-cop
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,10 @@ from transformers import AutoModelForCausalLM
 from dpo_cluster import __version__
 from dpo_cluster.config import LoraConfig, ModelConfig, ReferenceConfig
 from dpo_cluster.modeling import (
+    BUILTIN_FILES,
+    BUILTIN_GROUP,
+    _pyproject_entry_points,
+    builtin_entry_points,
     count_parameters,
     load_policy,
     load_reference,
@@ -21,7 +28,9 @@ from dpo_cluster.modeling import (
     reference_context,
     resolve_name_or_path,
 )
-from dpo_cluster.tiny import build_tiny_model, build_tiny_tokenizer
+from dpo_cluster.tiny import build_tiny_model, build_tiny_tokenizer, randomize_lora_b
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_hub_ids_and_paths_pass_through() -> None:
@@ -41,8 +50,41 @@ def test_builtin_tiny_is_built_once_into_the_cache(tmp_path: Path, monkeypatch: 
 
 
 def test_unknown_builtin_names_the_choices() -> None:
-    with pytest.raises(ValueError, match="unknown built-in 'builtin:huge'; available: builtin:tiny"):
+    with pytest.raises(
+        ValueError, match="unknown built-in 'builtin:huge'; available: builtin:demo, builtin:tiny$"
+    ):
         resolve_name_or_path("builtin:huge")
+
+
+def test_builtins_are_the_declared_entry_points() -> None:
+    from dpo_cluster.demo.model import build_demo_model
+
+    declared = {ep.name: ep for ep in entry_points(group=BUILTIN_GROUP)}
+    assert sorted(declared) == ["demo", "tiny"]
+    assert {name: ep.load() for name, ep in declared.items()} == {
+        "tiny": build_tiny_model,
+        "demo": build_demo_model,
+    }
+    # The source tree declares the same, for where the package runs without being installed.
+    in_source = _pyproject_entry_points(REPO / "pyproject.toml")
+    assert {n: ep.value for n, ep in in_source.items()} == {n: ep.value for n, ep in declared.items()}
+    assert builtin_entry_points().keys() == declared.keys()
+
+
+def test_a_complete_cached_builtin_is_returned_without_loading_its_builder(tmp_path: Path) -> None:
+    cached = tmp_path / f"demo-{__version__}"
+    cached.mkdir()
+    for name in BUILTIN_FILES:
+        (cached / name).write_text("{}")
+    # A fresh interpreter, so that "not imported" means the lookup did not import the builder.
+    code = (
+        "import sys; from dpo_cluster.modeling import resolve_name_or_path; "
+        "print(resolve_name_or_path('builtin:demo')); print('dpo_cluster.demo.model' in sys.modules)"
+    )
+    env = os.environ | {"DPO_CLUSTER_CACHE": str(tmp_path)}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert run.stdout.split() == [str(cached), "False"]
+    assert all((cached / name).read_text() == "{}" for name in BUILTIN_FILES)  # not rebuilt
 
 
 def test_builtin_tiny_has_a_model_that_generates() -> None:
@@ -66,11 +108,6 @@ def test_builtin_cache_without_a_model_is_rebuilt(tmp_path: Path, monkeypatch: p
 # --- policy and reference -------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny_model"))
-
-
 def _input_ids() -> torch.Tensor:
     return torch.tensor([[5, 17, 300, 42, 9, 800], [7, 7, 120, 3, 64, 1000]])
 
@@ -79,8 +116,8 @@ def _logits(model: torch.nn.Module) -> torch.Tensor:
     return model(input_ids=_input_ids()).logits
 
 
-def test_full_policy_trains_every_weight(tiny_model_dir: Path) -> None:
-    policy = load_policy(ModelConfig(name_or_path=str(tiny_model_dir)), LoraConfig())
+def test_full_policy_trains_every_weight(base_dir: Path) -> None:
+    policy = load_policy(ModelConfig(name_or_path=str(base_dir)), LoraConfig())
     assert all(p.requires_grad for p in policy.parameters())
     trainable, total = count_parameters(policy)
     assert trainable == total == sum(p.numel() for p in policy.parameters())
@@ -88,8 +125,8 @@ def test_full_policy_trains_every_weight(tiny_model_dir: Path) -> None:
     assert policy.is_activation_checkpointing is False
 
 
-def test_gradient_checkpointing_is_honoured(tiny_model_dir: Path) -> None:
-    config = ModelConfig(name_or_path=str(tiny_model_dir), gradient_checkpointing=True)
+def test_gradient_checkpointing_is_honoured(base_dir: Path) -> None:
+    config = ModelConfig(name_or_path=str(base_dir), gradient_checkpointing=True)
     policy = load_policy(config, LoraConfig())
     assert policy.is_activation_checkpointing and policy.config.use_cache is False
     policy.train()
@@ -97,8 +134,8 @@ def test_gradient_checkpointing_is_honoured(tiny_model_dir: Path) -> None:
     assert policy.model.layers[0].mlp.down_proj.weight.grad is not None
 
 
-def test_dtype_and_attention_kernel_are_honoured(tiny_model_dir: Path) -> None:
-    config = ModelConfig(name_or_path=str(tiny_model_dir), dtype="bfloat16", attn_implementation="eager")
+def test_dtype_and_attention_kernel_are_honoured(base_dir: Path) -> None:
+    config = ModelConfig(name_or_path=str(base_dir), dtype="bfloat16", attn_implementation="eager")
     policy = load_policy(config, LoraConfig())
     assert all(p.dtype == torch.bfloat16 for p in policy.parameters())
     assert policy.config._attn_implementation == "eager"
@@ -116,11 +153,11 @@ def test_dtype_and_attention_kernel_are_honoured(tiny_model_dir: Path) -> None:
     ],
 )
 def test_lora_trains_only_the_adapter(
-    tiny_model_dir: Path, target_modules: list[str], expected_trainable: int
+    base_dir: Path, target_modules: list[str], expected_trainable: int
 ) -> None:
-    base_total = count_parameters(AutoModelForCausalLM.from_pretrained(tiny_model_dir))[1]
+    base_total = count_parameters(AutoModelForCausalLM.from_pretrained(base_dir))[1]
     lora = LoraConfig(enabled=True, r=4, alpha=8, dropout=0.0, target_modules=target_modules)
-    policy = load_policy(ModelConfig(name_or_path=str(tiny_model_dir), gradient_checkpointing=True), lora)
+    policy = load_policy(ModelConfig(name_or_path=str(base_dir), gradient_checkpointing=True), lora)
     assert isinstance(policy, PeftModel)
     trainable_names = [n for n, p in policy.named_parameters() if p.requires_grad]
     assert trainable_names and all("lora_" in n for n in trainable_names)
@@ -132,12 +169,12 @@ def test_lora_trains_only_the_adapter(
     assert all(p.grad is not None for p in policy.parameters() if p.requires_grad)
 
 
-def test_adapter_disabled_reference_is_the_base_model(tiny_model_dir: Path) -> None:
-    model = ModelConfig(name_or_path=str(tiny_model_dir))
+def test_adapter_disabled_reference_is_the_base_model(base_dir: Path) -> None:
+    model = ModelConfig(name_or_path=str(base_dir))
     lora = LoraConfig(enabled=True, r=4, alpha=8)
     assert ReferenceConfig().resolved_mode(lora.enabled) == "adapter_disabled"
     assert load_reference(model, ReferenceConfig(), lora) is None
-    base_logits = _logits(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
+    base_logits = _logits(AutoModelForCausalLM.from_pretrained(base_dir))
     policy = load_policy(model, lora)
     policy.eval()
 
@@ -148,10 +185,7 @@ def test_adapter_disabled_reference_is_the_base_model(tiny_model_dir: Path) -> N
     # Fresh LoRA has B = 0: the policy starts at its reference.
     assert torch.equal(_logits(policy), base_logits)
 
-    with torch.no_grad():
-        for name, param in policy.named_parameters():
-            if "lora_B" in name:
-                param.normal_(std=0.1)
+    assert randomize_lora_b(policy, 0.1) == 14  # all-linear: 7 linears in each of 2 layers
     policy_logits = _logits(policy)
     assert policy_logits.requires_grad
     assert not torch.allclose(policy_logits, base_logits)
@@ -161,16 +195,16 @@ def test_adapter_disabled_reference_is_the_base_model(tiny_model_dir: Path) -> N
     assert torch.equal(_logits(policy), policy_logits)
 
 
-def test_reference_context_without_adapter(tiny_model_dir: Path) -> None:
-    policy = load_policy(ModelConfig(name_or_path=str(tiny_model_dir)), LoraConfig())
+def test_reference_context_without_adapter(base_dir: Path) -> None:
+    policy = load_policy(ModelConfig(name_or_path=str(base_dir)), LoraConfig())
     with reference_context(policy, "model"):
         assert not _logits(policy).requires_grad
     with pytest.raises(ValueError, match="needs a LoRA"), reference_context(policy, "adapter_disabled"):
         pass
 
 
-def test_model_reference_is_a_frozen_copy(tiny_model_dir: Path, tmp_path: Path) -> None:
-    model = ModelConfig(name_or_path=str(tiny_model_dir))
+def test_model_reference_is_a_frozen_copy(base_dir: Path, tmp_path: Path) -> None:
+    model = ModelConfig(name_or_path=str(base_dir))
     reference = load_reference(model, ReferenceConfig(), LoraConfig())
     assert reference is not None and not reference.training
     assert not any(p.requires_grad for p in reference.parameters())
@@ -187,16 +221,16 @@ def test_model_reference_is_a_frozen_copy(tiny_model_dir: Path, tmp_path: Path) 
     assert reference is not None and not torch.allclose(_logits(reference), ref_logits)
 
 
-def test_precomputed_reference_loads_nothing(tiny_model_dir: Path) -> None:
-    model = ModelConfig(name_or_path=str(tiny_model_dir))
+def test_precomputed_reference_loads_nothing(base_dir: Path) -> None:
+    model = ModelConfig(name_or_path=str(base_dir))
     assert load_reference(model, ReferenceConfig(mode="precomputed"), LoraConfig()) is None
 
 
-def test_qlora_needs_cuda(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_qlora_needs_cuda(base_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     lora = LoraConfig(enabled=True, load_in_4bit=True)
     with pytest.raises(ValueError, match="QLoRA needs CUDA"):
-        load_policy(ModelConfig(name_or_path=str(tiny_model_dir)), lora)
+        load_policy(ModelConfig(name_or_path=str(base_dir)), lora)
 
 
 @pytest.mark.parametrize("name", ["/no/such/model-dir", "no-such-org/no-such-model"])

@@ -1,17 +1,6 @@
-"""Data-preparation benchmark: this Ray Data pipeline vs TRL's DPOTrainer preparation
-(`datasets.map`), same rows, same tokenizer, same machine, one run.
-
-Both sides start from the same JSONL file and end with prompt/chosen/rejected token ids:
-
-- TRL: `datasets.load_dataset("json")` then DPOTrainer's own `_prepare_dataset` (prompt
-  extraction, eos, per-row tokenization via `datasets.map`), at TRL's default `dataset_num_proc`
-  (one process) and with one process per CPU. The `datasets` cache is off so nothing is reused.
-- dpo-cluster: `prepare()` with the cache off: read, validate, split, tokenize, write Parquet,
-  account for every row and write the report. The Ray cluster is started before timing, as it is
-  long-lived in real use; the first prepare (cold: it starts the job's worker processes, which
-  import transformers) and a second one (warm workers) are both reported.
-
-The token ids of both sides are compared row by row, so the two sides provably did the same work.
+"""`dpo-cluster bench data`: this Ray Data pipeline vs TRL's DPOTrainer preparation
+(`datasets.map`) on the same rows, tokenizer and machine, in one run. The token ids of both sides
+are compared row by row, so the rows/s figures are for provably the same work.
 
     dpo-cluster bench data --rows 20000
 """
@@ -74,12 +63,19 @@ def _same_ids(trl_out: Any, prepared: Any, path: Path) -> bool:
 
 
 def run_data_benchmark(rows: int = 20_000, num_proc: int | None = None, seed: int = 0) -> dict[str, Any]:
-    """Run both sides on `rows` generated pairs per format; print a table; return the figures."""
+    """Run both sides on `rows` generated pairs per format; print a table; return the figures.
+
+    TRL: `datasets.load_dataset("json")` then DPOTrainer's `_prepare_dataset`, with TRL's default
+    one process and with one per CPU, the `datasets` cache off. dpo-cluster: `prepare()` with its
+    cache off (read, validate, split, tokenize, write Parquet, account for every row), on a Ray
+    started before timing as it is long-lived in real use; the first (cold workers) and a second
+    prepare (warm workers) are both reported.
+    """
     import datasets
     import ray
 
-    from dpo_cluster.data.pipeline import ensure_ray
     from dpo_cluster.modeling import load_tokenizer, resolve_name_or_path
+    from dpo_cluster.ray_session import ensure_ray
 
     datasets.disable_caching()
     datasets.disable_progress_bars()

@@ -1,11 +1,9 @@
 """`dpo-cluster bench serve`: what a side-by-side comparison costs next to one generation.
 
-Deploys the serving app (by default the built-in tiny model with a LoRA adapter over it, built
-into a temporary directory; or --base/--tuned), then sends the same prompts, in the same number
-and at the same concurrency, as `/v1/chat/completions` to one model and as `/v1/compare` to both,
-and prints latency p50/p95, requests/s and completion tokens side by side with the ratio. Both
-models of a comparison run concurrently (and, with an adapter, in the same batches), so a ratio
-well under 2x is the point of the design. A benchmark, not a test: nothing is asserted.
+The same prompts go, at the same concurrency, to `/v1/chat/completions` (one model) and to
+`/v1/compare` (both); latency p50/p95, requests/s and tokens are printed with the ratio. Both models
+of a comparison run concurrently (with an adapter, in the same batches), so a ratio well under 2x
+is the point of the design. A benchmark, not a test: nothing is asserted.
 """
 
 from __future__ import annotations
@@ -29,21 +27,16 @@ PROMPTS = [
 
 def build_demo_adapter(out_dir: Path) -> Path:
     """A LoRA adapter over builtin:tiny with non-zero weights, saved with its tokenizer."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from dpo_cluster.modeling import resolve_name_or_path
+    from dpo_cluster.tiny import build_lora_adapter
 
     base = resolve_name_or_path("builtin:tiny")
-    torch.manual_seed(0)
-    model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(base),
-        LoraConfig(r=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    return build_lora_adapter(
+        base, out_dir, tokenizer, random_b=True, r=8, alpha=8, target_modules=("q_proj", "v_proj")
     )
-    model.save_pretrained(out_dir)
-    AutoTokenizer.from_pretrained(base).save_pretrained(out_dir)
-    return out_dir
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -1,11 +1,6 @@
-"""The data of `dpo-cluster bench train`: generated preference pairs with log-normal lengths, their
-dpo-cluster preparation, and the non-pad token count of both tokenizations (dpo-cluster's and TRL's).
-
-`generate_length_pairs` draws prompt and answer lengths in tokens from log-normal distributions
-(seeded) and fills them with runs of an English corpus's tokens decoded to text, so TRL (a
-`datasets.Dataset` of prompt/chosen/rejected strings) and dpo-cluster (the same rows as JSONL) get
-identical text. `prepare_pairs` runs dpo-cluster's pipeline on them: Ray Data on a local Ray, or,
-where Ray is not installed (a GPU machine without it), the pipeline's per-pair work in one process.
+"""The pairs of `dpo-cluster bench train`: generated with log-normal lengths, prepared by
+dpo-cluster, and counted in non-pad tokens by both tokenizations. The text is built from a corpus's
+tokens so that TRL (strings) and dpo-cluster (the same rows as JSONL) train on identical pairs.
 """
 
 from __future__ import annotations
@@ -19,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from dpo_cluster.bench.train import BenchSettings
+from dpo_cluster.bench.train_settings import BenchSettings
 
 
 def generate_length_pairs(

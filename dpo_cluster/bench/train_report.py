@@ -1,10 +1,6 @@
-"""The figures and the table of `dpo-cluster bench train` (`dpo_cluster.bench.train`), computed from
-what each mode's subprocess recorded per optimizer step and what was measured from outside it.
-
-Per mode: tokens/s and the median seconds/step over the steps after the first (warm-up), peak
-memory, padding share over all steps, first-step and final loss, MFU where a peak is known; then
-ratios against `trl`, the reference precompute's one-off cost (alone and spread over the run), and
-warnings: token totals that disagree, first-step losses that are not ln 2, failed modes.
+"""The figures, warnings and table of `dpo-cluster bench train`, from what each mode's subprocess
+recorded per optimizer step and what was measured from outside it. Kept apart from running the
+stages so that the report is checked on synthetic results, with no training.
 """
 
 from __future__ import annotations
@@ -14,7 +10,7 @@ import statistics
 from dataclasses import asdict
 from typing import Any
 
-from dpo_cluster.bench.train import BenchSettings, StageRun
+from dpo_cluster.bench.train_settings import BenchSettings, StageRun
 
 LN2 = math.log(2)
 # First-step loss tolerance: fp32 policy and reference agree to rounding; bf16 kernels of different
@@ -42,6 +38,8 @@ def summarize(
     precompute: StageRun | None,
     peak_tflops: float | None,
 ) -> dict[str, Any]:
+    """The benchmark's result: settings, device, model, data, per-mode figures with ratios against
+    `trl`, the reference precompute's cost, and warnings (see `check_mode`)."""
     total_tokens = setup["tokens"]["dpo_cluster"]
     warnings: list[str] = []
     if setup["tokens"].get("trl") not in (None, total_tokens):
@@ -57,24 +55,10 @@ def summarize(
             modes[mode] = {"error": run.error}
             warnings.append(f"{mode}: failed, see {run.log}")
             continue
-        modes[mode] = figures = mode_figures(run, setup["parameters"], peak, s.use_gpu)
-        if figures["tokens_total"] != total_tokens:
-            warnings.append(
-                f"{mode}: {figures['tokens_total']} non-pad tokens over all steps, not the data's {total_tokens}"
-            )
-        if abs(figures["first_step_loss"] - LN2) > LOSS_TOLERANCE[s.dtype]:
-            warnings.append(
-                f"{mode}: first-step loss {figures['first_step_loss']:.6f} is not ln 2 = {LN2:.6f} "
-                "(policy and reference should agree at step 1)"
-            )
-    base = modes.get("trl", {})
-    for figures in modes.values():
-        ok = bool(base) and "error" not in base and "error" not in figures
-        figures["tokens_per_second_vs_trl"] = (
-            figures["tokens_per_second"] / base["tokens_per_second"] if ok else None
-        )
-        figures["peak_memory_vs_trl"] = figures["peak_memory_mb"] / base["peak_memory_mb"] if ok else None
-    result: dict[str, Any] = {
+        modes[mode] = mode_figures(run, setup["parameters"], peak, s.use_gpu)
+        warnings += check_mode(mode, modes[mode], total_tokens, LOSS_TOLERANCE[s.dtype])
+    add_ratios(modes)
+    return {
         "settings": asdict(s) | {"pairs": s.pairs, "model_shape": None if s.model else s.model_shape()},
         "device": device,
         "peak_tflops": peak,
@@ -83,34 +67,79 @@ def summarize(
         | setup["data"]
         | {"tokens": setup["tokens"]},
         "modes": modes,
-        "precompute": None,
+        "precompute": precompute_section(s, precompute, modes),
         "warnings": warnings,
     }
-    if precompute is not None and precompute.result is not None:
-        fast = modes.get("dpo-cluster-fast", {})
-        pre_s = precompute.result["seconds"]
-        result["precompute"] = {
-            "seconds": pre_s,
-            "subprocess_seconds": precompute.seconds,
-            "peak_memory_mb": precompute.peak_memory_mb,
-            "rows_scored": precompute.result["report"]["rows_scored"],
-            "actors": precompute.result["report"]["actors"],
-        }
-        if "tokens_per_second" in fast:
-            # The one-off cost spread over the timed steps in proportion to their share of the pairs.
-            share = (s.steps - 1) / s.steps
-            amortized = fast["timed_tokens"] / (fast["timed_seconds"] + pre_s * share)
-            result["precompute"]["amortized_tokens_per_second"] = amortized
-            result["precompute"]["amortized_vs_trl"] = (
-                amortized / base["tokens_per_second"] if "tokens_per_second" in base else None
-            )
-    elif precompute is not None:
-        result["precompute"] = {"error": precompute.error}
-    return result
+
+
+def check_mode(mode: str, figures: dict[str, Any], total_tokens: int, loss_tolerance: float) -> list[str]:
+    """Warnings about one mode's figures: it did not see the data's `total_tokens` non-pad tokens,
+    its first-step loss is not ln 2 (policy == reference at step 1) within `loss_tolerance`, or a
+    loss is not finite."""
+    warnings = []
+    if figures["tokens_total"] != total_tokens:
+        warnings.append(
+            f"{mode}: {figures['tokens_total']} non-pad tokens over all steps, not the data's {total_tokens}"
+        )
+    first = figures["first_step_loss"]
+    # Written so that a NaN loss fails the comparison and warns too.
+    if not abs(first - LN2) <= loss_tolerance:
+        warnings.append(
+            f"{mode}: first-step loss {first:.6f} is not ln 2 = {LN2:.6f} "
+            "(policy and reference should agree at step 1)"
+        )
+    if not math.isfinite(figures["final_loss"]):
+        warnings.append(f"{mode}: final loss {figures['final_loss']} is not finite (training diverged)")
+    return warnings
+
+
+def add_ratios(modes: dict[str, dict[str, Any]]) -> None:
+    """Set each mode's tokens_per_second_vs_trl and peak_memory_vs_trl; None without a `trl` result."""
+    base = modes.get("trl", {})
+    for figures in modes.values():
+        ok = bool(base) and "error" not in base and "error" not in figures
+        figures["tokens_per_second_vs_trl"] = (
+            figures["tokens_per_second"] / base["tokens_per_second"] if ok else None
+        )
+        figures["peak_memory_vs_trl"] = figures["peak_memory_mb"] / base["peak_memory_mb"] if ok else None
+
+
+def precompute_section(
+    s: BenchSettings, precompute: StageRun | None, modes: dict[str, dict[str, Any]]
+) -> dict[str, Any] | None:
+    """The reference precompute's one-off cost, and dpo-cluster-fast's tokens/s with that cost
+    spread over the timed steps in proportion to their share of the pairs; None when not run."""
+    if precompute is None:
+        return None
+    if precompute.result is None:
+        return {"error": precompute.error}
+    pre_s = precompute.result["seconds"]
+    section: dict[str, Any] = {
+        "seconds": pre_s,
+        "subprocess_seconds": precompute.seconds,
+        "peak_memory_mb": precompute.peak_memory_mb,
+        "rows_scored": precompute.result["report"]["rows_scored"],
+        "actors": precompute.result["report"]["actors"],
+    }
+    fast, base = modes.get("dpo-cluster-fast", {}), modes.get("trl", {})
+    if "tokens_per_second" in fast:
+        share = (s.steps - 1) / s.steps
+        amortized = fast["timed_tokens"] / (fast["timed_seconds"] + pre_s * share)
+        section["amortized_tokens_per_second"] = amortized
+        section["amortized_vs_trl"] = (
+            amortized / base["tokens_per_second"] if "tokens_per_second" in base else None
+        )
+    return section
 
 
 def mode_figures(run: StageRun, parameters: int, peak_tflops: float | None, use_gpu: bool) -> dict[str, Any]:
-    """One mode's figures from its per-step records (seconds, tokens, entries, loss)."""
+    """One mode's figures from its per-step records (seconds, tokens, entries, loss).
+
+    tokens/s: the non-pad tokens of the steps after the first (warm-up) over those steps' wall
+    time; seconds/step: their median; padding: the pad share of every entry the policy computed;
+    peak memory: GPU max allocated on GPU, else the process tree's (`StageRun.peak_memory_mb`);
+    MFU, where a peak is known: 6 x parameters x tokens/s over the peak.
+    """
     record = run.result
     assert record is not None, "a failed stage has no figures"
     steps = record["steps"]

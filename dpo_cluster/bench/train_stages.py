@@ -1,14 +1,8 @@
-"""What each subprocess of `dpo-cluster bench train` runs; `dpo_cluster.bench.train` orchestrates.
+"""What each subprocess of `dpo-cluster bench train` runs (`setup`, `precompute`, `trl`,
+`dpo-cluster`, `dpo-cluster-fast`), one stage per process so that its memory is its own. A mode
+records per optimizer step its wall seconds, non-pad tokens, entries (pad included) and loss.
 
     python -m dpo_cluster.bench.train_stages STAGE SETTINGS_JSON RESULT_JSON
-
-- `setup`: the model directory (a Qwen2 built locally, unless a model is given), the generated
-  pairs as JSONL, their dpo-cluster preparation and the non-pad token count of both tokenizations
-  (`dpo_cluster.bench.train_data`); on CPU also DeepSpeed's one-off build of its comm op.
-- `precompute`: the reference log-probs of the prepared pairs (`compute_reference_logps`), timed.
-- `trl`, `dpo-cluster`, `dpo-cluster-fast`: one mode's training. Each records, per optimizer step,
-  the wall seconds since the previous step ended (the first: since training began), the non-pad
-  tokens and the entries (pad included) of the policy forwards, and the loss.
 """
 
 from __future__ import annotations
@@ -23,7 +17,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dpo_cluster.bench.train import BenchSettings
 from dpo_cluster.bench.train_data import (
     count_trl_tokens,
     generate_length_pairs,
@@ -31,6 +24,7 @@ from dpo_cluster.bench.train_data import (
     read_ids,
     read_jsonl,
 )
+from dpo_cluster.bench.train_settings import BenchSettings
 
 
 def run_setup(s: BenchSettings) -> dict[str, Any]:
@@ -140,39 +134,40 @@ def run_precompute(s: BenchSettings) -> dict[str, Any]:
 
 def run_trl(s: BenchSettings) -> dict[str, Any]:
     import datasets
-    import torch
-    from transformers import AutoTokenizer, TrainerCallback
-    from trl import DPOConfig, DPOTrainer
+    from transformers import AutoTokenizer
+    from trl import DPOTrainer
 
     started = time.perf_counter()
+    args = _build_trl_args(s)
+    clock = _build_step_clock(s.use_gpu)
+    trainer = DPOTrainer(
+        model=s.model_dir,
+        args=args,
+        train_dataset=datasets.Dataset.from_list(read_jsonl(s.data_file)),
+        processing_class=AutoTokenizer.from_pretrained(s.model_dir),
+        callbacks=[clock],
+    )
+    recorder = BatchRecorder(trainer.data_collator)
+    trainer.data_collator = recorder
+    trainer.train()
+    losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
+    return {
+        "steps": _trl_step_records(s, losses, recorder.batches, clock.stamps),
+        "device": _device_name(s.use_gpu),
+        "gpu_max_allocated_mb": _gpu_peak_mb(s.use_gpu),
+        "outside_steps_seconds": time.perf_counter() - started - (clock.stamps[-1] - clock.stamps[0]),
+        "notes": [
+            f"optimizer {getattr(args.optim, 'value', args.optim)}",
+            f"attention {trainer.model.config._attn_implementation}",
+        ],
+    }
 
-    class StepClock(TrainerCallback):
-        """Wall-clock stamps: training start, then the end of every optimizer step."""
 
-        def __init__(self) -> None:
-            self.stamps: list[float] = []
+def _build_trl_args(s: BenchSettings) -> Any:
+    """TRL's `DPOConfig` with the benchmark's hyperparameters; no saving, evaluation or reporting."""
+    from trl import DPOConfig
 
-        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            self.stamps = [time.perf_counter()]
-
-        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            if s.use_gpu:
-                torch.cuda.synchronize()
-            self.stamps.append(time.perf_counter())
-
-    class BatchRecorder:
-        """Wraps the trainer's collator: non-pad tokens and entries of every padded batch."""
-
-        def __init__(self, collate: Any) -> None:
-            self.collate = collate
-            self.batches: list[tuple[int, int]] = []
-
-        def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-            batch = self.collate(examples)
-            self.batches.append((int(batch["attention_mask"].sum()), batch["input_ids"].numel()))
-            return batch
-
-    args = DPOConfig(
+    return DPOConfig(
         output_dir=str(s.run_dir("trl")),
         per_device_train_batch_size=s.micro_batch_size,
         gradient_accumulation_steps=s.gradient_accumulation_steps,
@@ -192,45 +187,65 @@ def run_trl(s: BenchSettings) -> dict[str, Any]:
         report_to="none",
         disable_tqdm=True,
     )
-    clock = StepClock()
-    trainer = DPOTrainer(
-        model=s.model_dir,
-        args=args,
-        train_dataset=datasets.Dataset.from_list(read_jsonl(s.data_file)),
-        processing_class=AutoTokenizer.from_pretrained(s.model_dir),
-        callbacks=[clock],
-    )
-    recorder = BatchRecorder(trainer.data_collator)
-    trainer.data_collator = recorder
-    trainer.train()
-    losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
+
+
+def _build_step_clock(use_gpu: bool) -> Any:
+    """A trainer callback whose `stamps` are the wall clock at training start, then at the end of
+    every optimizer step (after the GPU's queued work, on GPU)."""
+    import torch
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        def __init__(self) -> None:
+            self.stamps: list[float] = []
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.stamps = [time.perf_counter()]
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if use_gpu:
+                torch.cuda.synchronize()
+            self.stamps.append(time.perf_counter())
+
+    return StepClock()
+
+
+class BatchRecorder:
+    """Wraps a trainer's collator: (non-pad tokens, entries) of every padded batch it collates."""
+
+    def __init__(self, collate: Any) -> None:
+        self.collate = collate
+        self.batches: list[tuple[int, int]] = []
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.collate(examples)
+        self.batches.append((int(batch["attention_mask"].sum()), batch["input_ids"].numel()))
+        return batch
+
+
+def _trl_step_records(
+    s: BenchSettings, losses: list[float], batches: list[tuple[int, int]], stamps: list[float]
+) -> list[dict[str, Any]]:
+    """Per optimizer step: seconds, tokens and entries of its accumulated batches, and its loss.
+    Raises RuntimeError when TRL did not run exactly the asked steps and batches."""
     accum = s.gradient_accumulation_steps
-    if len(losses) != s.steps or len(recorder.batches) != s.steps * accum or len(clock.stamps) != s.steps + 1:
+    if len(losses) != s.steps or len(batches) != s.steps * accum or len(stamps) != s.steps + 1:
         raise RuntimeError(
             f"expected {s.steps} steps of {accum} batches; TRL logged {len(losses)} losses, collated "
-            f"{len(recorder.batches)} batches and ended {len(clock.stamps) - 1} steps"
+            f"{len(batches)} batches and ended {len(stamps) - 1} steps"
         )
     steps = []
     for k in range(s.steps):
-        batches = recorder.batches[k * accum : (k + 1) * accum]
+        step_batches = batches[k * accum : (k + 1) * accum]
         steps.append(
             {
-                "seconds": clock.stamps[k + 1] - clock.stamps[k],
-                "tokens": sum(b[0] for b in batches),
-                "entries": sum(b[1] for b in batches),
+                "seconds": stamps[k + 1] - stamps[k],
+                "tokens": sum(b[0] for b in step_batches),
+                "entries": sum(b[1] for b in step_batches),
                 "loss": losses[k],
             }
         )
-    return {
-        "steps": steps,
-        "device": _device_name(s.use_gpu),
-        "gpu_max_allocated_mb": _gpu_peak_mb(s.use_gpu),
-        "outside_steps_seconds": time.perf_counter() - started - (clock.stamps[-1] - clock.stamps[0]),
-        "notes": [
-            f"optimizer {getattr(args.optim, 'value', args.optim)}",
-            f"attention {trainer.model.config._attn_implementation}",
-        ],
-    }
+    return steps
 
 
 def run_dpo_cluster(s: BenchSettings, mode: str) -> dict[str, Any]:

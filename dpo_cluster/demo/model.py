@@ -1,15 +1,6 @@
-"""The demo's base model: a small causal LM that really writes video titles, built offline.
-
-`build_demo_model` trains a byte-level BPE on the built-in corpus plus the title domain, then
-warms a randomly initialized 4-layer Qwen2 up by supervised fine-tuning on the project's own
-title prompts, answered half the time with a title in the preferred style (30-75 characters)
-and half the time with one outside it (a terse label or a rambling sentence). The result is a
-real language model of the demo domain whose answers are readable in both styles, so the
-preference DPO is asked to learn is present but not yet chosen: before DPO about half of its
-greedy answers show the preferred trait.
-
-Deterministic for a seed, a couple of minutes on 2 CPU cores, built once into the cache as
-"builtin:demo" (see `dpo_cluster.modeling.resolve_name_or_path`).
+"""The demo's base model, "builtin:demo": a small causal LM that really writes video titles, built
+offline, so the demo shows DPO moving a real preference rather than noise. Its owner provides it by
+name through the `dpo_cluster.builtins` entry point.
 """
 
 from __future__ import annotations
@@ -59,7 +50,14 @@ def build_demo_model(
     seed: int = 0,
     progress: bool = True,
 ) -> Path:
-    """Build the demo base model into out_dir (Hugging Face format, tokenizer included)."""
+    """Build the demo base model into out_dir (Hugging Face format, tokenizer included) and return it.
+
+    A byte-level BPE trained on the built-in corpus plus the title domain, and a randomly
+    initialized 4-layer Qwen2 warmed up by supervised fine-tuning on title prompts answered half
+    the time in the preferred style (30-75 characters) and half outside it (a terse label or a
+    rambling sentence): both styles are readable, and before DPO about half of its greedy answers
+    show the preferred trait. Deterministic for a seed; a couple of minutes on 2 CPU cores.
+    """
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -1,13 +1,6 @@
-"""`dpo-cluster demo`: the whole product, end to end, on its embedded default.
-
-1. Builds (once, cached) the demo base model, "builtin:demo", and writes the demo's preference
-   pairs: video titles of 30-75 characters preferred over terse or rambling ones.
-2. Ray Data prepares the pairs; Ray Train runs DPO with DeepSpeed on 2 CPU workers.
-3. Evaluates: held-out reward accuracy and margins, and the rate at which base and tuned show the
-   preferred trait on the held-out prompts (a rule judge), with 95% confidence intervals.
-4. Writes `report.md` in output_dir (metrics, curves, the evaluation table, side-by-side examples).
-5. Unless told not to (`--no-serve`), serves base and tuned side by side and shows one live
-   comparison (`live_comparison`).
+"""`dpo-cluster demo`: the whole product, end to end, on its embedded default (its own base model,
+preference pairs, DPO, evaluation, report and serving), so one command with no data or model hub
+shows every part working together.
 """
 
 from __future__ import annotations
@@ -62,8 +55,16 @@ def run_demo(
     pairs: int = DEMO_PAIRS,
     overrides: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Steps 1-4; returns {"config", "training", "evaluation", "report"}. Serving (step 5) is
-    the caller's: `dpo-cluster demo` starts it unless --no-serve."""
+    """The demo up to its report; returns {"config", "training", "evaluation", "report"}.
+
+    1. Builds (once, cached) "builtin:demo" and writes the preference pairs: video titles of
+       30-75 characters preferred over terse or rambling ones.
+    2. Ray Data prepares the pairs; Ray Train runs DPO with DeepSpeed on 2 CPU workers.
+    3. Evaluates: held-out reward accuracy and margins, and the rate at which base and tuned show
+       the preferred trait on held-out prompts (a rule judge), with 95% confidence intervals.
+    4. Writes `report.md` in output_dir (metrics, curves, the evaluation table, examples).
+    Serving is the caller's: `dpo-cluster demo` starts it unless --no-serve (`live_comparison`).
+    """
     from dpo_cluster.evaluation.run import run_evaluation
     from dpo_cluster.modeling import resolve_name_or_path
     from dpo_cluster.train.run import run_training

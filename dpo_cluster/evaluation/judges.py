@@ -1,15 +1,6 @@
-"""Judges of base-vs-tuned answers, and the statistics of their verdicts.
-
-Three judges decide which of two answers to the same prompt is better:
-
-- rule: a program checks each answer on its own (a named rule such as `title_length`, or a regular
-  expression); per-model pass rates, and tuned wins a prompt when its answer alone passes;
-- reward_model: a sequence-classification model scores prompt + answer; the higher score wins;
-- arena: people voted in the serve app's blind A/B arena; its leaderboard is read back.
-
-Every rate carries a 95% Wilson interval (`dpo_cluster.stats`), so evaluation and the arena
-report the same numbers for the same counts. Win rates are over decisive prompts (ties left out),
-as the arena's leaderboard counts them.
+"""Judges of base-vs-tuned answers (a rule, a reward model, or the arena's votes), and the
+statistics of their verdicts. Every rate carries a 95% Wilson interval (`dpo_cluster.stats`) and
+win rates leave ties out, as the arena's leaderboard does, so both report the same numbers.
 """
 
 from __future__ import annotations
@@ -22,6 +13,7 @@ from typing import Any
 
 from dpo_cluster import stats
 from dpo_cluster.data.samples import is_good_title
+from dpo_cluster.paths import looks_local
 
 Prompt = str | list[dict[str, Any]]
 """A text prompt, or a chat as a list of {"role", "content"} messages."""
@@ -190,7 +182,7 @@ class RewardModelJudge:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.batch_size = batch_size
         path = resolve_name_or_path(name_or_path)
-        if path.startswith(("/", ".", "~")) and not Path(path).expanduser().is_dir():
+        if looks_local(path) and not Path(path).expanduser().is_dir():
             raise ValueError(f"could not load reward model {name_or_path!r}: no such local directory")
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)

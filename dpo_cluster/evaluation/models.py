@@ -1,11 +1,8 @@
 """The base and tuned models of an evaluation, loaded once for generation and log-probs alike.
 
-A tuned LoRA adapter is served the way the serve app serves it: one `TransformersBackend` holds
-the base weights once and answers as "base" (adapter off) and "tuned" (adapter on). The same
-module scores log-probs, as the policy with its adapter on and as the DPO reference with it
-switched off (`dpo_cluster.modeling.reference_context`): a LoRA policy starts from its base, so
-the base is its reference. A full tuned model gets a backend of its own, and the base backend's
-model is the reference.
+A tuned LoRA adapter is held as the serve app holds it: one backend with the base weights once,
+answering and scoring as "base" (adapter off, also the DPO reference, since a LoRA policy starts
+from its base) and "tuned" (adapter on). A full tuned model gets a backend of its own.
 """
 
 from __future__ import annotations

@@ -1,17 +1,7 @@
 """The prompts a win-rate evaluation asks both models: from a file, or from the data's eval split.
 
-A prompt is a text string or a chat (a list of {"role", "content"} messages), as the serve app
-takes them. A file is JSON Lines or a JSON array of rows with a "prompt" field; preference rows
-fit as they are (their chosen and rejected are ignored).
-
-Eval-split prompts are read back from the data source rather than decoded from the prepared
-token ids, so they keep their chat structure and are rendered by `render_prompt_ids` exactly as a
-request to the serve app would be. Only rows the pipeline kept in the eval split are used (matched
-by row id), each normalized as the pipeline normalized it (same format and column mapping, prompt
-template and system prompt applied).
-
-In both cases the first N distinct prompts are taken in source order: preference data often
-holds several pairs per prompt, and asking the same prompt twice would count it twice.
+The first N distinct prompts are taken in source order, since preference data often holds several
+pairs per prompt and asking one twice would count it twice.
 """
 
 from __future__ import annotations
@@ -88,8 +78,10 @@ def _file_rows(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def load_prompt_file(path: str | Path, limit: int) -> list[Prompt]:
-    """The first `limit` distinct prompts of a prompt file. Raises DataError naming file and row
-    for a row without a usable "prompt", and when the file holds no prompt at all."""
+    """The first `limit` distinct prompts of a prompt file: JSON Lines or a JSON array of rows with
+    a "prompt" (text, or a chat as a list of {"role", "content"}); preference rows fit as they are.
+    Raises DataError naming file and row for a row without a usable "prompt", and when the file
+    holds no prompt at all."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(f"{path}: no such prompt file")
@@ -125,7 +117,12 @@ def _source_rows(source: SourceConfig) -> Iterator[tuple[str, bytes]]:
 
 def eval_split_prompts(config: Config, prepared: PreparedData, limit: int) -> list[Prompt]:
     """The first `limit` distinct prompts of the kept rows of the eval split that `prepared` holds
-    (prepared from `config`). Raises DataError when the eval split is empty."""
+    (prepared from `config`). Raises DataError when the eval split is empty.
+
+    They are read back from the data source (matched by row id, normalized as the pipeline
+    normalized them) rather than decoded from token ids, so they keep their chat structure and
+    render exactly as a request to the serve app would.
+    """
     split_dir = prepared.split_dir("eval")
     if split_dir is None:
         raise DataError(

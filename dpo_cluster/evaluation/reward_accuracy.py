@@ -1,11 +1,8 @@
 """Held-out reward accuracy: does the tuned model's implicit reward prefer the chosen answers?
 
-DPO's policy defines a reward r(x, y) = beta * (log pi(y|x) - log pi_ref(y|x)) (Rafailov et al.
-2023, eq. 5). On held-out pairs the tuned model is right about a pair when r(chosen) > r(rejected);
-the fraction right is TRL's `rewards/accuracies`, the metric training logs on its eval split, here
-computed after training for any checkpoint against its base (the DPO reference) and reported
-with a Wilson 95% interval. Log-probs come from the same collator and per-sequence code training
-uses, so the numbers match training's eval metrics on the same weights and pairs.
+DPO's reward is r(x, y) = beta * (log pi(y|x) - log pi_ref(y|x)) (Rafailov et al. 2023, eq. 5); a
+pair is right when r(chosen) > r(rejected), TRL's `rewards/accuracies`. The log-probs come from
+training's own collator and per-sequence code, so the figure matches training's eval metrics.
 """
 
 from __future__ import annotations

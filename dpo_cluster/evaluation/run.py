@@ -1,12 +1,9 @@
 """`run_evaluation(config)`: the whole of `dpo-cluster eval`, callable from other commands too.
 
-    config ──▶ prepare (eval split, when the data has one) ──▶ base + tuned loaded once
-           ──▶ reward accuracy on the eval pairs (tuned policy vs base reference)
-           ──▶ both models answer the prompts ──▶ judge (rule | reward_model), or arena votes
-           ──▶ one JSON report (evaluation.output, else output_dir/eval_report.json)
-
-Mistakes the user can fix (a missing model directory, a judge without its setting, a prompt file
-without prompts) raise ConfigError or DataError before the expensive steps where possible.
+It prepares the eval split (when the data has one), loads base and tuned once, scores held-out
+reward accuracy, has both models answer the prompts for a judge (or reads the arena's votes) and
+writes one JSON report. Mistakes the user can fix (a missing model directory, a judge without its
+setting) raise ConfigError or DataError, before the expensive steps where possible.
 """
 
 from __future__ import annotations
@@ -19,12 +16,11 @@ from typing import TYPE_CHECKING, Any
 
 from dpo_cluster.config import Config, ConfigError
 from dpo_cluster.evaluation.report import REPORT_FILE, write_report
+from dpo_cluster.paths import looks_local
 
 if TYPE_CHECKING:
+    from dpo_cluster.data.pipeline import PreparedData
     from dpo_cluster.evaluation.models import EvalModels
-
-# Placeholders that look like paths: not hub ids, so a missing directory is a plain mistake.
-_PATH_PREFIXES = ("/", "./", "../", "~")
 
 
 def resolve_models(config: Config, *, must_exist: bool = True) -> tuple[str, str]:
@@ -34,7 +30,7 @@ def resolve_models(config: Config, *, must_exist: bool = True) -> tuple[str, str
     ev = config.evaluation
     base = ev.base or config.model.name_or_path
     tuned = ev.tuned or str(Path(config.output_dir) / "final")
-    spelled_as_path = ev.tuned is None or tuned.startswith(_PATH_PREFIXES)
+    spelled_as_path = ev.tuned is None or looks_local(tuned)
     if must_exist and spelled_as_path and not Path(tuned).expanduser().exists():
         raise ConfigError(
             f"evaluation.tuned: no such model directory: {tuned} (train first, or set evaluation.tuned / --tuned)"
@@ -47,23 +43,13 @@ def run_evaluation(config: Config, *, progress: bool = True) -> dict[str, Any]:
     report: {"base", "tuned", "models", "reward_accuracy", "judge", "examples", "settings",
     "seconds", "output"}. `progress` shows tqdm bars on stderr while scoring and generating."""
     from dpo_cluster.data.pipeline import prepare
-    from dpo_cluster.evaluation.judges import summarize_arena
-    from dpo_cluster.evaluation.models import load_eval_models
-    from dpo_cluster.evaluation.prompt_sets import eval_split_prompts, load_prompt_file
-    from dpo_cluster.evaluation.win_rate import (
-        build_examples,
-        generate_side_by_side,
-        judge_by_reward_model,
-        judge_by_rule,
-    )
 
     started = time.perf_counter()
     ev = config.evaluation
     has_eval_split = config.data.eval is not None or config.data.eval_fraction > 0
     ev.check_ready(has_eval_split)
     # Arena votes alone (no eval split to score) need no model at all.
-    needs_models = has_eval_split or ev.judge != "arena"
-    base, tuned = resolve_models(config, must_exist=needs_models)
+    base, tuned = resolve_models(config, must_exist=has_eval_split or ev.judge != "arena")
     arena_db = ev.arena_db or config.arena_db()
     if ev.judge == "arena" and not Path(arena_db).expanduser().is_file():
         raise ConfigError(
@@ -72,87 +58,16 @@ def run_evaluation(config: Config, *, progress: bool = True) -> dict[str, Any]:
     output = Path(ev.output) if ev.output else Path(config.output_dir) / REPORT_FILE
 
     prepared = prepare(config) if has_eval_split else None
-    models: EvalModels | None = None
-
-    def loaded() -> EvalModels:
-        nonlocal models
-        if models is None:
-            try:
-                models = load_eval_models(
-                    base,
-                    tuned,
-                    device=ev.device,
-                    dtype=ev.dtype,
-                    base_revision=config.model.revision if base == config.model.name_or_path else None,
-                    trust_remote_code=config.model.trust_remote_code,
-                )
-            except ValueError as error:
-                raise ConfigError(f"evaluation (base {base!r}, tuned {tuned!r}): {error}") from error
-        return models
-
-    # 1. Held-out reward accuracy.
-    split_dir = prepared.split_dir("eval") if prepared is not None else None
-    if prepared is None:
-        reward_accuracy: dict[str, Any] = {
-            "skipped": "the data has no eval split (set data.eval, or data.eval_fraction > 0)"
-        }
-    elif split_dir is None:
-        reward_accuracy = {
-            "skipped": f"the eval split is empty: no pairs were kept for it (see {prepared.output_dir}/data_report.json)"
-        }
-    else:
-        reward_accuracy = _reward_accuracy(loaded(), split_dir, config, progress=progress)
-
-    # 2. Win rate by the judge.
-    examples: list[dict[str, Any]]
-    models_info: dict[str, Any] | None = None
+    models = _LazyModels(config, base, tuned)
+    reward_accuracy = _reward_accuracy_section(prepared, models, config, progress=progress)
     if ev.judge == "arena":
-        try:
-            judged, examples = summarize_arena(arena_db)
-        except ValueError as error:
-            raise ConfigError(f"evaluation.arena_db: {error}") from error
-        judged = {"name": "arena", **judged}
+        judged, examples = _arena_section(arena_db)
     else:
-        if ev.prompts is not None:
-            prompts = load_prompt_file(ev.prompts, ev.num_prompts)
-            source = ev.prompts
-        else:
-            assert prepared is not None  # check_ready: no prompt file means an eval split
-            prompts = eval_split_prompts(config, prepared, ev.num_prompts)
-            source = "the eval split"
-        answers, skipped = generate_side_by_side(
-            loaded(), prompts, ev, max_prompt_tokens=config.serve.max_prompt_tokens, progress=progress
-        )
-        if ev.judge == "rule":
-            summary, verdicts = judge_by_rule(answers, ev)
-        else:
-            # The answers are in: free the generation models before the reward model loads.
-            models_info = models.describe() if models is not None else None
-            models = None
-            try:
-                summary, verdicts = judge_by_reward_model(
-                    answers, ev, trust_remote_code=config.model.trust_remote_code
-                )
-            except ValueError as error:
-                raise ConfigError(f"evaluation.reward_model: {error}") from error
-        judged = {
-            **summary,
-            "prompt_source": source,
-            "sampling": {
-                "max_new_tokens": ev.max_new_tokens,
-                "temperature": ev.temperature,
-                "top_p": ev.top_p,
-                "seed": ev.seed,
-                "per_prompt_seed": "seed + prompt index",
-            },
-            "skipped_prompts": skipped,
-        }
-        examples = build_examples(answers, verdicts)
-
+        judged, examples = _generated_section(config, prepared, models, progress=progress)
     report: dict[str, Any] = {
         "base": base,
         "tuned": tuned,
-        "models": models.describe() if models is not None else models_info,
+        "models": models.describe(),
         "reward_accuracy": reward_accuracy,
         "judge": judged,
         "examples": examples,
@@ -162,6 +77,118 @@ def run_evaluation(config: Config, *, progress: bool = True) -> dict[str, Any]:
     }
     write_report(report, output)
     return report
+
+
+class _LazyModels:
+    """Base and tuned, loaded on first use and then kept (scoring and generation share them), and
+    released before a reward model loads; `describe()` still names what was loaded."""
+
+    def __init__(self, config: Config, base: str, tuned: str) -> None:
+        self.config, self.base, self.tuned = config, base, tuned
+        self._models: EvalModels | None = None
+        self._released_info: dict[str, Any] | None = None
+
+    def get(self) -> EvalModels:
+        """The loaded models; ConfigError naming both when either cannot be loaded."""
+        from dpo_cluster.evaluation.models import load_eval_models
+
+        if self._models is None:
+            config, ev = self.config, self.config.evaluation
+            try:
+                self._models = load_eval_models(
+                    self.base,
+                    self.tuned,
+                    device=ev.device,
+                    dtype=ev.dtype,
+                    base_revision=config.model.revision if self.base == config.model.name_or_path else None,
+                    trust_remote_code=config.model.trust_remote_code,
+                )
+            except ValueError as error:
+                raise ConfigError(
+                    f"evaluation (base {self.base!r}, tuned {self.tuned!r}): {error}"
+                ) from error
+        return self._models
+
+    def release(self) -> None:
+        if self._models is not None:
+            self._released_info = self._models.describe()
+            self._models = None
+
+    def describe(self) -> dict[str, Any] | None:
+        """What `EvalModels.describe` says of the models, None when none were loaded."""
+        return self._models.describe() if self._models is not None else self._released_info
+
+
+def _reward_accuracy_section(
+    prepared: PreparedData | None, models: _LazyModels, config: Config, *, progress: bool
+) -> dict[str, Any]:
+    """Held-out reward accuracy on the eval split, or why it was skipped."""
+    if prepared is None:
+        return {"skipped": "the data has no eval split (set data.eval, or data.eval_fraction > 0)"}
+    split_dir = prepared.split_dir("eval")
+    if split_dir is None:
+        return {
+            "skipped": f"the eval split is empty: no pairs were kept for it (see {prepared.output_dir}/data_report.json)"
+        }
+    return _reward_accuracy(models.get(), split_dir, config, progress=progress)
+
+
+def _arena_section(arena_db: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The win rate people gave in the arena: (judge section, examples)."""
+    from dpo_cluster.evaluation.judges import summarize_arena
+
+    try:
+        judged, examples = summarize_arena(arena_db)
+    except ValueError as error:
+        raise ConfigError(f"evaluation.arena_db: {error}") from error
+    return {"name": "arena", **judged}, examples
+
+
+def _generated_section(
+    config: Config, prepared: PreparedData | None, models: _LazyModels, *, progress: bool
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Both models answer the prompts and the rule or reward-model judge decides: (judge section,
+    examples)."""
+    from dpo_cluster.evaluation.prompt_sets import eval_split_prompts, load_prompt_file
+    from dpo_cluster.evaluation.win_rate import (
+        build_examples,
+        generate_side_by_side,
+        judge_by_reward_model,
+        judge_by_rule,
+    )
+
+    ev = config.evaluation
+    if ev.prompts is not None:
+        prompts, source = load_prompt_file(ev.prompts, ev.num_prompts), ev.prompts
+    else:
+        assert prepared is not None  # check_ready: no prompt file means an eval split
+        prompts, source = eval_split_prompts(config, prepared, ev.num_prompts), "the eval split"
+    answers, skipped = generate_side_by_side(
+        models.get(), prompts, ev, max_prompt_tokens=config.serve.max_prompt_tokens, progress=progress
+    )
+    if ev.judge == "rule":
+        summary, verdicts = judge_by_rule(answers, ev)
+    else:
+        models.release()  # the answers are in: free the generation models before the reward model
+        try:
+            summary, verdicts = judge_by_reward_model(
+                answers, ev, trust_remote_code=config.model.trust_remote_code
+            )
+        except ValueError as error:
+            raise ConfigError(f"evaluation.reward_model: {error}") from error
+    judged = {
+        **summary,
+        "prompt_source": source,
+        "sampling": {
+            "max_new_tokens": ev.max_new_tokens,
+            "temperature": ev.temperature,
+            "top_p": ev.top_p,
+            "seed": ev.seed,
+            "per_prompt_seed": "seed + prompt index",
+        },
+        "skipped_prompts": skipped,
+    }
+    return judged, build_examples(answers, verdicts)
 
 
 def _reward_accuracy(

@@ -1,13 +1,7 @@
 """Base and tuned answer the same prompts; a judge decides which answer is better.
 
-Answers come from the serve app's own generation path: prompts rendered by `render_prompt_ids`
-with each model's served tokenizer and the serve app's prompt limit, decoded by
-`TransformersBackend` with the same sampling parameters for both models and a per-prompt seed
-(prompt i: evaluation.seed + i), so an evaluated answer is the answer the server would give.
-With a LoRA adapter both models' rows of a batch share one forward (peft's mixed batch).
-
-A prompt either model cannot take (over the prompt limit, or leaving no room in the context) is
-skipped for both and listed in the report, so both sides are always judged on the same prompts.
+Answers come from the serve app's own generation path (its prompt rendering, limit and sampling,
+a per-prompt seed), so an evaluated answer is the answer the server would give.
 """
 
 from __future__ import annotations
@@ -81,7 +75,9 @@ def generate_side_by_side(
     """Both models' answers to every prompt, `settings.batch_size` prompts per batch.
 
     Returns (answered, skipped): a SideBySide per prompt both models could take, in prompt order,
-    and {"index", "prompt", "reason"} for each prompt skipped.
+    and {"index", "prompt", "reason"} for each prompt skipped. A prompt either model cannot take
+    (over the prompt limit, or no room left in the context) is skipped for both, so both sides
+    are judged on the same prompts. Prompt i is sampled with seed evaluation.seed + i.
     """
     from tqdm import tqdm
 
