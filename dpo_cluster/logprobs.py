@@ -152,22 +152,6 @@ def compute_token_logps(
     return _scatter_rows(row_logps, rows, logits.shape[:2])
 
 
-def compute_sequence_logps(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    completion_mask: torch.Tensor,
-    *,
-    chunk_rows: int | None = None,
-) -> torch.Tensor:
-    """Summed completion log-probs: `logits (B, T, V), labels (B, T) int64, completion_mask (B, T) -> (B,)` fp32.
-
-    `logps[b] = sum_t completion_mask[b, t] * log p(labels[b, t])`: the sequence log-likelihood
-    log pi(y | x) of the completion that DPO's implicit reward is built on (Rafailov et al. 2023,
-    eq. 5). `labels`/`completion_mask` are shifted to line up with the logits (`build_shifted_labels`).
-    """
-    return compute_token_logps(logits, labels, completion_mask, chunk_rows=chunk_rows).sum(dim=1)
-
-
 @torch.no_grad()
 def compute_mean_logits(
     logits: torch.Tensor, completion_mask: torch.Tensor, *, chunk_rows: int | None = None
@@ -183,18 +167,6 @@ def compute_mean_logits(
     rows = _selected_rows(completion_mask, batch * seq, logits.device)
     means = _map_rows(logits_2d, rows, _rows_per_chunk(vocab, chunk_rows), lambda z, _part: z.mean(dim=-1))
     return _scatter_rows(means, rows, logits.shape[:2])
-
-
-@torch.no_grad()
-def compute_mean_logit_sums(
-    logits: torch.Tensor, completion_mask: torch.Tensor, *, chunk_rows: int | None = None
-) -> torch.Tensor:
-    """Sum over completion positions of the vocabulary-mean logit: `logits (B, T, V), mask (B, T) -> (B,)`.
-
-    `out[b] = sum_t mask[b, t] * mean_v logits[b, t, v]`, fp32, no gradient. Divided by the completion
-    token count over a batch it is TRL's `logits/chosen` / `logits/rejected` metric.
-    """
-    return compute_mean_logits(logits, completion_mask, chunk_rows=chunk_rows).sum(dim=1)
 
 
 @torch.no_grad()

@@ -11,6 +11,7 @@ import requests
 import torch
 
 from dpo_cluster.modeling import resolve_name_or_path
+from dpo_cluster.tiny import build_lora_adapter
 
 API_KEY = "test-key-0123456789"
 
@@ -18,22 +19,22 @@ API_KEY = "test-key-0123456789"
 def build_lora_final(out_dir: Path, *, seed: int = 1) -> Path:
     """A peft LoRA adapter over "builtin:tiny" with non-zero weights (so tuned != base), saved
     with its tokenizer, as `dpo-cluster train` saves a LoRA run's final/."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     base = resolve_name_or_path("builtin:tiny")
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base)
-    peft_model = get_peft_model(
-        model,
-        LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    # B from N(0, 0.5): large enough to change greedy choices.
+    return build_lora_adapter(
+        base,
+        out_dir,
+        tokenizer,
+        random_b=True,
+        seed=seed,
+        r=8,
+        alpha=32,
+        target_modules=("q_proj", "v_proj"),
+        b_std=0.5,
     )
-    for name, param in peft_model.named_parameters():  # large enough to change greedy choices
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.5)
-    peft_model.save_pretrained(out_dir)
-    AutoTokenizer.from_pretrained(base).save_pretrained(out_dir)
-    return out_dir
 
 
 def build_full_tuned(out_dir: Path, *, seed: int = 2) -> Path:

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -29,7 +29,7 @@ from dpo_cluster.serving.generation import (
     is_adapter_dir,
 )
 from dpo_cluster.serving.generation.decode import stable_length
-from dpo_cluster.tiny import build_tiny_model
+from dpo_cluster.tiny import build_lora_adapter, build_tiny_model
 
 PROMPTS = [
     "The cat walks along",
@@ -49,22 +49,7 @@ def prompt_ids(tokenizer: Any) -> list[tuple[int, ...]]:
 
 def _make_adapter(base: Path, out: Path, *, seed: int, tokenizer: Any | None) -> Path:
     """A LoRA adapter with random A and B (so it changes the model), saved to `out`."""
-    model = AutoModelForCausalLM.from_pretrained(base)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        peft_model = get_peft_model(
-            model,
-            LoraConfig(
-                r=4,
-                lora_alpha=8,
-                target_modules=["q_proj", "v_proj", "o_proj", "down_proj"],
-                init_lora_weights=False,
-            ),
-        )
-    peft_model.save_pretrained(out)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
-    return out
+    return build_lora_adapter(base, out, tokenizer, random_b=True, seed=seed)
 
 
 @pytest.fixture(scope="module")

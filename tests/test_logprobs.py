@@ -8,8 +8,7 @@ import torch
 from dpo_cluster.logprobs import (
     build_shifted_labels,
     compute_ld_sequence_logps,
-    compute_mean_logit_sums,
-    compute_sequence_logps,
+    compute_mean_logits,
     compute_token_logps,
     compute_wpo_token_logps,
 )
@@ -54,14 +53,14 @@ def test_matches_naive_fp32(inputs: tuple[torch.Tensor, torch.Tensor, torch.Tens
     assert token_logps.shape == (B, T) and token_logps.dtype == torch.float32
     torch.testing.assert_close(token_logps, expected, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(
-        compute_sequence_logps(logits, labels, mask), expected.sum(1), atol=1e-5, rtol=1e-6
+        compute_token_logps(logits, labels, mask).sum(dim=1), expected.sum(1), atol=1e-5, rtol=1e-6
     )
 
 
 def test_bf16_logits_upcast_per_chunk(inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
     logits, labels, mask = inputs
     logits_bf16 = logits.to(torch.bfloat16)
-    logps = compute_sequence_logps(logits_bf16, labels, mask, chunk_rows=4)
+    logps = compute_token_logps(logits_bf16, labels, mask, chunk_rows=4).sum(dim=1)
     assert logps.dtype == torch.float32
     # Same values as fp32 math on the bf16-rounded logits ...
     exact = naive_token_logps(logits_bf16.float(), labels, mask).sum(1)
@@ -72,18 +71,18 @@ def test_bf16_logits_upcast_per_chunk(inputs: tuple[torch.Tensor, torch.Tensor, 
 
 def test_masked_positions_contribute_nothing(inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
     logits, labels, mask = inputs
-    base = compute_sequence_logps(logits, labels, mask)
+    base = compute_token_logps(logits, labels, mask).sum(dim=1)
     # Garbage (even non-finite logits and -100 labels) where mask == 0 changes nothing.
     masked = mask == 0
     garbage_logits = logits.clone()
     garbage_logits[masked] = float("nan")
     garbage_labels = labels.masked_fill(masked, -100)
-    torch.testing.assert_close(compute_sequence_logps(garbage_logits, garbage_labels, mask), base)
+    torch.testing.assert_close(compute_token_logps(garbage_logits, garbage_labels, mask).sum(dim=1), base)
     token_logps = compute_token_logps(garbage_logits, garbage_labels, mask)
     assert torch.all(token_logps[masked] == 0)
     # And masked positions receive exactly zero gradient.
     leaf = logits.clone().requires_grad_(True)
-    compute_sequence_logps(leaf, labels, mask).sum().backward()
+    compute_token_logps(leaf, labels, mask).sum(dim=1).sum().backward()
     assert torch.all(leaf.grad[masked] == 0)
     assert torch.any(leaf.grad[~masked] != 0)
 
@@ -97,9 +96,9 @@ def test_chunk_size_independence(
     torch.testing.assert_close(compute_token_logps(logits, labels, mask, chunk_rows=chunk_rows), reference)
     leaf = logits.clone().requires_grad_(True)
     weights = torch.arange(1.0, B + 1)
-    (compute_sequence_logps(leaf, labels, mask, chunk_rows=chunk_rows) * weights).sum().backward()
+    (compute_token_logps(leaf, labels, mask, chunk_rows=chunk_rows).sum(dim=1) * weights).sum().backward()
     leaf_ref = logits.clone().requires_grad_(True)
-    (compute_sequence_logps(leaf_ref, labels, mask, chunk_rows=3) * weights).sum().backward()
+    (compute_token_logps(leaf_ref, labels, mask, chunk_rows=3).sum(dim=1) * weights).sum().backward()
     torch.testing.assert_close(leaf.grad, leaf_ref.grad)
 
 
@@ -142,17 +141,17 @@ def test_no_mask_scores_every_position(inputs: tuple[torch.Tensor, torch.Tensor,
 def test_shape_errors(inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
     logits, labels, mask = inputs
     with pytest.raises(ValueError, match="labels must be"):
-        compute_sequence_logps(logits, labels[:, :-1], mask)
+        compute_token_logps(logits, labels[:, :-1], mask).sum(dim=1)
     with pytest.raises(ValueError, match=r"\(B, T, V\)"):
-        compute_sequence_logps(logits[0], labels, mask)
+        compute_token_logps(logits[0], labels, mask).sum(dim=1)
     with pytest.raises(ValueError, match="chunk_rows"):
-        compute_sequence_logps(logits, labels, mask, chunk_rows=0)
+        compute_token_logps(logits, labels, mask, chunk_rows=0).sum(dim=1)
 
 
 def test_mean_logit_sums(inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
     logits, _, mask = inputs
     expected = (logits.mean(-1) * mask).sum(1)
-    torch.testing.assert_close(compute_mean_logit_sums(logits, mask, chunk_rows=2), expected)
+    torch.testing.assert_close(compute_mean_logits(logits, mask, chunk_rows=2).sum(dim=1), expected)
 
 
 def test_wpo_token_logps(inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:

@@ -31,6 +31,7 @@ from dpo_cluster.losses import (
     compute_f_divergence_scores,
     compute_rewards,
 )
+from dpo_cluster.tiny import build_tiny_qwen2_config
 from dpo_cluster.train.forward import (
     LossSettings,
     MicroBatchResult,
@@ -336,22 +337,20 @@ VOCAB_SIZE = 100
 
 
 def _tiny_model(seed: int) -> Any:
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2ForCausalLM
 
     torch.manual_seed(seed)
-    config = Qwen2Config(
+    config = build_tiny_qwen2_config(
         vocab_size=VOCAB_SIZE,
         hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=64,
         # A wide init so that logits (and policy/reference log-ratios) are far from uniform.
         initializer_range=0.3,
         pad_token_id=0,
         eos_token_id=1,
         bos_token_id=1,
+        tie_word_embeddings=False,
     )
     return Qwen2ForCausalLM(config)
 

@@ -33,6 +33,7 @@ from dpo_cluster.config import Config, ConfigError, load_config
 from dpo_cluster.data.samples import SAMPLE_FILE
 from dpo_cluster.logprobs import build_shifted_labels, compute_token_logps
 from dpo_cluster.modeling import resolve_name_or_path
+from dpo_cluster.tiny import build_tiny_qwen2_config
 from dpo_cluster.train.context import WorkerContext
 from dpo_cluster.train.forward import SUM_KEYS, LossSettings, compute_micro_batch, sums_to_metrics
 
@@ -167,10 +168,11 @@ def test_empty_prompt_first_token_is_never_scored_from_the_previous_sequence() -
 def test_transformers_builds_block_diagonal_causal_masks_from_packed_position_ids(attention: str) -> None:
     """The "mask" route: position ids and no attention mask give, per row, causal attention inside
     each sequence (and inside the free tail) and none across."""
-    from transformers import Qwen2Config
     from transformers.masking_utils import create_causal_mask
 
-    config = Qwen2Config(hidden_size=8, num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=1)
+    config = build_tiny_qwen2_config(
+        hidden_size=8, num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=1
+    )
     config._attn_implementation = attention
     pairs = {"prompt_ids": [[1, 2], [7]], "chosen_ids": [[3, 4, 5], [8]], "rejected_ids": [[6], [9, 10]]}
     # s0 (5), s1 (2), s2 (3), s3 (3); rows of 6 by FFD: s0 | tail, s2 | s3, s1 | tail.
