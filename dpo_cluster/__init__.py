@@ -10,7 +10,8 @@ Layers, highest first; a module imports its own layer or lower ones only
     reference                   reference log-probs: precomputed by an actor pool, cached, streamed
     batch                       padded and packed micro-batches, per-sequence log-probs of a forward
     data                        sources, formats, tokenization, the Ray Data pipeline, accounting
-    modeling, tiny, mlp_recompute   loading models by name, built-in models, memory-saving patches
+    modeling, tiny,             models by name, built-in models, .gguf conversion, memory-saving
+    gguf_models, mlp_recompute  patches
     config                      one strict tree of dataclasses; no torch needed to import it
     losses, logprobs, stats,    pure math and small utilities (torch, Ray or the standard library)
     paths, plots, ray_session

@@ -1,9 +1,10 @@
 """Loading pretrained artefacts by name, and the policy and reference models DPO trains against.
 
-Names are hub ids, local directories, or "builtin:NAME": a model its owner builds (found by name
-through the `dpo_cluster.builtins` entry points, so this layer imports no owner), built once into
-a cache so examples and tests run with no model hub. The reference is a second model, the LoRA
-policy with its adapter off (`reference_context`), or none when its log-probs are precomputed.
+Names are hub ids, local directories, "builtin:NAME" (a model its owner builds, found by name
+through the `dpo_cluster.builtins` entry points, so this layer imports no owner) or local .gguf
+files; the last two are built or converted once into a cache, so examples and tests run with no
+model hub and everything after that loads a plain directory. The reference is a second model, the
+LoRA policy with its adapter off (`reference_context`), or none when its log-probs are precomputed.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import contextlib
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ import torch
 
 from dpo_cluster import __version__
 from dpo_cluster.config import LoraConfig, ModelConfig, ReferenceConfig
+from dpo_cluster.gguf_models import convert_gguf, gguf_cache_name, is_gguf_name
 from dpo_cluster.paths import install_directory, looks_local
 
 BUILTIN_PREFIX = "builtin:"
@@ -63,11 +65,17 @@ def _pyproject_entry_points(pyproject: Path) -> dict[str, EntryPoint]:
 
 
 def resolve_name_or_path(name_or_path: str) -> str:
-    """A hub id or path as is; "builtin:NAME" -> a local directory, built if missing.
+    """A hub id or directory as is; "builtin:NAME" or a .gguf file -> a local directory in
+    `cache_dir()`, built or converted if missing.
 
-    A complete directory already in `cache_dir()` is returned without importing its builder.
-    Raises ValueError listing the available built-ins for an unknown NAME.
+    "builtin:NAME" goes to NAME-VERSION, a complete one returned without importing its builder.
+    A .gguf file (model.name_or_path, or the directory and model.gguf_file together) goes to
+    gguf-STEM-HASH (`dpo_cluster.gguf_models.gguf_cache_name`), converted once by
+    `convert_gguf`. Raises ValueError listing the available built-ins for an unknown NAME, and
+    FileNotFoundError naming the path of a missing .gguf file.
     """
+    if is_gguf_name(name_or_path):
+        return _resolve_gguf(name_or_path)
     if not name_or_path.startswith(BUILTIN_PREFIX):
         return name_or_path
     name = name_or_path[len(BUILTIN_PREFIX) :]
@@ -78,17 +86,27 @@ def resolve_name_or_path(name_or_path: str) -> str:
         )
         raise ValueError(f"unknown built-in {name_or_path!r}; available: {listed}")
     target = cache_dir() / f"{name}-{__version__}"
-    if _is_complete_builtin(target):
-        return str(target)
+    if not _is_complete_builtin(target):
+        _build_into(target, available[name].load())
+    return str(target)
+
+
+def _resolve_gguf(gguf_path: str) -> str:
+    target = cache_dir() / gguf_cache_name(gguf_path)  # FileNotFoundError for a missing file
+    if not _is_complete_builtin(target):
+        source = Path(gguf_path).expanduser()
+        _build_into(target, lambda staging: convert_gguf(source, staging))
+    return str(target)
+
+
+def _build_into(target: Path, build: Callable[[Path], object]) -> None:
     # Built beside the target and renamed into place: concurrent first uses never see half of it.
     staging = target.with_name(f"{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    build = available[name].load()
     try:
         build(staging)
         install_directory(staging, target, is_complete=_is_complete_builtin)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # a failed build, or another process's win
-    return str(target)
 
 
 def _is_complete_builtin(path: Path) -> bool:
@@ -96,7 +114,7 @@ def _is_complete_builtin(path: Path) -> bool:
 
 
 def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False) -> Any:
-    """`AutoTokenizer.from_pretrained` with built-in names resolved."""
+    """`AutoTokenizer.from_pretrained` with built-in names and .gguf files resolved."""
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(

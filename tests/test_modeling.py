@@ -51,19 +51,22 @@ def test_builtin_tiny_is_built_once_into_the_cache(tmp_path: Path, monkeypatch: 
 
 def test_unknown_builtin_names_the_choices() -> None:
     with pytest.raises(
-        ValueError, match="unknown built-in 'builtin:huge'; available: builtin:demo, builtin:tiny$"
+        ValueError,
+        match="unknown built-in 'builtin:huge'; available: builtin:demo, builtin:smollm2-135m-instruct, builtin:tiny$",
     ):
         resolve_name_or_path("builtin:huge")
 
 
 def test_builtins_are_the_declared_entry_points() -> None:
     from dpo_cluster.demo.model import build_demo_model
+    from dpo_cluster.gguf_models import build_smollm2_135m_instruct
 
     declared = {ep.name: ep for ep in entry_points(group=BUILTIN_GROUP)}
-    assert sorted(declared) == ["demo", "tiny"]
+    assert sorted(declared) == ["demo", "smollm2-135m-instruct", "tiny"]
     assert {name: ep.load() for name, ep in declared.items()} == {
         "tiny": build_tiny_model,
         "demo": build_demo_model,
+        "smollm2-135m-instruct": build_smollm2_135m_instruct,
     }
     # The source tree declares the same, for where the package runs without being installed.
     in_source = _pyproject_entry_points(REPO / "pyproject.toml")

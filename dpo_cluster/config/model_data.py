@@ -14,6 +14,9 @@ from dpo_cluster.config.loader import ConfigError
 from dpo_cluster.config.specs import FormatSpec, TokenizeSpec, load_chat_template
 from dpo_cluster.paths import looks_local
 
+# A model name with this suffix is a GGUF file (`dpo_cluster.gguf_models` converts it).
+GGUF_SUFFIX = ".gguf"
+
 
 @dataclass
 class SourceConfig:
@@ -47,8 +50,14 @@ class SourceConfig:
 
 @dataclass
 class ModelConfig:
-    # Hugging Face hub id or local directory of the base (policy) model. Required.
+    # The base (policy) model: a Hugging Face hub id, a local directory, "builtin:NAME", or a local
+    # .gguf file (dequantized to float32 and converted once into the built-in cache, then loaded
+    # as a plain directory). Required.
     name_or_path: str = ""
+    # A .gguf file inside the directory model.name_or_path, as transformers' gguf_file argument:
+    # {name_or_path: DIR, gguf_file: FILE.gguf} is model.name_or_path DIR/FILE.gguf, which the
+    # pair becomes when the config is built (so this key then reads null). null = none.
+    gguf_file: str | None = None
     # Hub only: git revision of the model.
     revision: str | None = None
     # Allow model/tokenizer code from the hub repo to run (needed by some architectures).
@@ -65,11 +74,29 @@ class ModelConfig:
     # less activation memory, no extra matrix work (dpo_cluster.mlp_recompute). Other MLPs stay.
     recompute_mlp_activations: bool = True
 
+    def __post_init__(self) -> None:
+        # Folded here rather than resolved at each use: every part that reads model.name_or_path
+        # (tokenizer, policy, reference, serving, evaluation) then sees the one .gguf path.
+        if self.gguf_file is None:
+            return
+        if not self.gguf_file.endswith(GGUF_SUFFIX):
+            raise ConfigError(
+                f"model.gguf_file: must name a {GGUF_SUFFIX} file inside model.name_or_path, got {self.gguf_file!r}"
+            )
+        if not self.name_or_path:
+            raise ConfigError("model.gguf_file: needs model.name_or_path, the directory holding it")
+        self.name_or_path = str(Path(self.name_or_path) / self.gguf_file)
+        self.gguf_file = None
+
     def check(self) -> None:
         if not self.name_or_path:
             raise ConfigError("model.name_or_path: required (a hub id or a local model directory)")
         path = self.name_or_path
-        if looks_local(path) and not Path(path).expanduser().is_dir():
+        if path.endswith(GGUF_SUFFIX):
+            # A .gguf name is always a local file: hub repositories are named without one.
+            if not Path(path).expanduser().is_file():
+                raise ConfigError(f"model.name_or_path: no such GGUF file: {path}")
+        elif looks_local(path) and not Path(path).expanduser().is_dir():
             raise ConfigError(f"model.name_or_path: no such local model directory: {path}")
 
 

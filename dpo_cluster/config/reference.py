@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 from dpo_cluster.config.loader import ConfigError
+from dpo_cluster.config.model_data import GGUF_SUFFIX
 from dpo_cluster.paths import looks_local
 
 
@@ -93,5 +94,8 @@ class ReferenceConfig:
         path = self.name_or_path
         # Spelled as a path (not a hub id, which is checked when it loads): a missing one is a
         # mistake to report now.
-        if looks_local(path) and not Path(str(path)).expanduser().is_dir():
+        if path is not None and path.endswith(GGUF_SUFFIX):
+            if not Path(path).expanduser().is_file():
+                raise ConfigError(f"reference.name_or_path: no such GGUF file: {path}")
+        elif looks_local(path) and not Path(str(path)).expanduser().is_dir():
             raise ConfigError(f"reference.name_or_path: no such local model directory: {path}")
