@@ -35,7 +35,7 @@ def _check_shapes(logits: torch.Tensor, labels: torch.Tensor | None, mask: torch
             )
 
 
-def _selected_rows(mask: torch.Tensor | None, num_rows: int, device: torch.device) -> torch.Tensor:
+def selected_rows(mask: torch.Tensor | None, num_rows: int, device: torch.device) -> torch.Tensor:
     """Flat indices (M,) of the rows to score: where mask != 0, or every row without a mask."""
     if mask is None:
         return torch.arange(num_rows, device=device)
@@ -57,7 +57,7 @@ def _map_rows(
     return out
 
 
-def _scatter_rows(values: torch.Tensor, rows: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+def scatter_rows(values: torch.Tensor, rows: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """Place (M,) per-row values into a zero (B, T) tensor at flat positions `rows`."""
     out = values.new_zeros(shape.numel())
     out = out.index_copy(0, rows, values)
@@ -145,11 +145,11 @@ def compute_token_logps(
     _check_shapes(logits, labels, completion_mask)
     batch, seq, vocab = logits.shape
     logits_2d = logits.reshape(batch * seq, vocab)  # a view when logits are contiguous
-    rows = _selected_rows(completion_mask, batch * seq, logits.device)
+    rows = selected_rows(completion_mask, batch * seq, logits.device)
     row_logps = _SelectedTokenLogps.apply(
         logits_2d, labels.reshape(-1).long(), rows, _rows_per_chunk(vocab, chunk_rows)
     )
-    return _scatter_rows(row_logps, rows, logits.shape[:2])
+    return scatter_rows(row_logps, rows, logits.shape[:2])
 
 
 @torch.no_grad()
@@ -164,9 +164,9 @@ def compute_mean_logits(
     _check_shapes(logits, None, completion_mask)
     batch, seq, vocab = logits.shape
     logits_2d = logits.detach().reshape(batch * seq, vocab)
-    rows = _selected_rows(completion_mask, batch * seq, logits.device)
+    rows = selected_rows(completion_mask, batch * seq, logits.device)
     means = _map_rows(logits_2d, rows, _rows_per_chunk(vocab, chunk_rows), lambda z, _part: z.mean(dim=-1))
-    return _scatter_rows(means, rows, logits.shape[:2])
+    return scatter_rows(means, rows, logits.shape[:2])
 
 
 @torch.no_grad()
@@ -190,7 +190,7 @@ def compute_wpo_token_logps(
     _check_shapes(logits, labels, completion_mask)
     batch, seq, vocab = logits.shape
     logits_2d = logits.detach().reshape(batch * seq, vocab)
-    rows = _selected_rows(completion_mask, batch * seq, logits.device)
+    rows = selected_rows(completion_mask, batch * seq, logits.device)
     row_labels = labels.reshape(-1).long().index_select(0, rows)
 
     def aligned_logp(z: torch.Tensor, part: slice) -> torch.Tensor:
@@ -200,7 +200,7 @@ def compute_wpo_token_logps(
         return (target - logsumexp) - log_sum_sq_probs
 
     values = _map_rows(logits_2d, rows, _rows_per_chunk(vocab, chunk_rows), aligned_logp)
-    return _scatter_rows(values, rows, logits.shape[:2])
+    return scatter_rows(values, rows, logits.shape[:2])
 
 
 def compute_ld_sequence_logps(

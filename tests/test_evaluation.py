@@ -374,7 +374,7 @@ def test_a_zero_adapter_has_zero_margins_and_zero_accuracy(zero_adapter_dir: Pat
     models = load_eval_models("builtin:tiny", str(zero_adapter_dir), device="cpu")
     assert models.tuned_is_adapter and models.backends["base"] is models.backends["tuned"]
     section = compute_reward_accuracy(
-        models.policy_forward(), models.reference_forward(), pairs, beta=BETA, pad_token_id=1, batch_size=4
+        models.policy_logps(), models.reference_logps(), pairs, beta=BETA, pad_token_id=1, batch_size=4
     )
     assert section["pairs"] == 6
     assert section["rewards/margins"] == 0.0
@@ -387,8 +387,9 @@ def test_reward_accuracy_of_an_adapter_matches_a_direct_computation(
     base_dir: Path, adapter_dir: Path, pairs: dict
 ) -> None:
     models = load_eval_models("builtin:tiny", str(adapter_dir), device="cpu")
+    # From hidden states, 3 completion tokens per head call: the adapter-off reference included.
     section = compute_reward_accuracy(
-        models.policy_forward(), models.reference_forward(), pairs, beta=BETA, pad_token_id=1, batch_size=4
+        models.policy_logps(3), models.reference_logps(3), pairs, beta=BETA, pad_token_id=1, batch_size=4
     )
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir).eval()
     policy_chosen, policy_rejected = _direct_logps(peft_model, pairs)
@@ -404,7 +405,7 @@ def test_reward_accuracy_of_a_full_model_matches_a_direct_computation(
     models = load_eval_models("builtin:tiny", str(full_tuned_dir), device="cpu")
     assert not models.tuned_is_adapter and models.backends["base"] is not models.backends["tuned"]
     section = compute_reward_accuracy(
-        models.policy_forward(), models.reference_forward(), pairs, beta=BETA, pad_token_id=1, batch_size=5
+        models.policy_logps(), models.reference_logps(), pairs, beta=BETA, pad_token_id=1, batch_size=5
     )
     policy_chosen, policy_rejected = _direct_logps(
         AutoModelForCausalLM.from_pretrained(full_tuned_dir), pairs

@@ -66,7 +66,7 @@ def test_two_workers_train_and_match_one_worker(zero2_run: Path, tmp_path: Path)
 def test_zero3_shards_policy_and_reference_and_exports_full_weights(tmp_path: Path, ray_local: None) -> None:
     """ZeRO-3 with token-budget micro-batches: workers run a varying number of forwards per step
     (the same on both, or the parameter gathers would hang) and the loss curve is that of fixed
-    micro-batches on one worker."""
+    micro-batches on one worker, log-probs from hidden states there and from full logits here."""
     from transformers import AutoModelForCausalLM
 
     from dpo_cluster.modeling import resolve_name_or_path
@@ -81,7 +81,9 @@ def test_zero3_shards_policy_and_reference_and_exports_full_weights(tmp_path: Pa
     forwards = [r["micro_batches_per_step"] for r in metrics_rows(out) if "loss" in r]
     assert all(n % 2 == 0 for n in forwards) and set(forwards) != {4.0}, forwards
     one_dir = tmp_path / "one"
-    config = train_config(one_dir, "train.micro_batch_size=4", *common)  # the same 8 pairs a step
+    # The same 8 pairs a step, scored from full logits: under ZeRO-3 the log-probs come from hidden
+    # states (train.logps_chunk_size, the default) with the head's weight gathered from its shards.
+    config = train_config(one_dir, "train.micro_batch_size=4", "train.logps_chunk_size=0", *common)
     from dpo_cluster.data.pipeline import prepare
 
     run_local(config, prepare(config).split_dir("train"))

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from dpo_cluster.batch.collate import PreferenceBatch
+from dpo_cluster.batch.hidden_logps import find_output_head, forward_hidden, head_row_values
 from dpo_cluster.batch.packing import PackedBatch
 from dpo_cluster.logprobs import (
     build_shifted_labels,
@@ -20,6 +22,8 @@ from dpo_cluster.logprobs import (
     compute_mean_logits,
     compute_token_logps,
     compute_wpo_token_logps,
+    scatter_rows,
+    selected_rows,
 )
 
 MicroBatch = PreferenceBatch | PackedBatch
@@ -46,26 +50,74 @@ class SequenceScores:
     wpo_log_weights: torch.Tensor | None = None
 
 
-def _forward_logits(
-    forward: Callable[..., object], batch: MicroBatch
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
-    """-> logits (N, L, V), labels (N, L), label mask (N, L), and the map of per-token values
-    (N, L) to the padded (2B, T) layout: the identity for padded rows, `unpack` for packed ones."""
+@dataclass
+class _TokenValues:
+    """Per-token values of one forward on the padded (2B, T) layout: label log-probs (with grad),
+    vocabulary-mean logits, WPO aligned log-probs (or None), and the scored-token mask."""
+
+    logps: torch.Tensor
+    mean_logits: torch.Tensor
+    wpo_logps: torch.Tensor | None
+    mask: torch.Tensor
+
+
+def _model_inputs(
+    batch: MicroBatch,
+) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """-> forward kwargs, labels (N, L), label mask (N, L), and the map of per-token values (N, L)
+    to the padded (2B, T) layout: the identity for padded rows, `unpack` for packed ones."""
     if isinstance(batch, PackedBatch):
-        outputs = forward(**batch.model_inputs())
         labels, label_mask = batch.shifted_labels()
-        return outputs.logits, labels, label_mask, batch.unpack  # type: ignore[attr-defined]
-    outputs = forward(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        return batch.model_inputs(), labels, label_mask, batch.unpack
+    inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "use_cache": False}
     labels, label_mask = build_shifted_labels(batch.input_ids, batch.completion_mask)
-    return outputs.logits, labels, label_mask, lambda values: values  # type: ignore[attr-defined]
+    return inputs, labels, label_mask, lambda values: values
+
+
+def _values_from_logits(forward: Callable[..., Any], batch: MicroBatch, wpo_weights: bool) -> _TokenValues:
+    """Today's path: the model's full (N, L, V) logits, read in fp32 chunks (`dpo_cluster.logprobs`)."""
+    inputs, labels, label_mask, to_sequences = _model_inputs(batch)
+    logits = forward(**inputs).logits
+    wpo = to_sequences(compute_wpo_token_logps(logits, labels, label_mask)) if wpo_weights else None
+    return _TokenValues(
+        to_sequences(compute_token_logps(logits, labels, label_mask)),
+        to_sequences(compute_mean_logits(logits, label_mask)),
+        wpo,
+        to_sequences(label_mask),
+    )
+
+
+def _values_from_hidden(
+    forward: Callable[..., Any], batch: MicroBatch, wpo_weights: bool, chunk_size: int, model: object
+) -> _TokenValues:
+    """Only completion positions meet the output head, `chunk_size` at a time (`hidden_logps`)."""
+    inputs, labels, label_mask, to_sequences = _model_inputs(batch)
+    head = find_output_head(model)
+    hidden = forward_hidden(forward, head, inputs)  # (N, L, H)
+    rows = selected_rows(label_mask, label_mask.numel(), hidden.device)
+    values = head_row_values(
+        head,
+        hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows),
+        labels.reshape(-1).long().index_select(0, rows),
+        chunk_size=chunk_size,
+        with_wpo=wpo_weights,
+    )
+
+    def place(row_values: torch.Tensor) -> torch.Tensor:
+        return to_sequences(scatter_rows(row_values, rows, label_mask.shape))
+
+    wpo = place(values.wpo_logps) if values.wpo_logps is not None else None
+    return _TokenValues(place(values.logps), place(values.mean_logits), wpo, to_sequences(label_mask))
 
 
 def compute_sequence_scores(
-    forward: Callable[..., object],
+    forward: Callable[..., Any],
     batch: MicroBatch,
     *,
     ld_alpha: float | None = None,
     wpo_weights: bool = False,
+    chunk_size: int = 0,
+    model: object | None = None,
 ) -> SequenceScores:
     """One forward over the 2B chosen + rejected sequences -> `SequenceScores` ((2B,) each).
 
@@ -73,39 +125,51 @@ def compute_sequence_scores(
     `PackedBatch.model_inputs`). Per-token values are brought to the padded (2B, T) layout before
     the per-sequence sums, so both layouts give the same values in the same order. `ld_alpha`
     (LD-DPO): of pair i, completion tokens past min(|chosen_i|, |rejected_i|) count alpha times in
-    `logps`. `wpo_weights`: also WPO's log-weights, from the same logits at completion positions
-    only (chunked, no second forward and no (2B, T, V) fp32 copy).
+    `logps`. `wpo_weights`: also WPO's log-weights, from the same forward.
+    `chunk_size` > 0 (`train.logps_chunk_size`): log-probs from the final hidden states, that many
+    completion tokens per head call, no (N, L, V) logits (`hidden_logps`); `model` is the module
+    holding the head (default: `forward` itself). 0: from the model's full logits.
     """
-    logits, labels, label_mask, to_sequences = _forward_logits(forward, batch)
-    token_logps = to_sequences(compute_token_logps(logits, labels, label_mask))  # (2B, T)
-    mask = to_sequences(label_mask)  # (2B, T)
-    lengths = mask.sum(dim=1)
-    plain_logps = token_logps.sum(dim=1)
+    if chunk_size < 0:
+        raise ValueError(f"chunk_size must be >= 0 (0: full logits), got {chunk_size}")
+    if chunk_size:
+        values = _values_from_hidden(
+            forward, batch, wpo_weights, chunk_size, forward if model is None else model
+        )
+    else:
+        values = _values_from_logits(forward, batch, wpo_weights)
+    lengths = values.mask.sum(dim=1)
+    plain_logps = values.logps.sum(dim=1)
     logps = plain_logps
     if ld_alpha is not None:
-        chosen_tokens, rejected_tokens = token_logps.chunk(2)
-        chosen_mask, rejected_mask = mask.chunk(2)
+        chosen_tokens, rejected_tokens = values.logps.chunk(2)
+        chosen_mask, rejected_mask = values.mask.chunk(2)
         logps = torch.cat(
             compute_ld_sequence_logps(
                 chosen_tokens, rejected_tokens, chosen_mask, rejected_mask, alpha=ld_alpha
             )
         )
     wpo_log_weights = None
-    if wpo_weights:
-        aligned = to_sequences(compute_wpo_token_logps(logits, labels, label_mask))
-        wpo_log_weights = aligned.sum(dim=1) / lengths.clamp(min=1)  # WPO eq. 2: mean over tokens
-    logit_sums = to_sequences(compute_mean_logits(logits, label_mask)).sum(dim=1)
+    if values.wpo_logps is not None:
+        wpo_log_weights = values.wpo_logps.sum(dim=1) / lengths.clamp(min=1)  # WPO eq. 2: mean over tokens
+    logit_sums = values.mean_logits.sum(dim=1)
     return SequenceScores(logps, plain_logps, logit_sums, lengths, wpo_log_weights)
 
 
 def sequence_logps(
-    forward: Callable[..., object], batch: MicroBatch, *, ld_alpha: float | None = None
+    forward: Callable[..., Any],
+    batch: MicroBatch,
+    *,
+    ld_alpha: float | None = None,
+    chunk_size: int = 0,
+    model: object | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One forward over the chosen+rejected sequences -> (summed completion log-probs (2B,), summed
     mean logits (2B,), completion token counts (2B,)); log-probs carry the forward's grad.
 
     With `ld_alpha` the log-probs are LD-DPO weighted (see `compute_sequence_scores`), for policy
-    and reference alike. Both layouts return the same values in the same order.
+    and reference alike. Both layouts return the same values in the same order. `chunk_size` and
+    `model`: as in `compute_sequence_scores`.
     """
-    scores = compute_sequence_scores(forward, batch, ld_alpha=ld_alpha)
+    scores = compute_sequence_scores(forward, batch, ld_alpha=ld_alpha, chunk_size=chunk_size, model=model)
     return scores.logps, scores.logit_sums, scores.lengths

@@ -76,6 +76,11 @@ class TrainConfig:
     # Length-desensitised DPO (LD-DPO, Liu et al. 2024): the longer answer's tokens past the shorter
     # one's length count alpha times, for policy and reference alike; in [0, 1]. null = off.
     ld_alpha: float | None = None
+    # Completion tokens per call of the output head when log-probs are computed from the final
+    # hidden states (policy, in-loop reference, precompute, evaluation): prompt positions never meet
+    # the head and one chunk of (tokens, vocabulary) logits exists at a time, recomputed in backward.
+    # >= 0; 0 = from the model's full (2B, T, V) logits. See dpo_cluster.batch.hidden_logps.
+    logps_chunk_size: int = 512
     # Peak learning rate of AdamW.
     learning_rate: float = 1e-6
     # linear | cosine (decay to 0 after warmup) | constant (after warmup).
@@ -193,6 +198,10 @@ class TrainConfig:
             raise ConfigError(f"train.discopop_tau: must be > 0, got {self.discopop_tau}")
         if self.ld_alpha is not None and not 0.0 <= self.ld_alpha <= 1.0:
             raise ConfigError(f"train.ld_alpha: must be in [0, 1] or null, got {self.ld_alpha}")
+        if self.logps_chunk_size < 0:
+            raise ConfigError(
+                f"train.logps_chunk_size: must be >= 0 (0: from full logits), got {self.logps_chunk_size}"
+            )
 
     def _check_optimization(self, num_workers: int) -> None:
         for name in ("learning_rate", "num_epochs"):

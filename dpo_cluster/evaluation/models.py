@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from dpo_cluster.batch.logps import MicroBatch, sequence_logps
 from dpo_cluster.modeling import reference_context
 from dpo_cluster.serving.generation import TransformersBackend, is_adapter_dir
 
@@ -37,28 +38,30 @@ class EvalModels:
         """The tokenizer the serve app would use for `name` (an adapter's own, when it has one)."""
         return self.backends[name].tokenizer(name)
 
-    def policy_forward(self) -> Callable[..., Any]:
-        """The tuned model's forward, `(input_ids (B, T), attention_mask (B, T), ...) -> outputs`."""
-        return self.backends[TUNED].model
+    def policy_logps(self, chunk_size: int = 0) -> Callable[[MicroBatch], torch.Tensor]:
+        """Summed completion log-probs (2B,) of a micro-batch under the tuned model, as training's
+        `sequence_logps` computes them (`chunk_size`: train.logps_chunk_size)."""
+        model = self.backends[TUNED].model
 
-    def reference_forward(self) -> Callable[..., Any]:
-        """The reference's forward: the base model, or for an adapter the tuned module with its
-        adapter switched off, under no_grad either way."""
-        if not self.tuned_is_adapter:
-            model = self.backends[BASE].model
+        def score(batch: MicroBatch) -> torch.Tensor:
+            return sequence_logps(model, batch, chunk_size=chunk_size)[0]
 
-            def forward_model(**kwargs: Any) -> Any:
-                with reference_context(model, "model"):
-                    return model(**kwargs)
+        return score
 
-            return forward_model
-        policy = self.backends[TUNED].model
+    def reference_logps(self, chunk_size: int = 0) -> Callable[[MicroBatch], torch.Tensor]:
+        """As `policy_logps` under the reference: the base model, or for an adapter the tuned
+        module with its adapter switched off, under no_grad either way."""
+        model, mode = (
+            (self.backends[TUNED].model, "adapter_disabled")
+            if self.tuned_is_adapter
+            else (self.backends[BASE].model, "model")
+        )
 
-        def forward_adapter_disabled(**kwargs: Any) -> Any:
-            with reference_context(policy, "adapter_disabled"):
-                return policy(**kwargs)
+        def score(batch: MicroBatch) -> torch.Tensor:
+            with reference_context(model, mode):
+                return sequence_logps(model, batch, chunk_size=chunk_size)[0]
 
-        return forward_adapter_disabled
+        return score
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -18,7 +18,7 @@ import torch
 
 from dpo_cluster import stats
 from dpo_cluster.batch.collate import ID_COLUMNS, collate_pairs
-from dpo_cluster.batch.logps import sequence_logps
+from dpo_cluster.batch.logps import MicroBatch
 from dpo_cluster.losses import compute_rewards
 
 
@@ -46,8 +46,8 @@ def read_eval_pairs(split_dir: str | Path, max_pairs: int | None = None) -> dict
 
 
 def compute_pair_logps(
-    policy_forward: Callable[..., Any],
-    reference_forward: Callable[..., Any],
+    policy_logps: Callable[[MicroBatch], torch.Tensor],
+    reference_logps: Callable[[MicroBatch], torch.Tensor],
     pairs: Mapping[str, Sequence[Any]],
     *,
     pad_token_id: int,
@@ -59,7 +59,8 @@ def compute_pair_logps(
 
     pairs: columns prompt_ids, chosen_ids, rejected_ids (N sequences each). Each batch of
     `batch_size` pairs is collated as in training (`collate_pairs`: (2b, T), chosen rows first) and
-    both forwards score it (`train.forward.sequence_logps`). Returns policy_chosen_logps,
+    both scorers (`EvalModels.policy_logps` / `reference_logps`: batch -> (2b,) summed log-probs,
+    training's `batch.logps.sequence_logps`) score it. Returns policy_chosen_logps,
     policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, each (N,) float64 on the CPU.
     `progress(b)` is called after each batch of b pairs.
     """
@@ -75,8 +76,8 @@ def compute_pair_logps(
             columns = {name: list(pairs[name][start : start + batch_size]) for name in ID_COLUMNS}
             batch = collate_pairs(columns, pad_token_id).to(device)
             b = batch.num_pairs
-            policy, _, _ = sequence_logps(policy_forward, batch)  # (2b,)
-            ref, _, _ = sequence_logps(reference_forward, batch)  # (2b,)
+            policy = policy_logps(batch)  # (2b,)
+            ref = reference_logps(batch)
             parts["policy_chosen_logps"].append(policy[:b].double().cpu())
             parts["policy_rejected_logps"].append(policy[b:].double().cpu())
             parts["ref_chosen_logps"].append(ref[:b].double().cpu())
@@ -117,8 +118,8 @@ def summarize_rewards(logps: Mapping[str, torch.Tensor], beta: float) -> dict[st
 
 
 def compute_reward_accuracy(
-    policy_forward: Callable[..., Any],
-    reference_forward: Callable[..., Any],
+    policy_logps: Callable[[MicroBatch], torch.Tensor],
+    reference_logps: Callable[[MicroBatch], torch.Tensor],
     pairs: Mapping[str, Sequence[Any]],
     *,
     beta: float,
@@ -129,8 +130,8 @@ def compute_reward_accuracy(
 ) -> dict[str, Any]:
     """`compute_pair_logps` then `summarize_rewards`: the reward-accuracy section of a report."""
     logps = compute_pair_logps(
-        policy_forward,
-        reference_forward,
+        policy_logps,
+        reference_logps,
         pairs,
         pad_token_id=pad_token_id,
         batch_size=batch_size,

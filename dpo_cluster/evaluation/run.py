@@ -213,8 +213,8 @@ def _reward_accuracy(
         disable=not progress,
     ) as bar:
         section = compute_reward_accuracy(
-            models.policy_forward(),
-            models.reference_forward(),
+            models.policy_logps(config.train.logps_chunk_size),
+            models.reference_logps(config.train.logps_chunk_size),
             pairs,
             beta=config.train.beta,
             pad_token_id=int(pad) if pad is not None else 0,

@@ -44,6 +44,7 @@ class ReferenceSpec:
         right padding sits after every real token of a causal model).
     use_gpu: score on the actor's GPU (reference.num_gpus > 0) instead of its CPUs.
     ld_alpha: train.ld_alpha: LD-DPO weights the reference's sums as the policy's (None: plain sums).
+    chunk_size: train.logps_chunk_size: completion tokens per output-head call (0: full logits).
     """
 
     model: ModelConfig
@@ -51,6 +52,7 @@ class ReferenceSpec:
     pad_token_id: int
     use_gpu: bool
     ld_alpha: float | None = None
+    chunk_size: int = 0
 
 
 class ReferenceScorer:
@@ -63,6 +65,7 @@ class ReferenceScorer:
         self.device = torch.device("cuda" if spec.use_gpu else "cpu")
         self.pad_token_id = spec.pad_token_id
         self.ld_alpha = spec.ld_alpha
+        self.chunk_size = spec.chunk_size
         # mode "model" with no name of its own loads spec.model: the reference weights, frozen, in
         # eval mode (dropout off), 4-bit like the policy's base when QLoRA.
         self.model = load_reference(
@@ -79,7 +82,9 @@ class ReferenceScorer:
         columns = {name: table.column(name).to_numpy(zero_copy_only=False) for name in ID_COLUMNS}
         batch = collate_pairs(columns, self.pad_token_id).to(self.device)
         with torch.no_grad():  # as `reference_context` runs the in-loop reference
-            logps, _, _ = sequence_logps(self.model, batch, ld_alpha=self.ld_alpha)
+            logps, _, _ = sequence_logps(
+                self.model, batch, ld_alpha=self.ld_alpha, chunk_size=self.chunk_size
+            )
         values = logps.float().cpu().numpy()  # (2B,): chosen half, then rejected half
         n = batch.num_pairs
         table = table.append_column(REF_COLUMNS[0], pa.array(values[:n], pa.float32()))
@@ -105,6 +110,7 @@ def build_reference_spec(config: Config) -> ReferenceSpec:
         pad_token_id=int(pad_id),
         use_gpu=reference.num_gpus > 0,
         ld_alpha=config.train.ld_alpha,
+        chunk_size=config.train.logps_chunk_size,
     )
 
 

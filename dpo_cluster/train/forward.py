@@ -49,6 +49,7 @@ class LossSettings:
     discopop_tau: float = 0.05
     use_weighting: bool = False  # WPO pair weights from the policy's own logits
     ld_alpha: float | None = None  # LD-DPO weight of the longer answer's tail; None = off
+    logps_chunk_size: int = 0  # completion tokens per output-head call; 0 = from full logits
 
 
 def build_loss_settings(train: TrainConfig) -> LossSettings:
@@ -63,6 +64,7 @@ def build_loss_settings(train: TrainConfig) -> LossSettings:
         discopop_tau=train.discopop_tau,
         use_weighting=train.use_weighting,
         ld_alpha=train.ld_alpha,
+        logps_chunk_size=train.logps_chunk_size,
     )
 
 
@@ -103,7 +105,11 @@ def compute_micro_batch(
     """
     n = batch.num_pairs
     scores = compute_sequence_scores(
-        policy_forward, batch, ld_alpha=settings.ld_alpha, wpo_weights=settings.use_weighting
+        policy_forward,
+        batch,
+        ld_alpha=settings.ld_alpha,
+        wpo_weights=settings.use_weighting,
+        chunk_size=settings.logps_chunk_size,
     )
     pair = _pair_logps(scores, *reference_logps(batch), settings)
     pair_weights = None

@@ -90,6 +90,7 @@ class ReferenceSource:
     policy: torch.nn.Module  # the engine's module
     model: Any  # the frozen reference (a module, or an engine under ZeRO-3); None unless mode is model
     ld_alpha: float | None  # train.ld_alpha: LD-DPO weights the reference's log-probs as the policy's
+    chunk_size: int = 0  # train.logps_chunk_size: completion tokens per output-head call; 0 = full logits
 
     def compute_logps(self, batch: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Reference log-probs of the batch's B pairs -> (chosen (B,), rejected (B,)), without grad."""
@@ -98,7 +99,7 @@ class ReferenceSource:
         n = batch.num_pairs
         model = self.policy if self.mode == "adapter_disabled" else self.model
         with reference_context(self.policy, self.mode):
-            logps, _, _ = sequence_logps(model, batch, ld_alpha=self.ld_alpha)
+            logps, _, _ = sequence_logps(model, batch, ld_alpha=self.ld_alpha, chunk_size=self.chunk_size)
         return logps[:n].detach(), logps[n:].detach()
 
 
@@ -255,7 +256,11 @@ def build_setup(config: Config, ctx: WorkerContext) -> TrainSetup:
         engine=engine,
         scheduler=scheduler,
         reference=ReferenceSource(
-            config.reference.resolved_mode(config.lora.enabled), engine.module, reference, train.ld_alpha
+            config.reference.resolved_mode(config.lora.enabled),
+            engine.module,
+            reference,
+            train.ld_alpha,
+            train.logps_chunk_size,
         ),
         layout=build_layout(train, engine.module, reference, pad_id),
         settings=build_loss_settings(train),

@@ -1,0 +1,164 @@
+"""Completion log-probs straight from the final hidden states, a chunk of tokens at a time.
+
+At a 150k vocabulary the (2B, T, V) logits and their gradient are the largest tensors of a DPO
+step. Here the model runs with `logits_to_keep=1`, its final hidden states are caught by a hook on
+its decoder, and only completion positions meet the output head, `chunk_size` of them at a time
+under activation checkpointing: one chunk's logits exist at a time, in forward and again in
+backward. The head is called as a module, so a LoRA-adapted head, tied embeddings and ZeRO-3's
+parameter gathering behave as in the model's own forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+TURN_OFF = "set train.logps_chunk_size: 0 to score from the model's full logits instead"
+
+
+@dataclass(frozen=True)
+class OutputHead:
+    """Where a causal LM's final hidden states come from and how they become logits.
+
+    decoder: the module whose output's first element (or `last_hidden_state`) is the final,
+        normalised hidden state the head reads, (N, L, H).
+    head: hidden (m, H) -> logits (m, V): the model's output embeddings (LoRA-wrapped if adapted).
+    logit_scale / softcap: the model's own post-processing of the head's output (Cohere's scale,
+        Gemma 2's tanh soft-capping), applied as its forward does; None where it has none.
+    """
+
+    decoder: torch.nn.Module
+    head: torch.nn.Module
+    logit_scale: float | None = None
+    softcap: float | None = None
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(m, H) hidden -> (m, V) fp32 logits, as the model's forward computes them then upcast."""
+        logits = self.head(hidden).float()
+        if self.logit_scale is not None:
+            logits = logits * self.logit_scale
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+def _unwrap(model: object) -> torch.nn.Module:
+    """The transformers model inside a DeepSpeed engine, DDP and/or a peft model."""
+    inner = model
+    for _ in range(8):
+        if hasattr(inner, "get_base_model"):  # peft PeftModel
+            inner = inner.get_base_model()
+        elif isinstance(getattr(inner, "module", None), torch.nn.Module):  # DeepSpeed engine, DDP
+            inner = inner.module
+        else:
+            break
+    if not isinstance(inner, torch.nn.Module):
+        raise ValueError(
+            f"log-probs from hidden states need the model as a module, got {type(model).__name__}"
+        )
+    return inner
+
+
+def find_output_head(model: object) -> OutputHead:
+    """The decoder and output head of a causal LM (possibly wrapped); ValueError when not found."""
+    inner = _unwrap(model)
+    name = type(inner).__name__
+    get_head = getattr(inner, "get_output_embeddings", None)
+    get_decoder = getattr(inner, "get_decoder", None)
+    head = get_head() if callable(get_head) else None
+    decoder = get_decoder() if callable(get_decoder) else None
+    if head is None or decoder is None or decoder is inner:
+        raise ValueError(
+            f"cannot find the output head and decoder of {name} (get_output_embeddings / "
+            f"get_decoder) to compute log-probs from its hidden states; {TURN_OFF}"
+        )
+    config = getattr(inner, "config", None)
+    scale = getattr(inner, "logit_scale", None)
+    softcap = getattr(config, "final_logit_softcapping", None)
+    return OutputHead(decoder, head, float(scale) if scale is not None else None, softcap or None)
+
+
+def forward_hidden(
+    forward: Callable[..., object], head: OutputHead, inputs: dict[str, object]
+) -> torch.Tensor:
+    """Run `forward(**inputs)` keeping one position's logits; -> the final hidden states (N, L, H)."""
+    caught: list[torch.Tensor] = []
+
+    def catch(_module: torch.nn.Module, _args: object, output: object) -> None:
+        hidden = getattr(output, "last_hidden_state", None)
+        if hidden is None and isinstance(output, (tuple, list)):
+            hidden = output[0]
+        caught.append(hidden)  # type: ignore[arg-type]
+
+    handle = head.decoder.register_forward_hook(catch)
+    try:
+        forward(**inputs, logits_to_keep=1)
+    finally:
+        handle.remove()
+    if len(caught) != 1 or not isinstance(caught[0], torch.Tensor) or caught[0].dim() != 3:
+        raise ValueError(
+            f"the decoder {type(head.decoder).__name__} ran {len(caught)} time(s) without giving one "
+            f"(N, L, H) hidden state; {TURN_OFF}"
+        )
+    return caught[0]
+
+
+@dataclass
+class RowValues:
+    """Per scored position, (M,) fp32 each: label log-prob (with the forward's gradient), the
+    vocabulary-mean logit, and WPO's aligned log-prob (`logprobs.compute_wpo_token_logps`) or None."""
+
+    logps: torch.Tensor
+    mean_logits: torch.Tensor
+    wpo_logps: torch.Tensor | None
+
+
+def _chunk_values(
+    head: OutputHead, with_wpo: bool, hidden: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    logits = head.logits(hidden)  # (m, V) fp32
+    logsumexp = torch.logsumexp(logits, dim=-1)
+    logps = logits.gather(1, labels.unsqueeze(1)).squeeze(1) - logsumexp
+    with torch.no_grad():
+        mean_logits = logits.mean(dim=-1)
+        if not with_wpo:
+            return logps, mean_logits
+        log_sum_sq_probs = torch.logsumexp(2 * logits, dim=-1) - 2 * logsumexp
+        return logps, mean_logits, logps.detach() - log_sum_sq_probs
+
+
+def head_row_values(
+    head: OutputHead,
+    hidden_rows: torch.Tensor,
+    row_labels: torch.Tensor,
+    *,
+    chunk_size: int,
+    with_wpo: bool = False,
+) -> RowValues:
+    """Log-probs of `row_labels` (M,) under the head at `hidden_rows` (M, H), `chunk_size` rows at
+    a time; each chunk's logits are recomputed in backward instead of kept (activation checkpoint).
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    recompute = torch.is_grad_enabled() and (
+        hidden_rows.requires_grad or any(p.requires_grad for p in head.head.parameters())
+    )
+    parts: list[tuple[torch.Tensor, ...]] = []
+    for start in range(0, hidden_rows.shape[0], chunk_size):
+        args = (
+            head,
+            with_wpo,
+            hidden_rows[start : start + chunk_size],
+            row_labels[start : start + chunk_size],
+        )
+        parts.append(
+            checkpoint(_chunk_values, *args, use_reentrant=False) if recompute else _chunk_values(*args)
+        )
+    if not parts:
+        empty = hidden_rows.new_zeros(0, dtype=torch.float32)
+        return RowValues(empty, empty, empty if with_wpo else None)
+    columns = [torch.cat(values) for values in zip(*parts)]
+    return RowValues(columns[0], columns[1], columns[2] if with_wpo else None)
