@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import requests
-import torch
 
 from dpo_cluster.modeling import resolve_name_or_path
 from dpo_cluster.tiny import build_lora_adapter
@@ -35,21 +34,6 @@ def build_lora_final(out_dir: Path, *, seed: int = 1) -> Path:
         target_modules=("q_proj", "v_proj"),
         b_std=0.5,
     )
-
-
-def build_full_tuned(out_dir: Path, *, seed: int = 2) -> Path:
-    """A full copy of "builtin:tiny" with perturbed weights, as a full fine-tune's final/."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    base = resolve_name_or_path("builtin:tiny")
-    model = AutoModelForCausalLM.from_pretrained(base)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(torch.randn(param.shape, generator=generator) * 0.05)
-    model.save_pretrained(out_dir)
-    AutoTokenizer.from_pretrained(base).save_pretrained(out_dir)
-    return out_dir
 
 
 class Client:

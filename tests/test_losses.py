@@ -443,7 +443,9 @@ def _our_step(trainer: Any, batch: MicroBatch, settings: LossSettings) -> MicroB
         if b.ref_chosen_logps is not None and b.ref_rejected_logps is not None:
             return b.ref_chosen_logps, b.ref_rejected_logps
         with torch.no_grad():
-            logps, _, _ = sequence_logps(trainer.ref_model, b, ld_alpha=settings.ld_alpha)
+            logps, _, _ = sequence_logps(
+                trainer.ref_model, b, ld_alpha=settings.ld_alpha, chunk_size=settings.logps_chunk_size
+            )
         return logps[: b.num_pairs], logps[b.num_pairs :]
 
     return compute_micro_batch(trainer.model, reference_logps, batch, settings)

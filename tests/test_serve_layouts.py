@@ -22,21 +22,25 @@ import requests
 import torch
 
 from dpo_cluster.modeling import resolve_name_or_path
-from tests.serve_helpers import API_KEY, Client, build_full_tuned, build_lora_final
+from tests.serve_helpers import API_KEY, Client, build_lora_final
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def full_models(tmp_path_factory: pytest.TempPathFactory, serve_port: int) -> Iterator[dict[str, Any]]:
+def full_models(
+    tmp_path_factory: pytest.TempPathFactory, serve_port: int, smollm2_dir: Path
+) -> Iterator[dict[str, Any]]:
+    """Two full models of different architectures and vocabularies, each with its own tokenizer
+    and chat template: the tiny model as base, the real SmolLM2-135M-Instruct as tuned."""
     from ray import serve
 
     import serve.app as serve_app  # the module Serve configs import: serve.app:app_builder
     from dpo_cluster.serving.app import APP_NAME
 
     root = tmp_path_factory.mktemp("full")
-    tuned = build_full_tuned(root / "final")
+    tuned = smollm2_dir
     app = serve_app.app_builder(
         {
             "base": "builtin:tiny",
@@ -81,16 +85,19 @@ def test_two_full_models_get_a_deployment_each(full_models: dict[str, Any]) -> N
 
     health = client.get("/healthz").json()
     assert health["api_key_required"] is False  # no key configured: the routes are open
-    assert health["models"]["base"]["parameters"] == health["models"]["tuned"]["parameters"]
+    assert health["models"]["tuned"]["parameters"] > 100 * health["models"]["base"]["parameters"]
 
+    prompt = "Write a YouTube title for my video about sourdough bread."
     compared = client.post(
         "/v1/compare",
-        {"messages": [{"role": "user", "content": "hello there"}], "max_new_tokens": 10, "temperature": 0},
+        {"messages": [{"role": "user", "content": prompt}], "max_new_tokens": 12, "temperature": 0},
     )
     assert compared.status_code == 200, compared.text
     result = compared.json()
-    assert result["base"]["text"] == greedy_text(resolve_name_or_path("builtin:tiny"), "hello there", 10)
-    assert result["tuned"]["text"] == greedy_text(str(full_models["tuned"]), "hello there", 10)
+    # Greedy through the app equals transformers' greedy, each model with its own chat template.
+    assert result["base"]["text"] == greedy_text(resolve_name_or_path("builtin:tiny"), prompt, 12)
+    real = greedy_text(str(full_models["tuned"]), prompt, 12)
+    assert result["tuned"]["text"] == real and "sourdough" in real.lower(), real
     assert result["base"]["text"] != result["tuned"]["text"]
 
 
