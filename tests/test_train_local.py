@@ -135,6 +135,7 @@ def test_final_model_loads_and_changed(full_run: tuple[Path, Any]) -> None:
         assert not torch.allclose(tuned(**ids).logits, base(**ids).logits)
     summary = json.loads((final / "metrics_summary.json").read_text())
     assert summary["steps"] == 6 and "eval_loss" in summary
+    assert summary["loss"] == metrics_rows(out)[-1]["loss"]  # the last step's training metrics too
     assert "train:" in (final / "dpo_config.yaml").read_text()
 
 

@@ -72,10 +72,14 @@ def test_zero3_shards_policy_and_reference_and_exports_full_weights(tmp_path: Pa
     from dpo_cluster.modeling import resolve_name_or_path
 
     out = tmp_path / "zero3"
-    common = ("train.gradient_accumulation_steps=2", "train.shuffle=false", "train.max_steps=4")
-    run_training(train_config(out, "deepspeed.zero_stage=3", "train.micro_batch_size=2", "scaling.num_workers=2",
-                              "train.max_tokens_per_micro_batch=400", *common))  # fmt: skip
+    # No eval split: the run's final metrics are then the last step's training metrics.
+    common = ("train.gradient_accumulation_steps=2", "train.shuffle=false", "train.max_steps=4",
+              "data.eval_fraction=0")  # fmt: skip
+    result = run_training(train_config(out, "deepspeed.zero_stage=3", "train.micro_batch_size=2",
+                                       "scaling.num_workers=2", "train.max_tokens_per_micro_batch=400",
+                                       *common))  # fmt: skip
     losses = train_losses(out)
+    assert result.metrics["loss"] == losses[4] and result.metrics["steps"] == 4
     assert losses[1] == pytest.approx(0.6931471805599453, abs=1e-6)
     assert losses[4] < losses[1]
     forwards = [r["micro_batches_per_step"] for r in metrics_rows(out) if "loss" in r]

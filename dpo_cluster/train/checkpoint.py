@@ -21,6 +21,9 @@ from dpo_cluster.data.tokenize import chat_template_override
 
 STATE_TAG = "state"
 
+# final/ holds the run's summary: steps, epochs, precision, the last training and evaluation metrics.
+SUMMARY_FILE = "metrics_summary.json"
+
 
 def _rng_state() -> dict[str, Any]:
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
@@ -93,7 +96,7 @@ def export_final(
     (out_dir / "dpo_config.yaml").write_text(
         yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True)
     )
-    (out_dir / "metrics_summary.json").write_text(json.dumps(metrics_summary, indent=2) + "\n")
+    (out_dir / SUMMARY_FILE).write_text(json.dumps(metrics_summary, indent=2) + "\n")
 
 
 def _merge_adapter(adapter_dir: Path, out_dir: Path) -> None:

@@ -43,6 +43,7 @@ class LoopState:
     best_step: int | None = None  # the checkpointed step with the best train.best_metric so far
     best_value: float | None = None
     last_eval: dict[str, float] = field(default_factory=dict)  # the latest evaluation's metrics
+    last_train: dict[str, float] = field(default_factory=dict)  # the latest logged training metrics
     grad_norm: float | None = None  # measured here without ZeRO; DeepSpeed reports it under ZeRO
 
     @classmethod
@@ -54,12 +55,13 @@ class LoopState:
             best_step=best["step"] if best else None,
             best_value=best["value"] if best else None,
             last_eval=dict(saved.get("last_eval", {})),
+            last_train=dict(saved.get("last_train", {})),
         )
 
     def client_state(self) -> dict[str, Any]:
-        """What a checkpoint stores: {"step", "best": {"step", "value"} or None, "last_eval"}."""
+        """What a checkpoint stores: {"step", "best": {"step", "value"} or None, "last_eval", "last_train"}."""
         best = None if self.best_step is None else {"step": self.best_step, "value": self.best_value}
-        return {"step": self.step, "best": best, "last_eval": self.last_eval}
+        return {"step": self.step, "best": best, "last_eval": self.last_eval, "last_train": self.last_train}
 
     def update_best(self, metric: str, mode: str) -> None:
         """Make the current step the best if the latest evaluation's `metric` beats the best so far."""
@@ -185,6 +187,7 @@ def _log_evaluate_save(
     metrics: dict[str, Any] = {}
     if step % train.logging_steps == 0 or last:
         metrics = window.flush(setup, state.grad_norm)
+        state.last_train = dict(metrics)
     eval_due, save_due = _eval_and_save_due(train, step, last, step % setup.per_epoch == 0, setup.has_eval)
     if eval_due:
         state.last_eval = _evaluate(setup, ctx)
@@ -253,8 +256,10 @@ def _finish(setup: TrainSetup, ctx: WorkerContext, state: LoopState) -> dict[str
         best = ctx.best_checkpoint()
         if best is not None:
             load_state(setup.engine, best, rank=ctx.rank, weights_only=True)
+    # The last step always logs, so the summary has the final training metrics, and the final
+    # evaluation's where there is an eval split.
     summary = {"steps": state.step, "epochs": state.step / setup.per_epoch, "precision": setup.precision,
-               **state.last_eval}  # fmt: skip
+               **state.last_train, **state.last_eval}  # fmt: skip
     export_final(setup.engine, setup.tokenizer, config, Path(config.output_dir) / FINAL_DIR, rank=ctx.rank,
                  metrics_summary=summary)  # fmt: skip
     dist.barrier()

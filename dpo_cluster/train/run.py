@@ -19,6 +19,7 @@ from typing import Any
 
 from dpo_cluster.config import Config
 from dpo_cluster.plots import CURVES_FILE, plot_training_curves
+from dpo_cluster.train.checkpoint import SUMMARY_FILE
 from dpo_cluster.train.context import PairSource, RayShardPairSource, WorkerContext
 from dpo_cluster.train.loop import FINAL_DIR, train_loop
 from dpo_cluster.train.metrics_log import METRICS_FILE
@@ -31,7 +32,7 @@ logger = logging.getLogger(__name__)
 @dataclass
 class TrainingResult:
     final_dir: Path
-    metrics: dict[str, Any]
+    metrics: dict[str, Any]  # final/metrics_summary.json: the last training and evaluation metrics
     checkpoint_dir: Path | None
 
 
@@ -167,9 +168,11 @@ def run_training(config: Config) -> TrainingResult:
     if metrics_path.exists():
         plot_training_curves(metrics_path, output_dir / CURVES_FILE)
     checkpoint = result.checkpoint
+    # Rank 0's summary rather than Ray's last report, which is the last checkpoint's.
+    summary = output_dir / FINAL_DIR / SUMMARY_FILE
     return TrainingResult(
         final_dir=output_dir / FINAL_DIR,
-        metrics=dict(result.metrics or {}),
+        metrics=json.loads(summary.read_text()) if summary.is_file() else dict(result.metrics or {}),
         checkpoint_dir=Path(checkpoint.path) if checkpoint is not None else None,
     )
 
