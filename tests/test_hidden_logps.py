@@ -165,6 +165,50 @@ def test_bf16_matches_the_full_logits_path(base_dir: Path) -> None:
         assert cosine > 0.99, name
 
 
+def _other_architecture(kind: str) -> PreTrainedModel:
+    from transformers import Gemma2Config, GPT2Config, LlamaConfig
+
+    small = {"vocab_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+    configs = {
+        # Dropout off, as training turns it off (`disable_dropout`): both paths see the same model.
+        "gpt2": lambda: GPT2Config(
+            n_embd=32,
+            n_layer=2,
+            n_head=2,
+            vocab_size=64,
+            n_positions=64,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        ),  # fmt: skip
+        "llama": lambda: LlamaConfig(hidden_size=32, intermediate_size=64, num_key_value_heads=1, **small),
+        # Soft-capped logits: tanh(z / 3) * 3, low enough to bend these logits.
+        "gemma2-softcap": lambda: Gemma2Config(
+            hidden_size=32,
+            intermediate_size=64,
+            num_key_value_heads=1,
+            head_dim=16,
+            final_logit_softcapping=3.0,
+            **small,
+        ),  # fmt: skip
+    }
+    torch.manual_seed(3)
+    model = AutoModelForCausalLM.from_config(configs[kind](), attn_implementation="eager").float()
+    return _noisy(model, seed=3)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "gemma2-softcap"])
+def test_other_architectures_equal_the_full_logits_path(kind: str) -> None:
+    """GPT-2 (its decoder is `transformer`, no gated MLP), Llama, and Gemma 2, whose forward
+    soft-caps the head's logits."""
+    model = _other_architecture(kind)
+    want, want_grads = _scores_and_grads(model, "padded", 0)
+    got, got_grads = _scores_and_grads(model, "padded", 3)
+    torch.testing.assert_close(got.logps, want.logps, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(got.logit_sums, want.logit_sums, atol=1e-5, rtol=1e-6)
+    _assert_same(got_grads, want_grads)
+
+
 class _NoHead(torch.nn.Module):
     """A causal LM whose output head cannot be found: it only maps ids to logits."""
 

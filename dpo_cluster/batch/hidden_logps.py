@@ -96,6 +96,12 @@ def forward_hidden(
     handle = head.decoder.register_forward_hook(catch)
     try:
         forward(**inputs, logits_to_keep=1)
+    except TypeError as error:
+        if "logits_to_keep" not in str(error):
+            raise
+        raise ValueError(
+            f"the model's forward takes no logits_to_keep argument ({error}); {TURN_OFF}"
+        ) from None
     finally:
         handle.remove()
     if len(caught) != 1 or not isinstance(caught[0], torch.Tensor) or caught[0].dim() != 3:
