@@ -542,22 +542,40 @@ def test_matches_trl(word_tokenizer: Any, pairs: Any, tmp_path: Any, config: dic
 
     settings = _loss_settings(config)
     for layout, batch in _micro_batches(trainer, inputs).items():
-        trainer.model.zero_grad(set_to_none=True)
-        result = _our_step(trainer, batch, settings)
-        result.loss.backward()
-        torch.testing.assert_close(result.loss.detach(), trl_loss.detach(), atol=1e-5, rtol=1e-5, msg=layout)
-        metrics = sums_to_metrics(result.sums)
-        for name in METRIC_NAMES:
-            assert metrics[name] == pytest.approx(trl_metrics[name], abs=1e-5, rel=1e-5), (layout, name)
-        for name, parameter in trainer.model.named_parameters():
-            # An element that is a sum of large terms cancelling to a small value carries the rounding
-            # of the terms (the two sides sum in different orders), so the tolerance scales with the
-            # tensor's largest entry rather than with each element.
-            reference = trl_grads[name]
-            scale = reference.abs().max().item()
-            torch.testing.assert_close(
-                parameter.grad, reference, atol=1e-5 + 1e-4 * scale, rtol=1e-4, msg=f"{layout}: {name}"
-            )
+        check_step_against_trl(trainer, batch, settings, trl_loss, trl_metrics, trl_grads, where=layout)
+
+
+def check_step_against_trl(
+    trainer: Any,
+    batch: MicroBatch,
+    settings: LossSettings,
+    trl_loss: torch.Tensor,
+    trl_metrics: dict[str, float],
+    trl_grads: dict[str, torch.Tensor],
+    *,
+    where: str,
+    metric_tolerance: float = 1e-5,
+    grad_tolerance: float = 1e-4,
+) -> None:
+    """Our step on `trainer`'s policy gives TRL's loss, logged metrics and every gradient."""
+    trainer.model.zero_grad(set_to_none=True)
+    result = _our_step(trainer, batch, settings)
+    result.loss.backward()
+    torch.testing.assert_close(result.loss.detach(), trl_loss.detach(), atol=1e-5, rtol=1e-5, msg=where)
+    metrics = sums_to_metrics(result.sums)
+    for name in METRIC_NAMES:
+        assert metrics[name] == pytest.approx(
+            trl_metrics[name], abs=metric_tolerance, rel=metric_tolerance
+        ), (where, name)
+    for name, parameter in trainer.model.named_parameters():
+        # An element that is a sum of large terms cancelling to a small value carries the rounding
+        # of the terms (the two sides sum in different orders), so the tolerance scales with the
+        # tensor's largest entry rather than with each element.
+        reference = trl_grads[name]
+        scale = reference.abs().max().item()
+        torch.testing.assert_close(
+            parameter.grad, reference, atol=1e-5 + grad_tolerance * scale, rtol=1e-4, msg=f"{where}: {name}"
+        )
 
 
 def test_first_step_ln2_matches_trl(word_tokenizer: Any, pairs: Any, tmp_path: Any) -> None:

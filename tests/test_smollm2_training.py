@@ -16,8 +16,7 @@ import torch
 from dpo_cluster.batch.logps import sequence_logps
 from dpo_cluster.modeling import reference_context
 from dpo_cluster.tiny import randomize_lora_b
-from dpo_cluster.train.forward import sums_to_metrics
-from tests.test_losses import METRIC_NAMES, _loss_settings, _micro_batches, _our_step
+from tests.test_losses import _loss_settings, _micro_batches, check_step_against_trl
 
 pytestmark = pytest.mark.slow
 
@@ -82,20 +81,17 @@ def _compare_with_trl(trainer: Any, loss_type: list[str]) -> float:
     batches = _micro_batches(trainer, inputs)
     settings = _loss_settings({"loss_type": loss_type})
     for layout, chunk in (("packed", 16), ("padded", 0)):
-        trainer.model.zero_grad(set_to_none=True)
-        result = _our_step(trainer, batches[layout], dataclasses.replace(settings, logps_chunk_size=chunk))
-        result.loss.backward()
-        where = f"{layout}, chunk {chunk}"
-        torch.testing.assert_close(result.loss.detach(), trl_loss.detach(), atol=1e-5, rtol=1e-5, msg=where)
-        metrics = sums_to_metrics(result.sums)
-        for name in METRIC_NAMES:
-            assert metrics[name] == pytest.approx(trl_metrics[name], abs=1e-4, rel=1e-4), (where, name)
-        for name, parameter in trainer.model.named_parameters():
-            reference = trl_grads[name]
-            scale = reference.abs().max().item()
-            torch.testing.assert_close(
-                parameter.grad, reference, atol=1e-6 + 2e-4 * scale, rtol=1e-4, msg=f"{where}: {name}"
-            )
+        check_step_against_trl(
+            trainer,
+            batches[layout],
+            dataclasses.replace(settings, logps_chunk_size=chunk),
+            trl_loss,
+            trl_metrics,
+            trl_grads,
+            where=f"{layout}, chunk {chunk}",
+            metric_tolerance=1e-4,
+            grad_tolerance=2e-4,
+        )
     return float(trl_loss)
 
 
