@@ -124,22 +124,46 @@ def _add_bench_serve_parser(bench: Any) -> None:
 
 
 def _add_bench_train_parser(bench: Any) -> None:
-    from dpo_cluster.bench.train_settings import MODES, BenchSettings
+    from dpo_cluster.bench.train_settings import (
+        DEFAULT_HIDDEN_SIZE,
+        DEFAULT_NUM_LAYERS,
+        DEFAULT_SHAPE,
+        MODES,
+        SHAPES,
+        BenchSettings,
+    )
 
     d = BenchSettings(workdir="")
     b = bench.add_parser(
         "train",
         help="DPO training vs TRL's DPOTrainer: tokens/s, s/step, peak memory, same model and pairs",
-        description="Train the same model on the same generated pairs with the same hyperparameters in "
-        "each mode (one subprocess per mode) and print tokens/s, seconds/step, peak memory and "
-        "padding with the ratio to TRL. Modes: trl (DPOTrainer), dpo-cluster (in-loop reference, "
-        "padded), dpo-cluster-fast (precomputed reference, packed).",
+        description="Train the same model on the same generated pairs with the same hyperparameters and "
+        "precision in each mode (one subprocess per mode) and print tokens/s, seconds/step, peak memory, "
+        "the model-state floor and what is above it, and padding, with ratios to each TRL mode and to the "
+        "faster one. Modes: trl (DPOTrainer), trl-precompute (DPOTrainer, precompute_ref_log_probs), "
+        "dpo-cluster (in-loop reference, padded), dpo-cluster-fast (precomputed reference, packed).",
     )
-    b.add_argument("--model", default=None, help="hub id or directory (default: a Qwen2 built locally)")
     b.add_argument(
-        "--hidden-size", type=int, default=d.hidden_size, help=f"built model (default {d.hidden_size})"
+        "--model", default=None, help="hub id, directory or builtin:NAME (default: a Qwen2 built here)"
     )
-    b.add_argument("--layers", type=int, default=d.num_layers, help=f"built model (default {d.num_layers})")
+    b.add_argument(
+        "--shape",
+        choices=[DEFAULT_SHAPE, *SHAPES],
+        default=DEFAULT_SHAPE,
+        help="the built model: default (Qwen2 proportions of --hidden-size) or a published config with "
+        "random weights and its full vocabulary",
+    )
+    b.add_argument(
+        "--hidden-size", type=int, default=None, help=f"default shape only (default {DEFAULT_HIDDEN_SIZE})"
+    )
+    b.add_argument(
+        "--layers",
+        "--num-layers",
+        dest="layers",
+        type=int,
+        default=None,
+        help=f"layers of the built model (default: {DEFAULT_NUM_LAYERS}, or the shape's own)",
+    )
     b.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 on GPU")
     b.add_argument(
         "--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda if present"
@@ -156,7 +180,7 @@ def _add_bench_train_parser(bench: Any) -> None:
         "--fast-max-tokens",
         type=int,
         default=None,
-        help="dpo-cluster-fast: train.max_tokens_per_micro_batch (>= 2 x max length; default: none)",
+        help="dpo-cluster-fast: train.max_tokens_per_micro_batch (>= 2 x max length; default: that)",
     )
     b.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
     b.add_argument("--peak-tflops", type=float, default=None, help="peak for MFU (default: by GPU name)")
@@ -335,27 +359,33 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
 
 def cmd_bench_train(args: argparse.Namespace) -> int:
     from dpo_cluster.bench.train import run_benchmark
+    from dpo_cluster.bench.train_settings import BenchSettingsError
 
-    run_benchmark(
-        modes=[m.strip() for m in args.modes.split(",") if m.strip()],
-        dtype=args.dtype,
-        device=args.device,
-        output=args.output,
-        workdir=args.workdir,
-        peak_tflops=args.peak_tflops,
-        model=args.model,
-        hidden_size=args.hidden_size,
-        num_layers=args.layers,
-        steps=args.steps,
-        micro_batch_size=args.micro_batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        max_length=args.max_length,
-        beta=args.beta,
-        learning_rate=args.learning_rate,
-        seed=args.seed,
-        gradient_checkpointing=args.gradient_checkpointing,
-        fast_max_tokens=args.fast_max_tokens,
-    )
+    try:
+        run_benchmark(
+            modes=[m.strip() for m in args.modes.split(",") if m.strip()],
+            dtype=args.dtype,
+            device=args.device,
+            output=args.output,
+            workdir=args.workdir,
+            peak_tflops=args.peak_tflops,
+            model=args.model,
+            shape=args.shape,
+            hidden_size=args.hidden_size,
+            num_layers=args.layers,
+            steps=args.steps,
+            micro_batch_size=args.micro_batch_size,
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            max_length=args.max_length,
+            beta=args.beta,
+            learning_rate=args.learning_rate,
+            seed=args.seed,
+            gradient_checkpointing=args.gradient_checkpointing,
+            fast_max_tokens=args.fast_max_tokens,
+        )
+    except BenchSettingsError as e:  # a flag out of range or in conflict, found before anything runs
+        print(f"dpo-cluster bench train: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     return 0
 
 

@@ -1,13 +1,17 @@
 """`dpo-cluster bench train`: DPO training throughput and memory next to TRL's DPOTrainer, on this
-machine, with the same model, pairs and hyperparameters; ratios against `trl`, nothing asserted.
+machine, with the same model, pairs, hyperparameters and precision; nothing asserted.
 
-Modes: `trl` (DPOTrainer, reference in the loop, padded), `dpo-cluster` (`run_local`, DeepSpeed
-without ZeRO, reference in the loop, padded) and `dpo-cluster-fast` (precomputed reference, packed,
-`--fast-max-tokens` per forward; the precompute's one-off cost reported on its own). Each stage
-runs in a subprocess of its own (`train_stages`) so that peak memory is per mode; this module
-orchestrates them and samples their memory, `train_report` computes the figures.
+Modes: `trl` (DPOTrainer, reference model in the loop, padded), `trl-precompute` (DPOTrainer with
+`precompute_ref_log_probs=True`: no reference model while training), `dpo-cluster` (`run_local`,
+DeepSpeed without ZeRO, reference in the loop, padded) and `dpo-cluster-fast` (precomputed
+reference, packed, `--fast-max-tokens` per forward). Both precomputes are one-off costs reported
+on their own, not in the step times. Ratios are against each TRL mode and, as the headline,
+against the faster one. Each stage runs in a subprocess of its own (`train_stages`) so that peak
+memory is per mode; this module orchestrates them and samples their memory, `train_report`
+computes the figures.
 
     dpo-cluster bench train --steps 20 --output bench_train.json
+    dpo-cluster bench train --shape qwen2.5-0.5b --layers 4 --max-length 512
 """
 
 from __future__ import annotations
@@ -22,12 +26,18 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 from dpo_cluster.bench.train_report import format_table, summarize
-from dpo_cluster.bench.train_settings import MODES, BenchSettings, StageRun
+from dpo_cluster.bench.train_settings import (
+    MODES,
+    BenchSettings,
+    BenchSettingsError,
+    StageRun,
+    memory_kb,
+)
 
 _SAMPLE_SECONDS = 0.2
 
@@ -44,22 +54,24 @@ def run_benchmark(
 ) -> dict[str, Any]:
     """Run the modes on one set of pairs; print the table; return (and write to `output`) the figures.
 
-    settings: `BenchSettings` fields (model, hidden_size, num_layers, steps, micro_batch_size, ...).
+    settings: `BenchSettings` fields (model, shape, hidden_size, num_layers, steps, ...); a bad
+    value raises BenchSettingsError (a ValueError) before anything runs.
     dtype: auto (bf16 on a GPU, fp32 on CPU) | fp32 | bf16. device: auto | cpu | cuda.
     workdir: kept when given (model, pairs, prepared data, each stage's log and output); else a
     temporary directory, removed at the end.
     """
     unknown = [m for m in modes if m not in MODES]
     if unknown or not modes:
-        raise ValueError(f"modes: {unknown or 'none'} given; choose from {', '.join(MODES)}")
+        raise BenchSettingsError(f"modes: {unknown or 'none'} given; choose from {', '.join(MODES)}")
     if settings.get("steps", BenchSettings.steps) < 2:
-        raise ValueError("steps: at least 2 (the first step is warm-up and not timed)")
+        raise BenchSettingsError("steps: at least 2 (the first step is warm-up and not timed)")
     use_gpu = device == "cuda" or (device == "auto" and _cuda_available())
     resolved_dtype = ("bf16" if use_gpu else "fp32") if dtype == "auto" else dtype
+    s = BenchSettings(workdir="", dtype=resolved_dtype, use_gpu=use_gpu, **settings)  # checked first
     temporary = workdir is None
     root = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="dpo-cluster-bench-train-"))
     root.mkdir(parents=True, exist_ok=True)
-    s = BenchSettings(workdir=str(root.resolve()), dtype=resolved_dtype, use_gpu=use_gpu, **settings)
+    s = replace(s, workdir=str(root.resolve()))
     try:
         (root / "settings.json").write_text(json.dumps(asdict(s), indent=2))
         setup = run_stage("setup", s)
@@ -67,7 +79,7 @@ def run_benchmark(
             raise RuntimeError(f"bench train: the setup stage failed: {setup.error}")
         runs: dict[str, StageRun] = {}
         precompute: StageRun | None = None
-        for mode in [m for m in MODES if m in modes]:  # trl first: the others' ratios need it
+        for mode in [m for m in MODES if m in modes]:  # the TRL modes first: the others' ratios need them
             if mode == "dpo-cluster-fast":
                 precompute = run_stage("precompute", s)
                 if precompute.result is None:
@@ -161,7 +173,7 @@ class TreeMemoryMonitor(threading.Thread):
 
     def run(self) -> None:
         while not self._stopped.is_set():
-            self.peak_kb = max(self.peak_kb, sum(_memory_kb(p) for p in descendants(self.pid)))
+            self.peak_kb = max(self.peak_kb, sum(memory_kb(p) for p in descendants(self.pid)))
             self._stopped.wait(_SAMPLE_SECONDS)
 
     def stop(self) -> None:
@@ -187,15 +199,3 @@ def descendants(root: int) -> list[int]:
         found.append(pid)
         stack.extend(children.get(pid, []))
     return found
-
-
-def _memory_kb(pid: int) -> int:
-    for path, key in ((f"/proc/{pid}/smaps_rollup", "Pss:"), (f"/proc/{pid}/status", "VmRSS:")):
-        try:
-            with open(path) as f:
-                for line in f:
-                    if line.startswith(key):
-                        return int(line.split()[1])
-        except (OSError, ValueError):
-            continue
-    return 0

@@ -1,16 +1,21 @@
 """Where logged metrics go on the main worker: `output_dir/metrics.jsonl` (one JSON object per
 logged step, TRL's metric names, eval rows prefixed `eval_`), TensorBoard event files under
-`output_dir/tensorboard/`, and a progress bar with ETA. Other workers write nothing."""
+`output_dir/tensorboard/`, and a progress bar with ETA. Other workers write nothing. Each row
+carries `monotonic_time`, when it was logged, so that step times can be measured from outside."""
 
 from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
+# time.monotonic() (seconds) when a row was logged: one clock for every process on the machine, so a
+# benchmark compares step ends stamped here with those stamped in another trainer's process.
+MONOTONIC_KEY = "monotonic_time"
 
 
 class MetricsLog:
@@ -52,7 +57,14 @@ class MetricsLog:
     def log(self, metrics: dict[str, Any]) -> None:
         if not self.enabled:
             return
+        # The loop logs a step after its optimizer step, LR step and gradient reset, and after the
+        # step's metric sums came back to the CPU through `.cpu()`, which waits for the device's
+        # queued work: stamped first thing here, before this row's file and TensorBoard writes, the
+        # stamp marks the step's end as TRL's `on_step_end` does (after its optimizer step, LR step
+        # and zero_grad, before the Trainer logs). With an evaluation due, it comes after that too.
+        stamp = time.monotonic()
         row = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
+        row[MONOTONIC_KEY] = stamp
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         step = int(metrics["step"])
