@@ -43,6 +43,7 @@ def test_default_cpu_config_zero2_two_workers() -> None:
                 "eps": 1e-8,
                 "weight_decay": 0.0,
                 "torch_adam": True,
+                "fused": True,
             },
         },
         "zero_optimization": {"stage": 2, "overlap_comm": False, "contiguous_gradients": True},
@@ -135,7 +136,14 @@ def test_overrides_merge_nested_and_replace_scalars() -> None:
     }
     assert ds_config["optimizer"] == {
         "type": "AdamW",
-        "params": {"lr": 1e-6, "betas": [0.5, 0.6], "eps": 1e-8, "weight_decay": 0.0, "torch_adam": True},
+        "params": {
+            "lr": 1e-6,
+            "betas": [0.5, 0.6],
+            "eps": 1e-8,
+            "weight_decay": 0.0,
+            "torch_adam": True,
+            "fused": True,
+        },
     }
     assert ds_config["gradient_clipping"] == 0.5
     assert ds_config["activation_checkpointing"] == {"partition_activations": True}
