@@ -287,12 +287,13 @@ def test_loop_state_takes_only_its_own_keys_from_a_checkpoint() -> None:
     """DeepSpeed's `load_checkpoint` returns its leftover keys beside the loop's (`optimizer` under
     ZeRO, `ds_config`, ...): the loop keeps its own state only, so they never reach a later checkpoint."""
     saved = {"step": 6, "best": {"step": 3, "value": 0.5}, "last_eval": {"eval_loss": 0.5},
-             "optimizer": {"state": {}}, "ds_config": {}, "global_samples": 24}  # fmt: skip
+             "last_train": {"loss": 0.6}, "optimizer": {"state": {}}, "ds_config": {},
+             "global_samples": 24}  # fmt: skip
     state = LoopState.from_client_state(saved)
-    assert state.client_state() == {k: saved[k] for k in ("step", "best", "last_eval")}
+    assert state.client_state() == {k: saved[k] for k in ("step", "best", "last_eval", "last_train")}
     state.step, state.last_eval = 9, {"eval_loss": 0.4}
     state.update_best("eval_loss", "min")
     state.step, state.last_eval = 12, {"eval_loss": 0.45}
     state.update_best("eval_loss", "min")
     assert state.client_state()["best"] == {"step": 9, "value": 0.4}
-    assert LoopState().client_state() == {"step": 0, "best": None, "last_eval": {}}
+    assert LoopState().client_state() == {"step": 0, "best": None, "last_eval": {}, "last_train": {}}

@@ -145,12 +145,21 @@ def head_row_values(
     with_wpo: bool = False,
 ) -> RowValues:
     """Log-probs of `row_labels` (M,) under the head at `hidden_rows` (M, H), `chunk_size` rows at
-    a time; each chunk's logits are recomputed in backward instead of kept (activation checkpoint).
+    a time; each chunk's logits are recomputed in backward instead of kept (activation checkpoint),
+    except under ZeRO-3 (see below).
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    recompute = torch.is_grad_enabled() and (
-        hidden_rows.requires_grad or any(p.requires_grad for p in head.head.parameters())
+    params = list(head.head.parameters())
+    # Under ZeRO-3 the head's weight is partitioned outside its module's forward, and a chunk
+    # recomputed inside backward would find it released: there each chunk keeps its logits for
+    # backward (still completion positions only), and DeepSpeed gathers the weight for backward
+    # as in the model's own forward.
+    partitioned = any(hasattr(p, "ds_id") for p in params)
+    recompute = (
+        torch.is_grad_enabled()
+        and not partitioned
+        and (hidden_rows.requires_grad or any(p.requires_grad for p in params))
     )
     parts: list[tuple[torch.Tensor, ...]] = []
     for start in range(0, hidden_rows.shape[0], chunk_size):
