@@ -195,12 +195,17 @@ def compute_wpo_token_logps(
 
     def aligned_logp(z: torch.Tensor, part: slice) -> torch.Tensor:
         logsumexp = torch.logsumexp(z, dim=-1)
-        log_sum_sq_probs = torch.logsumexp(2 * z, dim=-1) - 2 * logsumexp
         target = z.gather(1, row_labels[part].unsqueeze(1)).squeeze(1)
-        return (target - logsumexp) - log_sum_sq_probs
+        return (target - logsumexp) - log_sum_squared_probs(z, logsumexp)
 
     values = _map_rows(logits_2d, rows, _rows_per_chunk(vocab, chunk_rows), aligned_logp)
     return scatter_rows(values, rows, logits.shape[:2])
+
+
+def log_sum_squared_probs(logits: torch.Tensor, logsumexp: torch.Tensor) -> torch.Tensor:
+    """`log sum_v p_v^2` of the softmax of `logits (m, V)`, given their `logsumexp (m,)` -> (m,):
+    `logsumexp(2 z) - 2 logsumexp(z)`, the normaliser of WPO's aligned log-probs."""
+    return torch.logsumexp(2 * logits, dim=-1) - 2 * logsumexp
 
 
 def compute_ld_sequence_logps(

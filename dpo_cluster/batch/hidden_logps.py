@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from dpo_cluster.logprobs import log_sum_squared_probs
+
 TURN_OFF = "set train.logps_chunk_size: 0 to score from the model's full logits instead"
 
 
@@ -132,8 +134,7 @@ def _chunk_values(
         mean_logits = logits.mean(dim=-1)
         if not with_wpo:
             return logps, mean_logits
-        log_sum_sq_probs = torch.logsumexp(2 * logits, dim=-1) - 2 * logsumexp
-        return logps, mean_logits, logps.detach() - log_sum_sq_probs
+        return logps, mean_logits, logps.detach() - log_sum_squared_probs(logits, logsumexp)
 
 
 def head_row_values(
