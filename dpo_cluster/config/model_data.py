@@ -91,13 +91,17 @@ class ModelConfig:
     def check(self) -> None:
         if not self.name_or_path:
             raise ConfigError("model.name_or_path: required (a hub id or a local model directory)")
-        path = self.name_or_path
-        if path.endswith(GGUF_SUFFIX):
-            # A .gguf name is always a local file: hub repositories are named without one.
-            if not Path(path).expanduser().is_file():
-                raise ConfigError(f"model.name_or_path: no such GGUF file: {path}")
-        elif looks_local(path) and not Path(path).expanduser().is_dir():
-            raise ConfigError(f"model.name_or_path: no such local model directory: {path}")
+        check_local_model(self.name_or_path, "model.name_or_path")
+
+
+def check_local_model(path: str, key: str) -> None:
+    """A model name spelled as a path must exist now (a hub id is checked when it loads): a .gguf
+    name is always a local file (hub repositories are named without one), any other a directory."""
+    if path.endswith(GGUF_SUFFIX):
+        if not Path(path).expanduser().is_file():
+            raise ConfigError(f"{key}: no such GGUF file: {path}")
+    elif looks_local(path) and not Path(path).expanduser().is_dir():
+        raise ConfigError(f"{key}: no such local model directory: {path}")
 
 
 @dataclass

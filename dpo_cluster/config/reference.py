@@ -7,12 +7,10 @@ the policy with its adapter switched off, so no second copy is loaded.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 from dpo_cluster.config.loader import ConfigError
-from dpo_cluster.config.model_data import GGUF_SUFFIX
-from dpo_cluster.paths import looks_local
+from dpo_cluster.config.model_data import check_local_model
 
 
 @dataclass
@@ -91,11 +89,5 @@ class ReferenceConfig:
             raise ConfigError("reference.accelerator_type: set, but reference.num_gpus is 0 (CPU actors)")
         if self.dtype == "float16" and self.num_gpus == 0:
             raise ConfigError("reference.dtype: float16 needs GPU actors (reference.num_gpus > 0)")
-        path = self.name_or_path
-        # Spelled as a path (not a hub id, which is checked when it loads): a missing one is a
-        # mistake to report now.
-        if path is not None and path.endswith(GGUF_SUFFIX):
-            if not Path(path).expanduser().is_file():
-                raise ConfigError(f"reference.name_or_path: no such GGUF file: {path}")
-        elif looks_local(path) and not Path(str(path)).expanduser().is_dir():
-            raise ConfigError(f"reference.name_or_path: no such local model directory: {path}")
+        if self.name_or_path is not None:
+            check_local_model(self.name_or_path, "reference.name_or_path")

@@ -78,7 +78,8 @@ class TrainConfig:
     ld_alpha: float | None = None
     # Completion tokens per call of the output head when log-probs are computed from the final
     # hidden states (policy, in-loop reference, precompute, evaluation): prompt positions never meet
-    # the head and one chunk of (tokens, vocabulary) logits exists at a time, recomputed in backward.
+    # the head and one chunk of (tokens, vocabulary) logits exists at a time, recomputed in backward
+    # (under ZeRO-3 the chunks keep theirs for backward).
     # >= 0; 0 = from the model's full (2B, T, V) logits. See dpo_cluster.batch.hidden_logps.
     logps_chunk_size: int = 512
     # Peak learning rate of AdamW.
