@@ -95,7 +95,10 @@ def test_grad_norm_is_reported_without_zero_and_equals_zeros(
     """DeepSpeed measures the gradient norm under ZeRO only; without ZeRO the loop does, and the
     two agree on the same step (the same gradients, before clipping). A single worker without ZeRO
     all-reduces no gradients (DeepSpeed would flatten them all into a second copy to do so); the
-    real all_reduce still runs for the loop's own metric sums."""
+    real all_reduce still runs for the loop's own metric sums. Without ZeRO in fp32 the output head
+    adds its weight gradient straight into `.grad` and the tied lookup's share is sparse
+    (`fused_head.allow_grad_in_place`); with two micro-batches a step, both paths give the same
+    losses and norms."""
     import torch.distributed as dist
 
     reduced_sizes: list[int] = []
@@ -106,17 +109,23 @@ def test_grad_norm_is_reported_without_zero_and_equals_zeros(
         return real_all_reduce(tensor, *args, **kwargs)
 
     monkeypatch.setattr(dist, "all_reduce", spy)
-    norms = {}
+    norms, losses = {}, {}
     for stage in (0, 2):
         out = tmp_path / f"zero{stage}"
         reduced_sizes.clear()
-        run_local(train_config(out, f"deepspeed.zero_stage={stage}", "train.max_steps=2"),
-                  prepared.split_dir("train"))  # fmt: skip
+        overrides = (
+            f"deepspeed.zero_stage={stage}",
+            "train.max_steps=2",
+            "train.gradient_accumulation_steps=2",
+        )
+        run_local(train_config(out, *overrides), prepared.split_dir("train"))
         norms[stage] = [r["grad_norm"] for r in metrics_rows(out) if "loss" in r]
+        losses[stage] = [r["loss"] for r in metrics_rows(out) if "loss" in r]
         if stage == 0:
             largest_without_zero = max(reduced_sizes)
     assert all(isinstance(n, float) and n > 0 for n in norms[0]), norms
     assert norms[0] == pytest.approx(norms[2], rel=1e-4)
+    assert losses[0] == pytest.approx(losses[2], abs=1e-5) and losses[0][1] != losses[0][0]
     assert largest_without_zero < 100, "ZeRO-0 on one worker all-reduced a gradient-sized tensor"
 
 

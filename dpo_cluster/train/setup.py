@@ -18,6 +18,8 @@ import numpy as np
 import torch
 
 from dpo_cluster.batch.collate import collate_pairs
+from dpo_cluster.batch.fused_head import allow_grad_in_place
+from dpo_cluster.batch.hidden_logps import find_output_head
 from dpo_cluster.batch.logps import MicroBatch, sequence_logps
 from dpo_cluster.batch.packing import PackingRoute, pack_pairs, packing_route
 from dpo_cluster.config import Config, TrainConfig
@@ -175,6 +177,13 @@ def build_engine(
         # gradient into one buffer at each step boundary (a second full copy of the gradients, the
         # top of the memory curve) and all-reduce it with itself.
         engine.enable_backward_allreduce = False
+    mixed = any(ds_config.get(key, {}).get("enabled") for key in ("bf16", "fp16"))
+    if config.deepspeed.zero_stage == 0 and not mixed and train.logps_chunk_size:
+        # Without ZeRO, in fp32, DeepSpeed reads `.grad` after backward and hooks nothing on it:
+        # later micro-batches of a step may add the head's weight gradient straight into `.grad`.
+        head = find_output_head(engine.module)
+        if head.fused and head.head.weight.requires_grad:
+            allow_grad_in_place(head.head.weight)
     return engine, scheduler
 
 
