@@ -78,8 +78,9 @@ class TrainConfig:
     ld_alpha: float | None = None
     # Completion tokens per call of the output head when log-probs are computed from the final
     # hidden states (policy, in-loop reference, precompute, evaluation): prompt positions never meet
-    # the head and one chunk of (tokens, vocabulary) logits exists at a time, recomputed in backward
-    # (under ZeRO-3 the chunks keep theirs for backward).
+    # the head. A plain linear head also tiles the vocabulary (at most 2^24 logits a block, whatever
+    # the chunk); another head (LoRA-adapted, ZeRO-3) holds one (tokens, vocabulary) chunk at a
+    # time, recomputed in backward (under ZeRO-3 kept for it).
     # >= 0; 0 = from the model's full (2B, T, V) logits. See dpo_cluster.batch.hidden_logps.
     logps_chunk_size: int = 512
     # Peak learning rate of AdamW.
