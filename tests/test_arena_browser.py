@@ -90,8 +90,11 @@ def test_arena_page_battle_vote_and_leaderboard(served: str, browser: Any) -> No
     browser.find_element(By.ID, "battle").click()
     vote_a = (By.CSS_SELECTOR, "#votes button[data-winner='A']")
     wait.until(ec.element_to_be_clickable(vote_a))
-    answer_a = browser.find_element(By.ID, "answer-a").text
-    answer_b = browser.find_element(By.ID, "answer-b").text
+    # The text the page set, exactly: `.text` is the rendered text, with whitespace normalised
+    # (a sampled vertical tab or trailing space would not compare equal to what was stored).
+    answer_a = browser.find_element(By.ID, "answer-a").get_property("textContent")
+    answer_b = browser.find_element(By.ID, "answer-b").get_property("textContent")
+    assert answer_a and answer_b and "…" not in (answer_a, answer_b)
     assert browser.find_element(By.ID, "error").text == ""
     assert "base" not in browser.find_element(By.ID, "reveal").text  # nothing revealed yet
 
