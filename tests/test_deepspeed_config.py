@@ -20,7 +20,6 @@ from dpo_cluster.train.deepspeed_config import (  # noqa: E402
     NEVER_PRINT_STEPS,
     build_deepspeed_config,
     merge_dicts,
-    resolve_precision,
 )
 
 REQUIRED = ["output_dir=/tmp/dpo-cluster-test", "model.name_or_path=x", "data.train=x"]
@@ -67,7 +66,7 @@ def test_zero3_offload_bf16_on_gpu() -> None:
         "train.weight_decay=0.01",
         "train.max_grad_norm=0",
     )
-    assert build_deepspeed_config(config, world_size=4, bf16_supported=True) == {
+    assert build_deepspeed_config(config, world_size=4) == {
         "train_batch_size": 64,  # 2 x 8 x 4
         "train_micro_batch_size_per_gpu": 2,
         "gradient_accumulation_steps": 8,
@@ -188,35 +187,41 @@ def test_merge_dicts() -> None:
 
 
 @pytest.mark.parametrize(
-    ("precision", "use_gpu", "bf16_supported", "expected"),
+    ("overrides", "precision", "weights", "compute"),
     [
-        ("auto", False, False, "fp32"),
-        ("auto", False, True, "fp32"),
-        ("auto", True, False, "fp32"),
-        ("auto", True, True, "bf16"),
-        ("fp32", True, True, "fp32"),
-        ("bf16", False, False, "bf16"),
-        ("bf16", True, False, "bf16"),
-        ("fp16", True, True, "fp16"),
+        # auto: fp32 on CPU, bf16 on GPUs; model.dtype auto follows the precision.
+        ([], "fp32", "float32", "float32"),
+        (["scaling.use_gpu=true"], "bf16", "bfloat16", "bfloat16"),
+        (["deepspeed.precision=bf16"], "bf16", "bfloat16", "bfloat16"),
+        (["scaling.use_gpu=true", "deepspeed.precision=fp16"], "fp16", "float16", "float16"),
+        (["scaling.use_gpu=true", "deepspeed.precision=fp32"], "fp32", "float32", "float32"),
+        # fp32 master weights under bf16: the forward (and so every reference) is still bf16.
+        (["deepspeed.precision=bf16", "model.dtype=float32"], "bf16", "float32", "bfloat16"),
+        # No mixed precision: the forward runs in the weights' own dtype.
+        (["deepspeed.precision=fp32", "model.dtype=bfloat16"], "fp32", "bfloat16", "bfloat16"),
     ],
 )
-def test_resolve_precision(precision: str, use_gpu: bool, bf16_supported: bool, expected: str) -> None:
-    assert resolve_precision(precision, use_gpu, bf16_supported) == expected
+def test_precision_and_dtypes_resolve_from_the_config(
+    overrides: list[str], precision: str, weights: str, compute: str
+) -> None:
+    config = _config(*overrides)
+    assert config.deepspeed.resolved_precision(config.scaling.use_gpu) == precision
+    assert (config.weights_dtype(), config.compute_dtype()) == (weights, compute)
+    assert config.policy_model().dtype == weights
+    # Every reference mode computes in the policy's compute dtype unless reference.dtype says.
+    assert config.reference_model().dtype == compute
 
 
-def test_resolve_precision_rejects_unknown() -> None:
-    with pytest.raises(ValueError, match="deepspeed.precision"):
-        resolve_precision("int8", True, True)
+def test_reference_dtype_of_precompute_overrides_the_compute_dtype() -> None:
+    config = _config("deepspeed.precision=bf16", "reference.mode=precompute", "reference.dtype=float32")
+    assert (config.compute_dtype(), config.reference_model().dtype) == ("bfloat16", "float32")
 
 
 def test_auto_precision_in_built_config() -> None:
     gpu = _config("scaling.use_gpu=true")
-    assert build_deepspeed_config(gpu, world_size=2, bf16_supported=True)["bf16"] == {"enabled": True}
-    for ds_config in (
-        build_deepspeed_config(gpu, world_size=2, bf16_supported=False),
-        build_deepspeed_config(_config(), world_size=2, bf16_supported=True),
-    ):
-        assert "bf16" not in ds_config and "fp16" not in ds_config
+    assert build_deepspeed_config(gpu, world_size=2)["bf16"] == {"enabled": True}
+    ds_config = build_deepspeed_config(_config(), world_size=2)
+    assert "bf16" not in ds_config and "fp16" not in ds_config
 
 
 @pytest.mark.parametrize(

@@ -34,6 +34,8 @@ pytestmark = pytest.mark.slow
 # Two actors, and a batch size that divides neither split, so batches end mid-block and the pool
 # really has rows to reorder.
 STAGE = ("reference.mode=precompute", "reference.concurrency=2", "reference.batch_size=3")
+# How far a bf16 loss may move when the reference scored the same pairs in other batch shapes.
+BF16_LOSS_TOLERANCE = 1e-4
 
 
 def precompute_config(output_dir: Path, *overrides: str) -> Config:
@@ -337,10 +339,12 @@ def test_config_accepts_hub_ids_gpu_fractions_and_lora_base() -> None:
 
 
 def test_ray_training_with_precompute_equals_the_in_loop_reference(tmp_path: Path, ray_local: None) -> None:
+    """In bf16, as GPU runs train: the actors (model.dtype auto), the in-loop copy and the engine's
+    policy all compute in bf16, so each starts at ln 2 and the precomputed runs follow the in-loop one."""
     from dpo_cluster.train.run import run_training
 
     common = ("train.micro_batch_size=2", "scaling.num_workers=2", "train.shuffle=false", "train.max_steps=4",
-              "train.eval_strategy=steps", "train.eval_steps=2")  # fmt: skip
+              "train.eval_strategy=steps", "train.eval_steps=2", "deepspeed.precision=bf16")  # fmt: skip
     runs = {
         "model": ("reference.mode=model",),
         # Scored beside training (actors of 0 CPUs fit beside 2 workers on 2 CPUs), the workers
@@ -351,18 +355,24 @@ def test_ray_training_with_precompute_equals_the_in_loop_reference(tmp_path: Pat
     for name, overrides in runs.items():
         run_training(train_config(tmp_path / name, *common, *overrides))
     in_loop = losses(tmp_path / "model")
+    assert in_loop[0] == pytest.approx(math.log(2), abs=1e-6)
     evals = {
         name: [r["eval_loss"] for r in metrics_rows(tmp_path / name) if "eval_loss" in r] for name in runs
     }
     for name in ("overlapped", "before"):
         stage = losses(tmp_path / name)
         assert len(stage) == 4
-        assert stage[0] == pytest.approx(math.log(2), abs=1e-6)
-        assert stage == pytest.approx(in_loop, abs=1e-4), name
+        # bf16 rounds a sequence's log-prob sum differently for other batch shapes (the actors
+        # score 3 pairs a call, the loop 2): ~3e-5 off ln 2 here. An fp32 reference under a bf16
+        # policy is ~2e-4 off on these short titles, and more on longer sequences.
+        assert stage[0] == pytest.approx(math.log(2), abs=BF16_LOSS_TOLERANCE)
+        # Each bf16 update carries the difference on: the curves stay together, less tightly.
+        assert stage == pytest.approx(in_loop, abs=10 * BF16_LOSS_TOLERANCE), name
         assert stage[-1] < stage[0]
         assert len(evals[name]) == 2
-        assert evals[name] == pytest.approx(evals["model"], abs=1e-4), name
+        assert evals[name] == pytest.approx(evals["model"], abs=10 * BF16_LOSS_TOLERANCE), name
         report = json.loads((tmp_path / name / REPORT_FILE).read_text())
+        assert report["key_parts"]["dtype"] == "bfloat16"  # reference.dtype auto: the compute dtype
         assert report["reused"] is False and report["rows"]["train"] > 0
         assert report["overlapped"] is (name == "overlapped")
         # Both leave a complete cache a later run reuses.

@@ -218,7 +218,7 @@ def run_precompute(s: BenchSettings) -> dict[str, Any]:
         "report": reference.report,
         "how": f"Ray Data actor pool of {actors['concurrency']} actor(s), {actors['num_cpus']:g} CPUs and "
         f"{actors['num_gpus']:g} GPUs each, {actors['batch_size']} pairs per forward, reference in "
-        f"{config.reference.resolved_dtype(config.model.dtype)}",
+        f"{config.reference.resolved_dtype(config.compute_dtype())}",
     }
 
 

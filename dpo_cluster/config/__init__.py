@@ -152,6 +152,36 @@ class Config:
     def tokenizer_path(self) -> str:
         return self.data.tokenizer or self.model.name_or_path
 
+    def compute_dtype(self) -> str:
+        """The torch dtype name the policy's forward runs in: deepspeed.precision's (bf16, fp16;
+        DeepSpeed casts the engine's module), or with fp32 the weights' own (`weights_dtype`)."""
+        precision = self.deepspeed.resolved_precision(self.scaling.use_gpu)
+        return _PRECISION_DTYPES.get(precision) or self.weights_dtype()
+
+    def weights_dtype(self) -> str:
+        """The torch dtype name the policy loads in: model.dtype, with auto the precision's."""
+        if self.model.dtype != "auto":
+            return self.model.dtype
+        precision = self.deepspeed.resolved_precision(self.scaling.use_gpu)
+        return _PRECISION_DTYPES.get(precision, "float32")
+
+    def policy_model(self) -> ModelConfig:
+        """The policy's loading settings: model.*, with the dtype resolved."""
+        return dataclasses.replace(self.model, dtype=self.weights_dtype())
+
+    def reference_model(self) -> ModelConfig:
+        """The frozen reference's loading settings (in-loop copy and precompute actors alike):
+        reference.name_or_path or the policy's starting weights, in `reference.resolved_dtype`,
+        so its log-probs are the ones a reference computing like the policy gives."""
+        reference = self.reference
+        return dataclasses.replace(
+            self.model,
+            name_or_path=reference.name_or_path or self.model.name_or_path,
+            revision=None if reference.name_or_path else self.model.revision,
+            dtype=reference.resolved_dtype(self.compute_dtype()),
+            gradient_checkpointing=False,
+        )
+
     def with_absolute_paths(self) -> Config:
         """A copy whose local paths are absolute. Ray Train runs each worker in a working directory
         of its own, so a relative output_dir or model path would resolve somewhere else there.
@@ -179,6 +209,10 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# The compute dtype of each mixed precision; fp32 computes in the weights' own dtype.
+_PRECISION_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
 
 
 def _changed_fields(section: Any, defaults: Any, keep: tuple[str, ...]) -> list[str]:

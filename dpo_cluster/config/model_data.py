@@ -62,9 +62,11 @@ class ModelConfig:
     revision: str | None = None
     # Allow model/tokenizer code from the hub repo to run (needed by some architectures).
     trust_remote_code: bool = False
-    # Weights dtype when loading: float32 | bfloat16 | float16. DeepSpeed mixed precision is
-    # deepspeed.precision; float32 here with bf16 there keeps fp32 master weights.
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # Policy weights dtype when loading: auto (deepspeed.precision's: bfloat16 for bf16, float16
+    # for fp16, float32 for fp32) | float32 | bfloat16 | float16. float32 here with bf16 there
+    # loads fp32 weights that DeepSpeed casts for the forward. References compute in the
+    # policy's compute dtype whatever this says (`Config.compute_dtype`).
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # Attention kernel: null (transformers' default) | eager | sdpa | flash_attention_2 (GPU).
     attn_implementation: str | None = None
     # Recompute activations in backward to save memory (slower steps).

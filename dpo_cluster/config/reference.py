@@ -56,8 +56,9 @@ class ReferenceConfig:
     # Ray accelerator type the actors' GPUs must be (e.g. L4, A10G, T4), so scoring can run on
     # cheaper devices than training. null = any GPU. Needs num_gpus > 0.
     accelerator_type: str | None = None
-    # Reference weights dtype: auto (model.dtype: the values the in-loop reference would give) |
-    # float32 | bfloat16 | float16 (float16 needs num_gpus > 0). Stored log-probs are float32.
+    # Reference weights dtype: auto (the policy's compute dtype, `Config.compute_dtype`: the
+    # values the in-loop reference gives) | float32 | bfloat16 | float16 (float16 needs
+    # num_gpus > 0). Stored log-probs are float32.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # Keep the scored pairs (Parquet) under output_dir/reference_logps/<cache key>/ and reuse them
     # when a later run has the same key; false scores every run and writes nothing.
@@ -72,9 +73,9 @@ class ReferenceConfig:
             return "adapter_disabled" if lora else "model"
         return self.mode
 
-    def resolved_dtype(self, model_dtype: str) -> str:
-        """The dtype the precompute actors load the reference in."""
-        return model_dtype if self.dtype == "auto" else self.dtype
+    def resolved_dtype(self, compute_dtype: str) -> str:
+        """The dtype the reference computes in, given the policy's compute dtype."""
+        return compute_dtype if self.dtype == "auto" else self.dtype
 
     def check(self) -> None:
         if self.concurrency < 1:

@@ -47,10 +47,19 @@ class DeepSpeedConfig:
     # Keep optimizer state (stage >= 1) / parameters (stage 3) in CPU memory: none | cpu.
     offload_optimizer: Literal["none", "cpu"] = "none"
     offload_params: Literal["none", "cpu"] = "none"
-    # Mixed precision: auto (bf16 on GPUs that support it, else fp32) | fp32 | bf16 | fp16.
+    # Mixed precision: auto (bf16 on GPUs, fp32 on CPU) | fp32 | bf16 | fp16. The forward of the
+    # policy and of every reference mode runs in it (`Config.compute_dtype`).
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     # Raw DeepSpeed config merged last (nested keys merge), the escape hatch for anything else.
     overrides: dict[str, Any] = field(default_factory=dict)
+
+    def resolved_precision(self, use_gpu: bool) -> str:
+        """fp32 | bf16 | fp16: "auto" is bf16 on GPU workers and fp32 on CPU ones. Decided from the
+        config alone, so the driver (which may have no GPU) and the workers agree on it; a GPU
+        without bf16 is refused by the worker (`dpo_cluster.train.setup`)."""
+        if self.precision == "auto":
+            return "bf16" if use_gpu else "fp32"
+        return self.precision
 
 
 @dataclass
@@ -267,7 +276,13 @@ class ScalingConfig:
     # Where Ray Train keeps checkpoints: a path every node can reach (NFS, s3://, gs://).
     # null = output_dir/ray_results (fine on one machine).
     storage_path: str | None = None
+    # Seconds a collective (all-reduce, barrier, ZeRO-3 gather) may wait for the slowest worker
+    # before the run fails, > 0. Raise it where one worker can lag far behind the others (a slow
+    # checkpoint write to remote storage, a first load of a large model on one node).
+    timeout_s: int = 1800
 
     def check(self) -> None:
         if self.num_workers < 1:
             raise ConfigError(f"scaling.num_workers: must be >= 1, got {self.num_workers}")
+        if self.timeout_s <= 0:
+            raise ConfigError(f"scaling.timeout_s: must be > 0 seconds, got {self.timeout_s}")

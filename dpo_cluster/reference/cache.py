@@ -96,7 +96,7 @@ def compute_reference_key(config: Config, prepared_key: str) -> tuple[str, dict[
         "prepared": prepared_key,
         "reference": reference_identity(config),
         "load_in_4bit": config.lora.load_in_4bit,
-        "dtype": config.reference.resolved_dtype(config.model.dtype),
+        "dtype": config.reference.resolved_dtype(config.compute_dtype()),
         "attn_implementation": config.model.attn_implementation,
         "logps": LOGPS_FORM,
         "ld_alpha": config.train.ld_alpha,  # LD-DPO weights the sums (None: plain sums)

@@ -37,24 +37,9 @@ BATCH_KEYS: tuple[str, ...] = (
 )
 
 
-def resolve_precision(precision: str, use_gpu: bool, bf16_supported: bool) -> str:
-    """The concrete precision for `deepspeed.precision`: "auto" becomes "bf16" on GPUs that support
-    it and "fp32" otherwise (CPU, or older GPUs where fp16 would need loss scaling to be safe).
-    Explicit "fp32", "bf16" and "fp16" are returned unchanged."""
-    if precision == "auto":
-        return "bf16" if use_gpu and bf16_supported else "fp32"
-    if precision not in ("fp32", "bf16", "fp16"):
-        raise ValueError(f"deepspeed.precision: {precision!r} is not one of auto, fp32, bf16, fp16")
-    return precision
-
-
-def build_deepspeed_config(
-    config: Config, *, world_size: int, bf16_supported: bool = False
-) -> dict[str, Any]:
+def build_deepspeed_config(config: Config, *, world_size: int) -> dict[str, Any]:
     """The DeepSpeed config dict for `config` trained on `world_size` data-parallel workers.
 
-    bf16_supported: whether the workers' GPUs do bf16 (`torch.cuda.is_bf16_supported()`); only
-    consulted when `deepspeed.precision` is "auto".
     Raises ValueError if `deepspeed.overrides` changes a batch size the loop derives from `train.*`.
     """
     if world_size < 1:
@@ -91,7 +76,7 @@ def build_deepspeed_config(
     if train.max_grad_norm > 0:
         ds_config["gradient_clipping"] = train.max_grad_norm
 
-    precision = resolve_precision(ds.precision, use_gpu, bf16_supported)
+    precision = ds.resolved_precision(use_gpu)
     if precision == "bf16":
         ds_config["bf16"] = {"enabled": True}
     elif precision == "fp16":
