@@ -2,9 +2,9 @@
 
     dpo-cluster {prepare,train,eval,serve} --config PATH [dotted.key=value ...]
     dpo-cluster demo
-    dpo-cluster bench {data,serve,train} [flags]
+    dpo-cluster bench {data,serve,train,gpu} [flags]
 
-Errors the user can fix (config, data) print one clear message and exit 2, never a traceback, so
+Errors the user can fix (config, data, a RAY_ADDRESS nothing answers at) print one clear message and exit 2, never a traceback, so
 that a typo'd key reads as a typo. `python jobs/<name>.py` runs the same commands in a Ray job.
 """
 
@@ -17,6 +17,7 @@ from typing import Any
 
 from dpo_cluster.config import ConfigError, load_config
 from dpo_cluster.data.records import DataError
+from dpo_cluster.ray_session import RayUnreachableError
 
 EXIT_USAGE = 2
 
@@ -26,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.run(args) or 0)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, RayUnreachableError) as e:
         print(f"dpo-cluster {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
 
@@ -51,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench_data_parser(bench)
     _add_bench_serve_parser(bench)
     _add_bench_train_parser(bench)
+    _add_bench_gpu_parser(bench)
     return parser
 
 
@@ -187,6 +189,21 @@ def _add_bench_train_parser(bench: Any) -> None:
     b.add_argument("--workdir", default=None, help="keep model, data and logs here (default: a temp dir)")
     b.add_argument("--output", default=None, help="also write the results as JSON to this path")
     b.set_defaults(run=cmd_bench_train)
+
+
+def _add_bench_gpu_parser(bench: Any) -> None:
+    from dpo_cluster.bench.gpu_check import add_arguments
+
+    b = bench.add_parser(
+        "gpu",
+        help="one-GPU check without Ray: ln 2 first step, precompute = in-loop, fused head; tokens/s, MFU",
+        description="Build the 0.5B-class bench model (random weights) and generated pairs, run the "
+        "training loop in this process (DeepSpeed, bf16) with the in-loop and with a precomputed "
+        "reference, compare the fused log-prob head with full logits, and print one table of PASS/FAIL "
+        "checks and figures (peak GPU memory, tokens/s, MFU). Exits 1 when a check fails.",
+    )
+    add_arguments(b)
+    b.set_defaults(run=cmd_bench_gpu)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -387,6 +404,12 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
         print(f"dpo-cluster bench train: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     return 0
+
+
+def cmd_bench_gpu(args: argparse.Namespace) -> int:
+    from dpo_cluster.bench.gpu_check import run_check
+
+    return run_check(args)
 
 
 if __name__ == "__main__":
