@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo yes)
 TORCH_SPEC ?= $(if $(GPU),torch>=2.6,torch==2.13.0)
 
-.PHONY: setup browser demo test lint bench-data bench-serve bench-train clean
+.PHONY: setup browser demo test lint cpu-adam bench-data bench-serve bench-train gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -44,6 +44,11 @@ test: setup browser
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q
 
+# deepspeed.offload_optimizer: cpu JIT-compiles DeepSpeed's cpu_adam op on first use (minutes, into
+# the torch extensions cache): build it once per machine here rather than inside the first run.
+cpu-adam: setup
+	$(PY) -m dpo_cluster.train.cpu_adam
+
 bench-data: setup
 	$(VENV)/bin/dpo-cluster bench data --rows 20000
 
@@ -53,6 +58,11 @@ bench-serve: setup
 # DPO training vs TRL's DPOTrainer on this machine: tokens/s, s/step, peak memory (JSON beside).
 bench-train: setup
 	$(VENV)/bin/dpo-cluster bench train --steps 20 --output bench_train.json
+
+# One GPU, no Ray: first-step ln 2, precompute = in-loop reference, fused head = full logits (PASS/FAIL,
+# exit 1 on a FAIL), then peak memory, tokens/s and MFU on the 0.5B shape; gpu_check.json and .md beside.
+gpu-check: setup
+	$(PY) -m dpo_cluster.bench.gpu_check --output gpu_check.json
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache .ruff_cache
