@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from dpo_cluster import __version__
-from dpo_cluster.config import LoraConfig, ModelConfig, ReferenceConfig
+from dpo_cluster.config import Config, ConfigError, LoraConfig, ModelConfig, ReferenceConfig
 from dpo_cluster.gguf_models import convert_gguf, gguf_cache_name, is_gguf_name
 from dpo_cluster.paths import install_directory, looks_local
 
@@ -111,6 +111,48 @@ def _build_into(target: Path, build: Callable[[Path], object]) -> None:
 
 def _is_complete_builtin(path: Path) -> bool:
     return all((path / f).exists() for f in BUILTIN_FILES)
+
+
+# What a causal LM needs from a hub repository: config, safetensors weights and their index,
+# tokenizer and chat template files, and code for trust_remote_code; not other weight formats.
+HUB_MODEL_FILES = ("*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "*.py")
+
+
+def is_hub_id(name_or_path: str) -> bool:
+    """Whether a model name is a hub id (not a built-in, a .gguf file or a local directory)."""
+    return not (
+        name_or_path.startswith(BUILTIN_PREFIX)
+        or is_gguf_name(name_or_path)
+        or looks_local(name_or_path)
+        or Path(name_or_path).expanduser().exists()
+    )
+
+
+def download_hub_models(config: Config) -> dict[str, str]:
+    """Download, once and before any worker starts, the hub models the workers will load
+    (model.name_or_path, reference.name_or_path, data.tokenizer) into the Hugging Face cache ->
+    {config key: local snapshot directory}. Workers on this node (or every node, where HF_HOME
+    is shared storage) then read the cache instead of each downloading for itself while the
+    others wait in a collective. Raises ConfigError naming the key when one cannot be had."""
+    from huggingface_hub import snapshot_download
+
+    wanted = {"model.name_or_path": (config.model.name_or_path, config.model.revision)}
+    if config.reference.name_or_path is not None:
+        wanted["reference.name_or_path"] = (config.reference.name_or_path, None)
+    if config.data.tokenizer is not None:
+        wanted["data.tokenizer"] = (config.data.tokenizer, None)
+    fetched: dict[str, str] = {}
+    for key, (name, revision) in wanted.items():
+        if not is_hub_id(name):
+            continue
+        try:
+            fetched[key] = snapshot_download(name, revision=revision, allow_patterns=list(HUB_MODEL_FILES))
+        except Exception as exc:  # offline and not cached, unknown or gated repository, network
+            raise ConfigError(f"{key}: could not download {name!r} from the hub: {exc}") from exc
+        if key != "data.tokenizer" and not any(Path(fetched[key]).glob("*.safetensors")):
+            # An older repository with PyTorch .bin weights only.
+            snapshot_download(name, revision=revision, allow_patterns=["*.bin", "*.bin.index.json"])
+    return fetched
 
 
 def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False) -> Any:
@@ -265,7 +307,9 @@ def _load_causal_lm(
     kwargs: dict[str, Any] = {
         "revision": revision,
         "trust_remote_code": model.trust_remote_code,
-        "dtype": getattr(torch, model.dtype),
+        # auto is resolved from deepspeed.precision by `Config.policy_model`; a ModelConfig used
+        # on its own loads float32.
+        "dtype": torch.float32 if model.dtype == "auto" else getattr(torch, model.dtype),
     }
     if model.attn_implementation is not None:
         kwargs["attn_implementation"] = model.attn_implementation

@@ -18,9 +18,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_cli(
-    *args: str, cache: Path, timeout: int = 300, cwd: Path = REPO
+    *args: str, cache: Path, timeout: int = 300, cwd: Path = REPO, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "DPO_CLUSTER_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "DPO_CLUSTER_CACHE": str(cache), "HF_HUB_OFFLINE": "1", **(env or {})}
     env.pop("RAY_ADDRESS", None)
     return subprocess.run(
         [sys.executable, "-m", "dpo_cluster.cli", *args],
@@ -81,6 +81,28 @@ def test_config_errors_exit_2_without_traceback(tmp_path: Path) -> None:
     assert missing.returncode == 2 and "config file not found: no/such.yaml" in missing.stderr
 
 
+def test_a_dead_ray_address_is_one_line_within_seconds(tmp_path: Path) -> None:
+    """RAY_ADDRESS naming a cluster nothing answers at: exit 2 with the address and the fix,
+    before Ray's own minutes of retries."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again when the block ends: nothing listens there
+    env = {**os.environ, "DPO_CLUSTER_CACHE": str(tmp_path), "RAY_ADDRESS": f"127.0.0.1:{port}"}
+    result = subprocess.run(
+        [sys.executable, "-m", "dpo_cluster.cli", "prepare", "--config", "configs/sample_prepare.yaml",
+         f"output_dir={tmp_path / 'out'}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"dpo-cluster prepare: error: Ray cluster at 127.0.0.1:{port} (from RAY_ADDRESS) does not answer; "
+        "start it, or unset RAY_ADDRESS to start a local Ray here"
+    )
+    assert "Traceback" not in result.stderr
+
+
 def test_demo_help_lists_its_options(tmp_path: Path) -> None:
     result = run_cli("demo", "--help", cache=tmp_path)
     assert result.returncode == 0
@@ -96,18 +118,24 @@ def test_help_lists_every_command(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_train_command_end_to_end(tmp_path: Path) -> None:
+def test_train_command_end_to_end(tmp_path: Path, base_dir: Path) -> None:
     """Relative output_dir and data paths, as in the README: they resolve against the directory
-    the command runs in, although Ray Train workers run in a working directory of their own."""
+    the command runs in, although Ray Train workers run in a working directory of their own. The
+    model is a hub id, found in the Hugging Face cache by the driver's download, the reference
+    actors and the workers (the hub itself is offline)."""
+    from tests.test_modeling import hub_cache_of
+
     (tmp_path / "data").mkdir()
     shutil.copy(SAMPLE_FILE, tmp_path / "data" / "pairs.jsonl")
+    hub_cache_of(base_dir, tmp_path / "hub", "dpo-cluster/tiny-hub")
     out = tmp_path / "out"
     result = run_cli(
         "train", "--config", str(REPO / "configs" / "sample_train.yaml"), "output_dir=out",
+        "model.name_or_path=dpo-cluster/tiny-hub",
         "data.train=data/pairs.jsonl", "train.max_steps=4", "train.eval_steps=2", "train.save_steps=2",
         # The fast path, as a user turns it on: reference scored by the Ray Data stage, packed rows.
         "reference.mode=precompute", "train.packing=true",
-        cache=tmp_path, timeout=900, cwd=tmp_path,
+        cache=tmp_path, timeout=900, cwd=tmp_path, env={"HF_HUB_CACHE": str(tmp_path / "hub")},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"model: {out.resolve() / 'final'}" in result.stdout

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -31,6 +32,54 @@ from dpo_cluster.modeling import (
 from dpo_cluster.tiny import build_tiny_model, build_tiny_tokenizer, randomize_lora_b
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def hub_cache_of(model_dir: Path, hub_cache: Path, repo_id: str) -> Path:
+    """Lay `model_dir`'s files out as the Hugging Face cache holds a downloaded `repo_id` (a
+    snapshot named by its commit, refs/main naming it): with HF_HUB_CACHE=hub_cache and
+    HF_HUB_OFFLINE=1 the real hub loading code finds it as if it had been downloaded."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = hub_cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for f in model_dir.iterdir():
+        if f.is_file():
+            (snapshot / f.name).write_bytes(f.read_bytes())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return snapshot
+
+
+def test_hub_models_are_downloaded_once_by_key_and_missing_ones_name_theirs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, base_dir: Path
+) -> None:
+    """The driver's download of hub ids before the workers start: cached ones resolve to their
+    snapshot, built-ins and directories are skipped, and an id the cache lacks with no hub fails
+    naming its config key."""
+    from dpo_cluster.config import ConfigError, load_config
+    from dpo_cluster.modeling import download_hub_models
+
+    snapshot = hub_cache_of(base_dir, tmp_path / "hub", "dpo-cluster/tiny-hub")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads both when it is imported: point its constants at them too.
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+
+    def config(*overrides: str) -> Any:
+        return load_config(None, ["output_dir=/tmp/x", "data.train=x", *overrides])
+
+    hub = config("model.name_or_path=dpo-cluster/tiny-hub", f"data.tokenizer={base_dir}")
+    assert download_hub_models(hub) == {"model.name_or_path": str(snapshot)}
+    assert download_hub_models(config("model.name_or_path=builtin:tiny")) == {}
+    missing = config("model.name_or_path=builtin:tiny", "reference.mode=model",
+                     "reference.name_or_path=dpo-cluster/not-cached")  # fmt: skip
+    with pytest.raises(
+        ConfigError, match=r"^reference.name_or_path: could not download 'dpo-cluster/not-cached'"
+    ):
+        download_hub_models(missing)
 
 
 def test_hub_ids_and_paths_pass_through() -> None:

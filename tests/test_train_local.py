@@ -193,6 +193,99 @@ def test_lora_disabled_adapter_reference_equals_a_frozen_copy(prepared: Prepared
     assert any("lora_" in name for name, _ in adapter.named_parameters())
 
 
+@pytest.mark.parametrize("mode", ["model", "adapter_disabled"])
+def test_bf16_policy_and_in_loop_reference_start_at_ln2(
+    prepared: PreparedData, tmp_path: Path, mode: str
+) -> None:
+    """DeepSpeed's bf16 casts only the engine's module; the frozen copy loads in the same compute
+    dtype (model.dtype auto), and the adapter-disabled policy is the engine's module, so at step 1
+    both sides compute the same bf16 log-probs and the loss is ln 2 (an fp32 copy: ln 2 + 2e-4)."""
+    lora = ("lora.enabled=true", "lora.r=8") if mode == "adapter_disabled" else ()
+    config = train_config(tmp_path, *lora, f"reference.mode={mode}", "deepspeed.precision=bf16",
+                          "train.max_steps=2")  # fmt: skip
+    assert config.compute_dtype() == "bfloat16"
+    run_local(config, prepared.split_dir("train"))
+    rows = metrics_rows(tmp_path)
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert rows[0]["rewards/margins"] == 0.0
+    assert rows[1]["loss"] < rows[0]["loss"]
+
+
+def test_lora_checkpoints_hold_the_adapter_and_resume_and_load_best_from_it(
+    prepared: PreparedData, tmp_path: Path
+) -> None:
+    """A LoRA checkpoint holds the trainable weights and their optimizer state, not the frozen
+    base: far smaller than the base, and still enough to resume (the same losses as the
+    uninterrupted run) and to export the best checkpoint's adapter."""
+    from safetensors.torch import load_file
+
+    from dpo_cluster.modeling import resolve_name_or_path
+
+    lora = ("lora.enabled=true", "lora.r=8", "train.learning_rate=5e-3", "train.eval_strategy=steps",
+            "train.eval_steps=2", "train.save_strategy=steps", "train.save_steps=2")  # fmt: skip
+    config = train_config(tmp_path / "full", *lora, "train.num_checkpoints_to_keep=3",
+                          "train.load_best_at_end=true", "train.best_metric=eval_loss", "train.best_mode=max")  # fmt: skip
+    _, reporter = run_local(config, prepared.split_dir("train"), prepared.split_dir("eval"))
+    base = Path(resolve_name_or_path("builtin:tiny")) / "model.safetensors"
+    for checkpoint, _ in reporter.checkpoints:
+        module_file = checkpoint / "state" / "mp_rank_00_model_states.pt"
+        module = torch.load(module_file, weights_only=False)["module"]
+        # Tied lm_head.weight included: DeepSpeed's own exclusion keeps it.
+        assert module and all("lora_" in name for name in module), "only the adapter's weights"
+        assert module_file.stat().st_size < base.stat().st_size / 4, checkpoint.name
+
+    # load-best: final/ is the best (highest eval loss: an early) checkpoint's adapter.
+    best, last = reporter.best(), reporter.latest()
+    assert best is not None and last is not None and best != last
+    final = load_file(tmp_path / "full" / "final" / "adapter_model.safetensors")
+
+    def adapter_of(checkpoint: Path) -> dict[str, torch.Tensor]:
+        module = torch.load(checkpoint / "state" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+        # peft saves adapter names without the adapter's own name ("default").
+        return {name.replace(".default", ""): value for name, value in module.items()}
+
+    for source, expect_equal in ((best, True), (last, False)):
+        weights = adapter_of(source)
+        assert set(final) == set(weights)
+        assert all(torch.equal(final[name], weights[name]) for name in final) is expect_equal, source.name
+
+    # resume from step 2: the frozen base comes from model.name_or_path, the rest from the checkpoint.
+    step2 = next(path for path, _ in reporter.checkpoints if path.name == "step-0000002")
+    resumed = train_config(tmp_path / "resumed", *lora, f"train.resume_from={step2}")
+    run_local(resumed, prepared.split_dir("train"), prepared.split_dir("eval"))
+    after = {r["step"]: r["loss"] for r in metrics_rows(tmp_path / "resumed") if "loss" in r}
+    before = {r["step"]: r["loss"] for r in metrics_rows(tmp_path / "full") if "loss" in r}
+    assert sorted(after) == [3, 4, 5, 6]
+    assert [after[s] for s in after] == pytest.approx([before[s] for s in after], abs=1e-6)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_zero3_loads_policy_and_reference_partitioned(tmp_path: Path, lora: bool) -> None:
+    """Under ZeRO-3 the models are built under deepspeed.zero.Init and filled shard by shard: each
+    weight is a DeepSpeed partition (no full tensor, ds_numel its size) straight from loading,
+    before deepspeed.initialize; outside the block loading is plain again."""
+    from types import SimpleNamespace
+
+    from dpo_cluster.modeling import load_policy, load_reference
+    from dpo_cluster.train.deepspeed_config import build_deepspeed_config
+    from dpo_cluster.train.setup import init_process_group, zero3_loading
+
+    overrides = ("deepspeed.zero_stage=3", "reference.mode=model", *(("lora.enabled=true",) if lora else ()))
+    config = train_config(tmp_path, *overrides)
+    init_process_group(SimpleNamespace(world_size=1), "gloo")  # type: ignore[arg-type]
+    with zero3_loading(build_deepspeed_config(config, world_size=1)):
+        policy = load_policy(config.policy_model(), config.lora)
+        reference = load_reference(config.reference_model(), config.reference, config.lora)
+    assert reference is not None
+    for model in (policy, reference):
+        # LoRA's own small matrices are made by peft after loading: DeepSpeed partitions those at
+        # initialize. Every weight of the pretrained model is a partition already.
+        base = [(n, p) for n, p in model.named_parameters() if "lora_" not in n]
+        assert base and all(hasattr(p, "ds_id") and p.numel() == 0 and p.ds_numel > 0 for _, p in base)
+    plain = load_reference(config.reference_model(), config.reference, config.lora)
+    assert plain is not None and not any(hasattr(p, "ds_id") for p in plain.parameters())
+
+
 def test_lora_merged_on_save_is_a_full_model(prepared: PreparedData, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 

@@ -10,7 +10,6 @@ feed them.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ SPLIT_COLUMN = "split"
 # large blocks) are cut into many: enough to keep every actor busy, and each still worth a call.
 _BATCHES_PER_BLOCK = 16
 # Environment the actors need as the training workers do: offline hub, built-in cache, HF home.
-_PASSED_ENV = ("HF_HUB_OFFLINE", "DPO_CLUSTER_CACHE", "HF_HOME")
+_PASSED_ENV = ("HF_HUB_OFFLINE", "DPO_CLUSTER_CACHE", "HF_HOME", "HF_HUB_CACHE")
 
 
 @dataclass(frozen=True)
@@ -97,15 +96,8 @@ def build_reference_spec(config: Config) -> ReferenceSpec:
     tokenizer = load_tokenizer(config.tokenizer_path(), trust_remote_code=config.model.trust_remote_code)
     # The training loop's choice, so both pad alike.
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    model = dataclasses.replace(
-        config.model,
-        name_or_path=reference.name_or_path or config.model.name_or_path,
-        revision=None if reference.name_or_path else config.model.revision,
-        dtype=reference.resolved_dtype(config.model.dtype),
-        gradient_checkpointing=False,
-    )
     return ReferenceSpec(
-        model=model,
+        model=config.reference_model(),
         load_in_4bit=config.lora.load_in_4bit,
         pad_token_id=int(pad_id),
         use_gpu=reference.num_gpus > 0,

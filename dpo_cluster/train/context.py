@@ -10,8 +10,10 @@ equivalent and resumption exact.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -91,6 +93,11 @@ Report = Callable[[dict[str, Any], "Path | None", "str | None"], None]
 times; checkpoint files written by several workers into their checkpoint_dir are merged."""
 
 
+OpenCheckpoint = Callable[[], AbstractContextManager["Path | None"]]
+"""open(): `with open() as directory:` a checkpoint's directory, readable inside the block only
+(in place where the storage is a local or shared filesystem, else downloaded for the block)."""
+
+
 @dataclass
 class WorkerContext:
     rank: int
@@ -100,10 +107,11 @@ class WorkerContext:
     train: PairSource
     eval: PairSource | None
     report: Report
-    # Checkpoint to continue from (the latest reported one after a failure, or train.resume_from).
-    resume_checkpoint: Path | None = None
-    # Finds the best reported checkpoint (for train.load_best_at_end); None where there is none.
-    best_checkpoint: Callable[[], Path | None] = lambda: None
+    # Opens the checkpoint to continue from (the latest reported one after a failure, or
+    # train.resume_from), None where there is none.
+    resume_checkpoint: OpenCheckpoint = lambda: contextlib.nullcontext(None)
+    # Opens the best reported checkpoint (for train.load_best_at_end), None where there is none.
+    best_checkpoint: OpenCheckpoint = lambda: contextlib.nullcontext(None)
     # Local scratch directory for staging checkpoints before they are reported.
     scratch_dir: Path = Path("/tmp")
 

@@ -7,6 +7,7 @@ and answers "latest" (for resuming) and "best" (for `train.load_best_at_end`).
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -76,6 +77,7 @@ def run_local(
         config.train.best_mode,
     )
     scratch = Path(tempfile.mkdtemp(prefix="dpo-scratch-"))
+    resume = resume_checkpoint or (Path(config.train.resume_from) if config.train.resume_from else None)
     ctx = WorkerContext(
         rank=0,
         world_size=1,
@@ -84,9 +86,8 @@ def run_local(
         train=ParquetPairSource(train_dir, seed=config.train.seed, shuffle=config.train.shuffle),
         eval=ParquetPairSource(eval_dir, seed=config.train.seed, shuffle=False) if eval_dir else None,
         report=reporter,
-        resume_checkpoint=resume_checkpoint
-        or (Path(config.train.resume_from) if config.train.resume_from else None),
-        best_checkpoint=reporter.best,
+        resume_checkpoint=lambda: contextlib.nullcontext(resume),
+        best_checkpoint=lambda: contextlib.nullcontext(reporter.best()),
         scratch_dir=scratch,
     )
     try:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from dpo_cluster.config import Config, TrainConfig
-from dpo_cluster.train.checkpoint import export_final, load_state, save_state
+from dpo_cluster.train.checkpoint import export_final, load_state, merge_final, save_state
 from dpo_cluster.train.context import Batch, WorkerContext
 from dpo_cluster.train.forward import SUM_KEYS, compute_micro_batch, sums_to_metrics
 from dpo_cluster.train.metrics_log import MetricsLog
@@ -106,8 +106,11 @@ def train_loop(config: Config, ctx: WorkerContext) -> dict[str, Any]:
     setup = build_setup(config, ctx)
     _log_layout(setup.layout, config.train.packing, ctx)
     state = LoopState()
-    if ctx.resume_checkpoint is not None:
-        state = LoopState.from_client_state(load_state(setup.engine, ctx.resume_checkpoint, rank=ctx.rank))
+    with ctx.resume_checkpoint() as resume:
+        if resume is not None:
+            state = LoopState.from_client_state(
+                load_state(setup.engine, resume, rank=ctx.rank, config=config)
+            )
     log = MetricsLog(Path(config.output_dir), total_steps=setup.steps, initial_step=state.step,
                      enabled=ctx.is_main)  # fmt: skip
     window = MetricWindow()
@@ -197,7 +200,7 @@ def _log_evaluate_save(
         log.log(metrics)
     if save_due:
         state.update_best(train.best_metric, train.best_mode)
-        _save_and_report(setup.engine, ctx, state, metrics)
+        _save_and_report(setup, ctx, state, metrics)
     elif metrics:
         ctx.report(metrics, None, None)
 
@@ -239,11 +242,13 @@ def _evaluate(setup: TrainSetup, ctx: WorkerContext) -> dict[str, float]:
     }
 
 
-def _save_and_report(engine: Any, ctx: WorkerContext, state: LoopState, metrics: dict[str, Any]) -> None:
+def _save_and_report(
+    setup: TrainSetup, ctx: WorkerContext, state: LoopState, metrics: dict[str, Any]
+) -> None:
     """Collective: every worker writes its checkpoint files into local scratch and reports them."""
     step = state.step
     staging = Path(tempfile.mkdtemp(prefix=f"ckpt-{step:07d}-", dir=ctx.scratch_dir))
-    save_state(engine, staging, rank=ctx.rank, client_state=state.client_state())
+    save_state(setup.engine, staging, rank=ctx.rank, config=setup.config, client_state=state.client_state())
     ctx.report(metrics | state.last_eval | {"step": step}, staging, f"step-{step:07d}")
 
 
@@ -253,16 +258,18 @@ def _finish(setup: TrainSetup, ctx: WorkerContext, state: LoopState) -> dict[str
 
     config = setup.config
     if config.train.load_best_at_end:
-        best = ctx.best_checkpoint()
-        if best is not None:
-            load_state(setup.engine, best, rank=ctx.rank, weights_only=True)
+        with ctx.best_checkpoint() as best:
+            if best is not None:
+                load_state(setup.engine, best, rank=ctx.rank, config=config, weights_only=True)
     # The last step always logs, so the summary has the final training metrics, and the final
     # evaluation's where there is an eval split.
     summary = {"steps": state.step, "epochs": state.step / setup.per_epoch, "precision": setup.precision,
                **state.last_train, **state.last_eval}  # fmt: skip
-    export_final(setup.engine, setup.tokenizer, config, Path(config.output_dir) / FINAL_DIR, rank=ctx.rank,
-                 metrics_summary=summary)  # fmt: skip
+    final = Path(config.output_dir) / FINAL_DIR
+    export_final(setup.engine, setup.tokenizer, config, final, rank=ctx.rank, metrics_summary=summary)
     dist.barrier()
+    if ctx.is_main:
+        merge_final(config, final)  # no collective follows: nobody waits on it
     return summary
 
 

@@ -6,18 +6,21 @@ or tokenizes raw data and any worker count sees the same global batches.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import signal
 import tempfile
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 from dpo_cluster.config import Config
+from dpo_cluster.modeling import download_hub_models
 from dpo_cluster.plots import CURVES_FILE, plot_training_curves
 from dpo_cluster.train.checkpoint import SUMMARY_FILE
 from dpo_cluster.train.context import PairSource, RayShardPairSource, WorkerContext
@@ -68,7 +71,7 @@ def _build_worker_context(
         train=train,
         eval=source("eval", shuffle=False),
         report=_report,
-        resume_checkpoint=_resume_checkpoint(config),
+        resume_checkpoint=partial(_resume_checkpoint, config),
         best_checkpoint=partial(_best_checkpoint, config.train.best_metric, config.train.best_mode),
         scratch_dir=Path(tempfile.mkdtemp(prefix="dpo-worker-")),
     )
@@ -90,14 +93,18 @@ def _pair_source(
     return RayShardPairSource(ray.train.get_dataset_shard(split), counts[split], config.train.seed, shuffle)
 
 
-def _resume_checkpoint(config: Config) -> Path | None:
-    """The latest reported checkpoint after a failure restarted the workers, else `train.resume_from`."""
+@contextlib.contextmanager
+def _resume_checkpoint(config: Config) -> Iterator[Path | None]:
+    """The latest reported checkpoint after a failure restarted the workers, else
+    `train.resume_from`; read in place (`as_directory`) where storage is a filesystem."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        return Path(checkpoint.to_directory())
-    return Path(config.train.resume_from) if config.train.resume_from else None
+    if checkpoint is None:
+        yield Path(config.train.resume_from) if config.train.resume_from else None
+        return
+    with checkpoint.as_directory() as directory:
+        yield Path(directory)
 
 
 def _report(metrics: dict[str, Any], directory: Path | None, name: str | None) -> None:
@@ -108,8 +115,10 @@ def _report(metrics: dict[str, Any], directory: Path | None, name: str | None) -
     ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name if checkpoint else None)
 
 
-def _best_checkpoint(metric: str, mode: str) -> Path | None:
-    """The reported checkpoint with the best `metric` (`mode`: min | max), None where none has it."""
+@contextlib.contextmanager
+def _best_checkpoint(metric: str, mode: str) -> Iterator[Path | None]:
+    """The reported checkpoint with the best `metric` (`mode`: min | max), None where none has it;
+    read in place (`as_directory`) where storage is a filesystem, not copied to every worker."""
     import ray.train
 
     scored = [
@@ -118,9 +127,11 @@ def _best_checkpoint(metric: str, mode: str) -> Path | None:
         if rc.metrics.get(metric) is not None
     ]
     if not scored:
-        return None
+        yield None
+        return
     pick = min if mode == "min" else max
-    return Path(pick(scored, key=lambda item: item[0])[1].to_directory())
+    with pick(scored, key=lambda item: item[0])[1].as_directory() as directory:
+        yield Path(directory)
 
 
 def _record_placement(output_dir: Path, context: Any) -> None:
@@ -158,6 +169,7 @@ def run_training(config: Config) -> TrainingResult:
     from dpo_cluster.data.pipeline import prepare
 
     config = config.with_absolute_paths()  # workers run in their own working directory
+    download_hub_models(config)  # once here, not once per worker inside a collective's timeout
     prepared = prepare(config)  # also joins or starts the Ray cluster
     counts = {split: stats["rows_kept"] for split, stats in prepared.report["splits"].items()}
     _configure_ray_data()
@@ -211,10 +223,16 @@ def _training_datasets(config: Config, prepared: Any) -> tuple[Any, dict[str, An
 
 
 def _worker_env(config: Config) -> dict[str, str]:
-    """Environment variables of the workers: DeepSpeed's accelerator, and the driver's offline and
-    cache settings."""
-    env = {"DS_ACCELERATOR": "cuda" if config.scaling.use_gpu else "cpu"}
-    for key in ("HF_HUB_OFFLINE", "DPO_CLUSTER_CACHE", "HF_HOME"):
+    """Environment variables of the workers: DeepSpeed's accelerator, tokenizers' thread pool, and
+    the driver's offline and cache settings."""
+    env = {
+        "DS_ACCELERATOR": "cuda" if config.scaling.use_gpu else "cpu",
+        # Each worker's tokenizer would start a Rust thread pool as wide as the node, beside the
+        # other workers' (and warn, then turn it off, in any process forked after it ran). Off,
+        # unless the driver chose otherwise.
+        "TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM", "false"),
+    }
+    for key in ("HF_HUB_OFFLINE", "DPO_CLUSTER_CACHE", "HF_HOME", "HF_HUB_CACHE"):
         if key in os.environ:
             env[key] = os.environ[key]
     return env
@@ -234,7 +252,7 @@ def _build_trainer(config: Config, counts: dict[str, int], datasets: dict[str, A
             "counts": counts,
             "reference_log": stream.log if stream else None,
         },
-        torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
+        torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo", timeout_s=scaling.timeout_s),
         scaling_config=ray.train.ScalingConfig(
             num_workers=scaling.num_workers,
             use_gpu=scaling.use_gpu,

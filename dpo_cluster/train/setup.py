@@ -6,10 +6,12 @@ random initialisation (LoRA adapters) and every later random draw agree across w
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -24,8 +26,10 @@ from dpo_cluster.batch.logps import MicroBatch, sequence_logps
 from dpo_cluster.batch.packing import PackingRoute, pack_pairs, packing_route
 from dpo_cluster.config import Config, TrainConfig
 from dpo_cluster.modeling import load_policy, load_reference, load_tokenizer, reference_context
+from dpo_cluster.train.checkpoint import drop_tied_frozen_weights, trainable_only
 from dpo_cluster.train.context import Batch, WorkerContext
-from dpo_cluster.train.deepspeed_config import build_deepspeed_config, resolve_precision
+from dpo_cluster.train.cpu_adam import load_cpu_adam
+from dpo_cluster.train.deepspeed_config import build_deepspeed_config
 from dpo_cluster.train.forward import LossSettings, build_loss_settings
 from dpo_cluster.train.schedule import build_lr_scheduler
 from dpo_cluster.train.token_budget import TokenBudget
@@ -44,12 +48,18 @@ def total_steps(config: Config, num_rows: int, world_size: int) -> int:
     return max(1, math.ceil(config.train.num_epochs * per_epoch))
 
 
-def init_process_group(ctx: WorkerContext, backend: str) -> None:
-    """Ray Train sets up torch.distributed; a plain single process gets a 1-worker group."""
+def init_process_group(ctx: WorkerContext, backend: str, timeout_s: int = 1800) -> None:
+    """Ray Train sets up torch.distributed (with `scaling.timeout_s`); a plain single process gets
+    a 1-worker group with the same timeout."""
+    from datetime import timedelta
+
     import deepspeed
     import torch.distributed as dist
 
     if dist.is_initialized():
+        # DeepSpeed's own handle on the group, which deepspeed.initialize would make later: ZeRO-3
+        # loading (`zero3_loading`) sizes its partitions by it before that.
+        deepspeed.init_distributed(dist_backend=backend)
         return
     if ctx.world_size != 1:
         raise RuntimeError("torch.distributed is not initialized but world_size > 1")
@@ -61,7 +71,7 @@ def init_process_group(ctx: WorkerContext, backend: str) -> None:
         # Set, not defaulted: values inherited from a parent process that trained in-process too
         # name a port that process still listens on.
         os.environ[key] = value
-    deepspeed.init_distributed(dist_backend=backend)
+    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
 
 
 def seed_everything(seed: int) -> None:
@@ -155,6 +165,26 @@ def build_layout(train: TrainConfig, policy: Any, reference: Any, pad_id: int) -
     return BatchLayout(route, note, group_window, budget, pad_id, train.packing_row_tokens)
 
 
+@contextlib.contextmanager
+def zero3_loading(ds_config: dict[str, Any]) -> Iterator[None]:
+    """Under ZeRO-3, models loaded inside are partitioned as they load: transformers sees the
+    DeepSpeed config (`HfDeepSpeedConfig`), builds the modules under `deepspeed.zero.Init` and
+    copies each checkpoint tensor into its shards, so a rank holds its 1/world_size of the weights
+    rather than the whole model first (a 7B policy and reference: 27 GB of host RAM per rank).
+    Elsewhere it does nothing. The process group must exist (`init_process_group`)."""
+    if ds_config.get("zero_optimization", {}).get("stage") != 3:
+        yield
+        return
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    hf_deepspeed = HfDeepSpeedConfig(ds_config)  # held by weak reference while it lives
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+        del hf_deepspeed
+
+
 def build_engine(
     config: Config, ctx: WorkerContext, policy: torch.nn.Module, ds_config: dict[str, Any], steps: int
 ) -> tuple[Any, Any]:
@@ -164,6 +194,8 @@ def build_engine(
 
     train = config.train
     warmup = math.ceil(train.warmup_ratio * steps)
+    if config.deepspeed.offload_optimizer == "cpu":
+        load_cpu_adam()  # DeepSpeedCPUAdam would JIT-build it inside initialize, failing obscurely
     engine, _, _, scheduler = deepspeed.initialize(
         model=policy,
         model_parameters=[p for p in policy.parameters() if p.requires_grad],
@@ -172,6 +204,8 @@ def build_engine(
             build_lr_scheduler, kind=train.lr_scheduler, warmup_steps=warmup, total_steps=steps
         ),
     )
+    if trainable_only(config):
+        drop_tied_frozen_weights(engine)
     if ctx.world_size == 1 and config.deepspeed.zero_stage == 0:
         # One worker has nothing to average, but DeepSpeed's no-ZeRO path would still flatten every
         # gradient into one buffer at each step boundary (a second full copy of the gradients, the
@@ -230,7 +264,7 @@ def build_setup(config: Config, ctx: WorkerContext) -> TrainSetup:
     Raises ValueError when the training split holds fewer pairs than one global batch."""
     train, use_gpu = config.train, config.scaling.use_gpu
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if use_gpu else "cpu")  # read when deepspeed imports
-    init_process_group(ctx, "nccl" if use_gpu else "gloo")
+    init_process_group(ctx, "nccl" if use_gpu else "gloo", config.scaling.timeout_s)
     seed_everything(train.seed)
     per_epoch = steps_per_epoch(config, ctx.train.num_rows, ctx.world_size)
     if per_epoch == 0:
@@ -242,16 +276,24 @@ def build_setup(config: Config, ctx: WorkerContext) -> TrainSetup:
     steps = total_steps(config, ctx.train.num_rows, ctx.world_size)
     tokenizer = load_tokenizer(config.tokenizer_path(), trust_remote_code=config.model.trust_remote_code)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    policy = load_policy(config.model, config.lora)
-    # None unless mode is model: adapter_disabled reuses the policy, precompute / precomputed read
-    # the reference log-probs from the data, so those workers hold no second model.
-    reference = load_reference(config.model, config.reference, config.lora)
+    precision = config.deepspeed.resolved_precision(use_gpu)
+    if precision == "bf16" and use_gpu and not torch.cuda.is_bf16_supported():
+        raise ValueError(
+            f"deepspeed.precision: {config.deepspeed.precision} means bf16 on GPUs, which this GPU "
+            f"({torch.cuda.get_device_name()}) does not support; set deepspeed.precision: fp16 or fp32"
+        )
+    ds_config = build_deepspeed_config(config, world_size=ctx.world_size)
+    with zero3_loading(ds_config):
+        policy = load_policy(config.policy_model(), config.lora)
+        # None unless mode is model: adapter_disabled reuses the policy, precompute / precomputed
+        # read the reference log-probs from the data, so those workers hold no second model. The
+        # copy loads in the policy's compute dtype (DeepSpeed casts only the engine's module), so
+        # at step one both compute the same log-probs and the loss is ln 2.
+        reference = load_reference(config.reference_model(), config.reference, config.lora)
     if train.disable_dropout:
         for model in (policy, reference):
             if model is not None:
                 disable_dropout(model)
-    bf16_ok = use_gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    ds_config = build_deepspeed_config(config, world_size=ctx.world_size, bf16_supported=bf16_ok)
     engine, scheduler = build_engine(config, ctx, policy, ds_config, steps)
     if reference is not None:
         reference = prepare_reference(reference, ds_config, config.deepspeed.zero_stage, engine.device)
@@ -273,7 +315,7 @@ def build_setup(config: Config, ctx: WorkerContext) -> TrainSetup:
         ),
         layout=build_layout(train, engine.module, reference, pad_id),
         settings=build_loss_settings(train),
-        precision=resolve_precision(config.deepspeed.precision, use_gpu, bf16_ok),
+        precision=precision,
         steps=steps,
         per_epoch=per_epoch,
         has_eval=has_eval,
