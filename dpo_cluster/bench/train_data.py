@@ -64,6 +64,24 @@ def generate_length_pairs(
     return rows
 
 
+def write_bench_pairs(s: BenchSettings, tokenizer: Any) -> list[dict[str, str]]:
+    """`s.pairs` generated pairs of the settings' lengths, written as JSONL to `s.data_file` -> the rows."""
+    from dpo_cluster.data.samples import write_jsonl
+
+    rows = generate_length_pairs(
+        s.pairs,
+        tokenizer,
+        seed=s.seed,
+        prompt_median=s.prompt_median,
+        chosen_median=s.chosen_median,
+        rejected_median=s.rejected_median,
+        sigma=s.length_sigma,
+        max_length=s.max_length,
+    )
+    write_jsonl(rows, s.data_file)
+    return rows
+
+
 def _token_pool(tokenizer: Any, rng: np.random.Generator, min_tokens: int) -> list[int]:
     from dpo_cluster.tiny import corpus_lines
 
@@ -89,7 +107,7 @@ def prepare_pairs(s: BenchSettings) -> tuple[Path, str]:
     try:
         import ray
     except ImportError:
-        return _prepare_in_process(config), "PairTokenizer in one process (Ray is not installed)"
+        return prepare_in_process(config), "PairTokenizer in one process (Ray is not installed)"
     from dpo_cluster.data.pipeline import prepare
 
     ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False)
@@ -102,7 +120,7 @@ def prepare_pairs(s: BenchSettings) -> tuple[Path, str]:
     return train_dir, "Ray Data (dpo_cluster.data.pipeline.prepare)"
 
 
-def _prepare_in_process(config: Any) -> Path:
+def prepare_in_process(config: Any) -> Path:
     """The pipeline's per-pair work (normalize, tokenize, fit to length) without Ray, written as
     one Parquet file that `ParquetPairSource` reads."""
     import pyarrow as pa

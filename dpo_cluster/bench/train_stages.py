@@ -22,16 +22,15 @@ from typing import Any
 
 from dpo_cluster.bench.train_data import (
     count_trl_tokens,
-    generate_length_pairs,
     prepare_pairs,
     read_ids,
     read_jsonl,
+    write_bench_pairs,
 )
 from dpo_cluster.bench.train_settings import DEFAULT_SHAPE, BenchSettings, memory_kb
 
 
 def run_setup(s: BenchSettings) -> dict[str, Any]:
-    from dpo_cluster.data.samples import write_jsonl
     from dpo_cluster.modeling import load_tokenizer
 
     if not s.use_gpu:
@@ -40,17 +39,7 @@ def run_setup(s: BenchSettings) -> dict[str, Any]:
         build_bench_model(s)
     model_dir = s.model_dir  # a builtin is built here, once; later stages find it in the cache
     tokenizer = load_tokenizer(model_dir)
-    rows = generate_length_pairs(
-        s.pairs,
-        tokenizer,
-        seed=s.seed,
-        prompt_median=s.prompt_median,
-        chosen_median=s.chosen_median,
-        rejected_median=s.rejected_median,
-        sigma=s.length_sigma,
-        max_length=s.max_length,
-    )
-    write_jsonl(rows, s.data_file)
+    rows = write_bench_pairs(s, tokenizer)
     train_dir, prepared_with = prepare_pairs(s)
     prompts, chosen, rejected = read_ids(train_dir)
     if len(prompts) != s.pairs:
@@ -59,7 +48,7 @@ def run_setup(s: BenchSettings) -> dict[str, Any]:
     return {
         "train_dir": str(train_dir),
         "model_dir": model_dir,
-        "parameters": _count_parameters(model_dir),
+        "parameters": count_model_parameters(model_dir),
         "model_config": _model_config(model_dir),
         "tokenizer_vocabulary": len(tokenizer),
         "device": _device_name(s.use_gpu),
@@ -130,7 +119,7 @@ def _build_deepspeed_cpu_op() -> None:
     build_shm_op()
 
 
-def _count_parameters(name_or_path: str) -> int:
+def count_model_parameters(name_or_path: str) -> int:
     """Every parameter once (tied embeddings are one tensor), counted on the meta device."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
