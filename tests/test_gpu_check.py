@@ -33,6 +33,7 @@ TINY = ("--device", "cpu", "--shape", "default", "--hidden-size", "64", "--max-l
         "--micro-batch-size", "2")  # fmt: skip
 CHECKS = (
     "a. first-step loss = ln 2 (in-loop reference, run_local)",
+    "b. precompute reference dtype = policy compute dtype",
     "b. precompute log-probs = in-loop reference's",
     "b. loss curve: precomputed run = in-loop run",
     "c. fused head log-probs = full logits",

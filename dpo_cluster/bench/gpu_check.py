@@ -319,16 +319,17 @@ def train_run(config: Config, train_dir: Path) -> list[dict[str, Any]]:
     return [row for row in map(json.loads, lines) if "loss" in row]
 
 
-def score_with_actor_class(config: Config, table: pa.Table, out_dir: Path) -> pa.Table:
+def score_with_actor_class(config: Config, table: pa.Table, out_dir: Path) -> tuple[pa.Table, str]:
     """The precompute actors' work without Ray: `ReferenceScorer` called on consecutive slices of
-    reference.batch_size rows, as Ray Data's `map_batches` feeds it -> the scored table, also
-    written to `out_dir` for `reference.mode: precomputed`."""
+    reference.batch_size rows, as Ray Data's `map_batches` feeds it -> (the scored table, also
+    written to `out_dir` for `reference.mode: precomputed`; the dtype the scorer's model computes in)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from dpo_cluster.reference.scorer import ReferenceScorer, build_reference_spec
 
     scorer = ReferenceScorer(build_reference_spec(config))
+    dtype = str(next(scorer.model.parameters()).dtype).removeprefix("torch.")
     scored = pa.concat_tables(
         [
             scorer(table.slice(start, config.reference.batch_size))
@@ -340,7 +341,7 @@ def score_with_actor_class(config: Config, table: pa.Table, out_dir: Path) -> pa
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
     pq.write_table(scored, out_dir / "part-0.parquet")
-    return scored
+    return scored, dtype
 
 
 def in_loop_reference_logps(config: Config, table: pa.Table, device: torch.device) -> torch.Tensor:
@@ -452,7 +453,18 @@ def run_checks(s: BenchSettings, plan: Plan) -> Report:
             f"reference.num_gpus={1 if s.use_gpu else 0}",
             f"reference.batch_size={micro // 2 if micro > 1 else 2}",
         )
-        scored = score_with_actor_class(precompute_config, table, scored_dir)
+        scored, dtype = score_with_actor_class(precompute_config, table, scored_dir)
+        # The reference must compute as the policy does (reference.dtype auto); an fp32 reference
+        # under a bf16 policy is off by more than bf16's own noise, but within the limits below.
+        compute = precompute_config.compute_dtype()
+        report.check(
+            "b. precompute reference dtype = policy compute dtype",
+            dtype == compute,
+            float(dtype == compute),
+            dtype,
+            compute,
+            "ReferenceScorer's weights (reference.dtype auto)",
+        )
         in_loop_logps = in_loop_reference_logps(in_loop_config, table, device)
         tolerance = check_precompute_logps(report, scored, in_loop_logps, precompute_config)
     with report.guard("b. loss curve: precomputed run = in-loop run"):
