@@ -393,6 +393,25 @@ BAD_REQUESTS: list[tuple[str, Any, int, str | None]] = [
     ("/v1/arena/battles/does-not-exist/vote", {"winner": "C"}, 400, "winner"),
     ("/v1/arena/battles/does-not-exist/vote", {}, 400, "winner"),
     ("/v1/no-such-route", {}, 404, None),
+    # Valid JSON that is not Unicode text: a lone UTF-16 surrogate, in every text field.
+    ("/v1/completions", {"model": "base", "prompt": "bad \ud800"}, 400, "prompt"),
+    ("/v1/completions", {"model": "base", "prompt": ["\udfff"]}, 400, "prompt.0"),
+    ("/v1/completions", {"model": "\ud800", "prompt": "x"}, 400, "model"),
+    (
+        "/v1/chat/completions",
+        {"model": "base", "messages": [{"role": "user", "content": "\ud83d x"}]},
+        400,
+        "messages.0.content",
+    ),  # fmt: skip
+    (
+        "/v1/chat/completions",
+        {"model": "base", "messages": [{"role": "user", "content": "x"}], "stop": ["\ud800"]},
+        400,
+        "stop.0",
+    ),  # fmt: skip
+    ("/v1/compare", {"prompt": "\ud800"}, 400, "prompt"),
+    ("/v1/compare", {"messages": [{"role": "user", "content": "\ud800"}]}, 400, "messages.0.content"),
+    ("/v1/arena/battles", {"prompt": "\ud800"}, 400, "prompt"),
 ]
 
 

@@ -84,9 +84,15 @@ def describe_validation(errors: list[Any]) -> tuple[str, str | None]:
     """'field.path: what is wrong' for the first pydantic error, and the field path."""
     if not errors:
         return "invalid request", None
-    first = errors[0]
-    # A union's member types appear in the location ("prompt", "str"): keep the field path only.
-    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _TYPE_TAG.match(str(p))]
+
+    def path(error: Any) -> list[str]:
+        # A union's member types appear in the location ("prompt", "str"): keep the field path only.
+        return [str(p) for p in error.get("loc", ()) if p != "body" and not _TYPE_TAG.match(str(p))]
+
+    # Of a union's errors, the deepest says most: ["\ud800"] as `str | list[str]` is "not a
+    # string" at prompt, but the list member's complaint is at prompt.0, the item really wrong.
+    first = max(errors, key=lambda error: len(path(error)))
+    loc = path(first)
     param = ".".join(loc) or None
     message = first.get("msg", "invalid value").removeprefix("Value error, ")
     return (f"{param}: {message}" if param else message), param

@@ -9,18 +9,34 @@ one prompt: a text `prompt` or a chat `messages`.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_STOP_STRINGS = 4
+
+
+def _encodable(value: str) -> str:
+    # JSON may carry a lone UTF-16 surrogate ("\ud800"): a valid JSON string, but no Unicode
+    # text, so neither a tokenizer nor a JSON response could encode it.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(
+            f"not valid Unicode text: a lone surrogate U+{ord(value[error.start]):04X} at character {error.start}"
+        ) from None
+    return value
+
+
+# Every text field of a request: Unicode that encodes as UTF-8.
+Text = Annotated[str, AfterValidator(_encodable)]
 
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant", "tool"]
-    content: str
+    content: Text
 
 
 class Sampling(BaseModel):
@@ -35,7 +51,7 @@ class Sampling(BaseModel):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=0, lt=2**63)
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     n: int = 1
     logprobs: bool | None = None
 
@@ -78,16 +94,16 @@ class StreamOptions(BaseModel):
 
 
 class ChatCompletionRequest(Sampling):
-    model: str
+    model: Text
     messages: list[Message] = Field(min_length=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
 
 
 class CompletionRequest(Sampling):
-    model: str
+    model: Text
     # OpenAI also allows a list of prompts; one prompt per request here (a one-item list is fine).
-    prompt: str | list[str]
+    prompt: Text | list[Text]
     stream: bool = False
     stream_options: StreamOptions | None = None
 
@@ -105,7 +121,7 @@ class CompletionRequest(Sampling):
 class OnePrompt(Sampling):
     """`/v1/compare` and arena battles: a text prompt or a chat, both models answer it."""
 
-    prompt: str | None = None
+    prompt: Text | None = None
     messages: list[Message] | None = None
 
     @model_validator(mode="after")
