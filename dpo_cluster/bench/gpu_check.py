@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     import torch
 
     from dpo_cluster.config import Config
+    from dpo_cluster.reference.scorer import ReferenceSpec
 
 LN2 = math.log(2)
 # In-loop, policy and reference are the same weights computed by the same kernels on the same
@@ -319,16 +320,18 @@ def train_run(config: Config, train_dir: Path) -> list[dict[str, Any]]:
     return [row for row in map(json.loads, lines) if "loss" in row]
 
 
-def score_with_actor_class(config: Config, table: pa.Table, out_dir: Path) -> tuple[pa.Table, str]:
+def score_with_actor_class(
+    spec: ReferenceSpec, config: Config, table: pa.Table, out_dir: Path
+) -> tuple[pa.Table, str]:
     """The precompute actors' work without Ray: `ReferenceScorer` called on consecutive slices of
     reference.batch_size rows, as Ray Data's `map_batches` feeds it -> (the scored table, also
     written to `out_dir` for `reference.mode: precomputed`; the dtype the scorer's model computes in)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from dpo_cluster.reference.scorer import ReferenceScorer, build_reference_spec
+    from dpo_cluster.reference.scorer import ReferenceScorer
 
-    scorer = ReferenceScorer(build_reference_spec(config))
+    scorer = ReferenceScorer(spec)
     dtype = str(next(scorer.model.parameters()).dtype).removeprefix("torch.")
     scored = pa.concat_tables(
         [
@@ -344,7 +347,9 @@ def score_with_actor_class(config: Config, table: pa.Table, out_dir: Path) -> tu
     return scored, dtype
 
 
-def in_loop_reference_logps(config: Config, table: pa.Table, device: torch.device) -> torch.Tensor:
+def in_loop_reference_logps(
+    config: Config, table: pa.Table, device: torch.device, pad_id: int
+) -> torch.Tensor:
     """(N, 2) chosen/rejected log-probs of `table`'s pairs from the in-loop reference: the model
     `build_setup` loads for reference.mode model (in the compute dtype, dropout off), scored by
     `ReferenceSource.compute_logps` on micro-batches of train.micro_batch_size pairs built in the
@@ -352,13 +357,11 @@ def in_loop_reference_logps(config: Config, table: pa.Table, device: torch.devic
     import torch
 
     from dpo_cluster.modeling import load_reference
-    from dpo_cluster.reference.scorer import build_reference_spec
     from dpo_cluster.train.setup import ReferenceSource, build_layout, disable_dropout
 
     reference = load_reference(config.reference_model(), config.reference, config.lora, device=device)
     assert reference is not None, "reference.mode model loads a reference"
     disable_dropout(reference)
-    pad_id = build_reference_spec(config).pad_token_id  # the loop's own choice of pad id
     layout = build_layout(config.train, reference, reference, pad_id)
     source = ReferenceSource(
         "model", reference, reference, config.train.ld_alpha, config.train.logps_chunk_size
@@ -399,18 +402,16 @@ def head_pass(policy: torch.nn.Module, batch: Any, chunk_size: int) -> HeadPass:
 
 
 def fused_and_full(
-    config: Config, table: pa.Table, device: torch.device, chunk_size: int
+    config: Config, table: pa.Table, device: torch.device, chunk_size: int, pad_id: int
 ) -> tuple[HeadPass, HeadPass]:
     """The policy as the loop loads it (bf16, dropout off, train mode), on the first micro-batch
     in the loop's layout: (fused head, `chunk_size` rows per call; full logits)."""
     from dpo_cluster.modeling import load_policy
-    from dpo_cluster.reference.scorer import build_reference_spec
     from dpo_cluster.train.setup import build_layout, disable_dropout
 
     policy = load_policy(config.policy_model(), config.lora, device=device)
     disable_dropout(policy)
     policy.train()
-    pad_id = build_reference_spec(config).pad_token_id
     _, raw = next(row_batches(table, config.train.micro_batch_size))
     batch = build_layout(config.train, policy, None, pad_id).build_batch(raw).to(device)
     passes = head_pass(policy, batch, chunk_size), head_pass(policy, batch, 0)
@@ -428,6 +429,7 @@ def run_checks(s: BenchSettings, plan: Plan) -> Report:
     import torch
 
     from dpo_cluster.config import TrainConfig
+    from dpo_cluster.reference.scorer import build_reference_spec
 
     report = Report()
     device = torch.device(plan.device)
@@ -435,6 +437,20 @@ def run_checks(s: BenchSettings, plan: Plan) -> Report:
     train_dir = prepare_bench_data(s, plan)
     table = read_table(train_dir)
     in_loop_config = run_config(s, plan, runs / "in-loop", "reference.mode=model")
+    # The actors' batches are cut apart from the loop's micro-batches (other pads, other shapes),
+    # as with reference.batch_size 8 and any other train.micro_batch_size.
+    micro = s.micro_batch_size
+    precompute_config = run_config(
+        s,
+        plan,
+        runs / "precompute",
+        "reference.mode=precompute",
+        f"reference.num_gpus={1 if s.use_gpu else 0}",
+        f"reference.batch_size={micro // 2 if micro > 1 else 2}",
+    )
+    # The actors' loading settings, and the pad id the loop and the actors both choose: the
+    # tokenizer is read once.
+    spec = build_reference_spec(precompute_config)
     in_loop: list[dict[str, Any]] | None = None
     with report.guard("a. first-step loss = ln 2 (in-loop reference, run_local)"):
         in_loop = check_ln2(report, in_loop_config, train_dir, device)
@@ -442,18 +458,7 @@ def run_checks(s: BenchSettings, plan: Plan) -> Report:
     tolerance: float | None = None
     scored_dir = runs / "scored" / "train"
     with report.guard("b. precompute log-probs = in-loop reference's"):
-        # The actors' batches are cut apart from the loop's micro-batches (other pads, other
-        # shapes), as with reference.batch_size 8 and any other train.micro_batch_size.
-        micro = s.micro_batch_size
-        precompute_config = run_config(
-            s,
-            plan,
-            runs / "precompute",
-            "reference.mode=precompute",
-            f"reference.num_gpus={1 if s.use_gpu else 0}",
-            f"reference.batch_size={micro // 2 if micro > 1 else 2}",
-        )
-        scored, dtype = score_with_actor_class(precompute_config, table, scored_dir)
+        scored, dtype = score_with_actor_class(spec, precompute_config, table, scored_dir)
         # The reference must compute as the policy does (reference.dtype auto); an fp32 reference
         # under a bf16 policy is off by more than bf16's own noise, but within the limits below.
         compute = precompute_config.compute_dtype()
@@ -465,7 +470,7 @@ def run_checks(s: BenchSettings, plan: Plan) -> Report:
             compute,
             "ReferenceScorer's weights (reference.dtype auto)",
         )
-        in_loop_logps = in_loop_reference_logps(in_loop_config, table, device)
+        in_loop_logps = in_loop_reference_logps(in_loop_config, table, device, spec.pad_token_id)
         tolerance = check_precompute_logps(report, scored, in_loop_logps, precompute_config)
     with report.guard("b. loss curve: precomputed run = in-loop run"):
         if in_loop is None or tolerance is None:
@@ -475,7 +480,8 @@ def run_checks(s: BenchSettings, plan: Plan) -> Report:
     with report.guard("c. fused head = full logits"):
         # The loop's chunk size; with the fused head off there (0), the default one is checked.
         chunk_size = in_loop_config.train.logps_chunk_size or TrainConfig.logps_chunk_size
-        check_fused_head(report, *fused_and_full(in_loop_config, table, device, chunk_size), chunk_size)
+        passes = fused_and_full(in_loop_config, table, device, chunk_size, spec.pad_token_id)
+        check_fused_head(report, *passes, chunk_size)
     return report
 
 
