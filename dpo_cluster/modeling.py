@@ -189,14 +189,16 @@ def load_policy(
         from peft import prepare_model_for_kbit_training
 
         # Casts norms to fp32, freezes the quantized base and sets up checkpointing for k-bit
-        # training, which activation_checkpointing_enable alone does not do for a 4-bit model.
+        # training, which gradient_checkpointing_enable alone does not do for a 4-bit model.
         policy = prepare_model_for_kbit_training(
             policy,
             use_gradient_checkpointing=model.gradient_checkpointing,
             gradient_checkpointing_kwargs=checkpointing_kwargs,
         )
     elif model.gradient_checkpointing:
-        policy.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing_kwargs)
+        # The name every transformers 5.x has (5.20 added activation_checkpointing_enable as the
+        # new one, keeping this until v6); the CPU build of vLLM needs transformers < 5.20.
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs)
         if lora.enabled:
             # The frozen embeddings' output has no grad. Non-reentrant checkpointing copes, but a
             # model whose own code uses the reentrant kind would then skip backward through its

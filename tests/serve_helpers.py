@@ -36,6 +36,24 @@ def build_lora_final(out_dir: Path, *, seed: int = 1) -> Path:
     )
 
 
+def build_smollm2_adapter(base: Path, out_dir: Path) -> Path:
+    """A LoRA adapter over SmolLM2 with small random B (tuned answers differ, stay fluent), saved
+    with its tokenizer as a training run's final/ is."""
+    from transformers import AutoTokenizer
+
+    return build_lora_adapter(
+        str(base),
+        out_dir,
+        AutoTokenizer.from_pretrained(base),
+        random_b=True,
+        seed=1,
+        r=8,
+        alpha=32,
+        target_modules=("q_proj", "v_proj"),
+        b_std=0.05,
+    )
+
+
 class Client:
     """requests against one server, with the API key by default."""
 

@@ -133,6 +133,7 @@ def test_greedy_equals_transformers_generate_batched_and_one_by_one(
         alone = plain.generate([GenerationRequest("base", prompt, GREEDY)])
         assert _triples(alone) == _reference(model, tokenizer, [prompt], GREEDY.max_new_tokens)
     assert plain.describe() == {
+        "backend": "hf",
         "weights": str(base_dir),
         "names": {"base": None},
         "device": "cpu",

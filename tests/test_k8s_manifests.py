@@ -204,10 +204,12 @@ def serve_config(doc: dict[str, Any]) -> dict[str, Any]:
     return yaml.safe_load(doc["spec"]["serveConfigV2"])
 
 
-def pyproject_dependencies_without_ray() -> list[str]:
+def pyproject_dependencies_without_ray(extras: tuple[str, ...] = ()) -> list[str]:
+    """pyproject.toml's dependencies but Ray's (the image has it), then those of `extras`."""
     tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python >= 3.11")
     project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
-    return [dep for dep in project["dependencies"] if not dep.replace(" ", "").startswith("ray")]
+    deps = [dep for dep in project["dependencies"] if not dep.replace(" ", "").startswith("ray")]
+    return deps + [dep for extra in extras for dep in project["optional-dependencies"][extra]]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -388,16 +390,21 @@ def test_rayjob_entrypoint_runs_a_real_script_and_config(
             )
 
 
-def _runtime_envs() -> Iterator[tuple[str, dict[str, Any]]]:
+def _runtime_envs() -> Iterator[tuple[str, dict[str, Any], tuple[str, ...]]]:
+    """(name, runtime env, the pyproject extras it must add): a serving app on GPUs adds vLLM."""
     for name, doc in of_kind("RayJob"):
-        yield name, yaml.safe_load(doc["spec"]["runtimeEnvYAML"])
+        yield name, yaml.safe_load(doc["spec"]["runtimeEnvYAML"]), ()
     for name, doc in of_kind("RayService"):
         for app in serve_config(doc)["applications"]:
-            yield f"{name}/{app['name']}", app.get("runtime_env", {})
+            yield f"{name}/{app['name']}", app.get("runtime_env", {}), ("vllm",)
 
 
-@pytest.mark.parametrize(("name", "env"), list(_runtime_envs()), ids=[n for n, _ in _runtime_envs()])
-def test_runtime_env_ships_code_and_pyproject_dependencies(name: str, env: dict[str, Any]) -> None:
+@pytest.mark.parametrize(
+    ("name", "env", "extras"), list(_runtime_envs()), ids=[n for n, _, _ in _runtime_envs()]
+)
+def test_runtime_env_ships_code_and_pyproject_dependencies(
+    name: str, env: dict[str, Any], extras: tuple[str, ...]
+) -> None:
     from ray.runtime_env import RuntimeEnv
 
     RuntimeEnv(**env)  # Ray's own validation of the runtime env fields
@@ -406,7 +413,7 @@ def test_runtime_env_ships_code_and_pyproject_dependencies(name: str, env: dict[
     )
     pip = env.get("pip", {})
     packages = pip.get("packages", []) if isinstance(pip, dict) else pip
-    assert packages == pyproject_dependencies_without_ray(), (
+    assert packages == pyproject_dependencies_without_ray(extras), (
         f"{name}: the pip list drifted from pyproject.toml's dependencies (Ray excepted)"
     )
 

@@ -174,13 +174,13 @@ def test_full_policy_trains_every_weight(base_dir: Path) -> None:
     trainable, total = count_parameters(policy)
     assert trainable == total == sum(p.numel() for p in policy.parameters())
     assert policy.config.use_cache is False
-    assert policy.is_activation_checkpointing is False
+    assert policy.is_gradient_checkpointing is False
 
 
 def test_gradient_checkpointing_is_honoured(base_dir: Path) -> None:
     config = ModelConfig(name_or_path=str(base_dir), gradient_checkpointing=True)
     policy = load_policy(config, LoraConfig())
-    assert policy.is_activation_checkpointing and policy.config.use_cache is False
+    assert policy.is_gradient_checkpointing and policy.config.use_cache is False
     policy.train()
     _logits(policy).sum().backward()
     assert policy.model.layers[0].mlp.down_proj.weight.grad is not None

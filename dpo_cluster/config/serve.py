@@ -23,6 +23,15 @@ class ServeConfig:
     # interface (put an API key on it).
     host: str = "127.0.0.1"
     port: int = 8000
+    # Generation engine: auto (vllm where vLLM is installed and serves the model, else hf) | hf
+    # (transformers, one static batch at a time per replica, @serve.batch) | vllm (continuous
+    # batching and a paged KV cache; base and LoRA adapters in one engine). /healthz says which.
+    backend: Literal["auto", "hf", "vllm"] = "auto"
+    # vllm without a GPU: the KV cache's size in GiB (vLLM would otherwise take most of the RAM).
+    vllm_kv_cache_gb: float = 1.0
+    # vllm on GPUs: the share of each GPU's memory an engine takes (weights and KV cache), in
+    # (0, 1]. null = 0.9 x serve.num_gpus, so engines packed onto one GPU fit beside each other.
+    vllm_gpu_memory_utilization: float | None = None
     # Generation device: null (cuda when a GPU is visible, else cpu) | cpu | cuda.
     device: str | None = None
     # Weights dtype for serving: auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float16.
@@ -98,5 +107,16 @@ class ServeConfig:
             )
         if self.batch_wait_timeout_s < 0 or self.num_cpus < 0 or self.num_gpus < 0:
             raise ConfigError("serve.batch_wait_timeout_s, serve.num_cpus, serve.num_gpus: must be >= 0")
+        if self.vllm_kv_cache_gb <= 0:
+            raise ConfigError(f"serve.vllm_kv_cache_gb: must be > 0, got {self.vllm_kv_cache_gb}")
+        utilization = self.vllm_gpu_memory_utilization
+        if utilization is not None and not 0 < utilization <= 1:
+            raise ConfigError(f"serve.vllm_gpu_memory_utilization: must be in (0, 1], got {utilization}")
         if self.device not in (None, "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise ConfigError(f"serve.device: null, cpu, cuda or cuda:N, got {self.device!r}")
+
+    def gpu_memory_utilization(self) -> float:
+        """The share of a GPU each vLLM engine takes (see vllm_gpu_memory_utilization)."""
+        if self.vllm_gpu_memory_utilization is not None:
+            return self.vllm_gpu_memory_utilization
+        return 0.9 * min(1.0, self.num_gpus) if self.num_gpus > 0 else 0.9

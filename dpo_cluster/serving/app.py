@@ -1,28 +1,22 @@
 """The Ray Serve application: base and tuned models side by side behind one HTTP front.
 
     Frontend (FastAPI routes, API key, limits, arena store)
-        ├── ModelServer "Models"      base weights once, tuned = base + LoRA adapter switched per row
+        ├── "Models"      base weights once, tuned = base + LoRA adapter, per request
         or
-        ├── ModelServer "BaseModel"   full base model
-        └── ModelServer "TunedModel"  full tuned model, with its own replicas and resources
+        ├── "BaseModel"   full base model
+        └── "TunedModel"  full tuned model, with its own replicas and resources
 
 `build_app(config)` picks the layout from what `serve.tuned` is (an adapter directory or full
-weights). `app_builder(args)` is the entry Serve configs and RayService import (through
-`serve/app.py`); `dpo-cluster serve` calls `build_app` directly.
-
-Model replicas batch requests with `@serve.batch` and run the decode loop in a worker thread, so
-the replica's event loop keeps taking requests while a batch computes; streams run the same loop
-per request and interleave with batches step by step.
+weights) and the engine from `serve.backend` (`replicas`: transformers or vLLM). `app_builder(args)`
+is the entry Serve configs and RayService import (through `serve/app.py`); `dpo-cluster serve`
+calls `build_app` directly.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
-import threading
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -34,85 +28,12 @@ from dpo_cluster.modeling import resolve_name_or_path
 from dpo_cluster.paths import looks_local
 from dpo_cluster.serving.arena_store import ArenaStore
 from dpo_cluster.serving.gateway import Gateway, Limits, ServedModel
-from dpo_cluster.serving.generation import (
-    GenerationRequest,
-    GenerationResult,
-    StreamDelta,
-    TransformersBackend,
-    adapter_base,
-    is_adapter_dir,
-)
+from dpo_cluster.serving.generation import adapter_base, is_adapter_dir
+from dpo_cluster.serving.generation.vllm_backend import choose_engine
+from dpo_cluster.serving.replicas import ModelServer, VLLMServer
 
 logger = logging.getLogger(__name__)
 APP_NAME = "dpo-cluster"
-_END = object()
-
-
-@serve.deployment
-class ModelServer:
-    """Hosts one set of weights and serves one or more names from it (see TransformersBackend)."""
-
-    def __init__(
-        self,
-        weights: str,
-        names: dict[str, str | None],
-        *,
-        device: str | None,
-        dtype: str,
-        max_batch_size: int,
-        batch_wait_timeout_s: float,
-    ) -> None:
-        self.backend = TransformersBackend(weights, names, device=device, dtype=dtype)
-        self.generate_batch.set_max_batch_size(max_batch_size)
-        self.generate_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
-        self.failure: BaseException | None = None
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def generate_batch(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
-        try:
-            return await asyncio.to_thread(self.backend.generate, requests)
-        except (RuntimeError, MemoryError) as error:  # a broken device: let Serve replace us
-            self.failure = error
-            raise
-
-    async def generate(self, request: GenerationRequest) -> GenerationResult:
-        self.backend.validate(request)  # a bad request fails alone, not the batch it would join
-        return await self.generate_batch(request)
-
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamDelta]:
-        """Deltas of one generation, computed in a thread and handed over through a queue; a
-        client that goes away stops the computation at its next step."""
-        self.backend.validate(request)
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        stop = threading.Event()
-
-        def produce() -> None:
-            try:
-                for delta in self.backend.stream(request):
-                    loop.call_soon_threadsafe(queue.put_nowait, delta)
-                    if stop.is_set():
-                        break
-            except BaseException as error:  # re-raised on the event loop below
-                loop.call_soon_threadsafe(queue.put_nowait, error)
-            loop.call_soon_threadsafe(queue.put_nowait, _END)
-
-        worker = asyncio.ensure_future(asyncio.to_thread(produce))
-        try:
-            while (item := await queue.get()) is not _END:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            stop.set()
-            await asyncio.shield(worker)
-
-    def describe(self) -> dict[str, Any]:
-        return self.backend.describe()
-
-    def check_health(self) -> None:
-        if self.failure is not None:
-            raise RuntimeError(f"generation failed on this replica: {self.failure!r}")
 
 
 @serve.deployment
@@ -178,15 +99,30 @@ def build_app(config: Config) -> serve.Application:
     base, tuned = config.serve_base(), config.serve_tuned()
     base_path = _model_path(base, "serve.base")
     tuned_path = _model_path(tuned, "serve.tuned", " (train first, or point it elsewhere)")
+    adapter = is_adapter_dir(tuned_path)
+    backend = choose_backend(s, [base_path] if adapter else [base_path, tuned_path], [tuned_path] * adapter)
     replica_options = _replica_options(s)
-    server_args = {
-        "device": s.device,
-        "dtype": s.dtype,
-        "max_batch_size": s.max_batch_size,
-        "batch_wait_timeout_s": s.batch_wait_timeout_s,
-    }
 
-    if is_adapter_dir(tuned_path):
+    def server(name: str, weights: str, names: dict[str, str | None]) -> DeploymentHandle:
+        if backend == "vllm":
+            engine = {
+                "max_model_len": s.max_prompt_tokens + s.max_new_tokens,
+                "kv_cache_gb": s.vllm_kv_cache_gb,
+                "gpu_memory_utilization": s.gpu_memory_utilization(),
+            }
+            return VLLMServer.options(name=name, **replica_options).bind(
+                weights, names, dtype=s.dtype, engine=engine
+            )
+        return ModelServer.options(name=name, **replica_options).bind(
+            weights,
+            names,
+            device=s.device,
+            dtype=s.dtype,
+            max_batch_size=s.max_batch_size,
+            batch_wait_timeout_s=s.batch_wait_timeout_s,
+        )
+
+    if adapter:
         declared = adapter_base(tuned_path)
         if declared and declared not in (base, base_path, resolve_name_or_path(base)):
             logger.warning(
@@ -196,9 +132,7 @@ def build_app(config: Config) -> serve.Application:
             "base": ServedModel("base", base, None, "Models"),
             "tuned": ServedModel("tuned", tuned_path, base, "Models"),
         }
-        shared = ModelServer.options(name="Models", **replica_options).bind(
-            base_path, {"base": None, "tuned": tuned_path}, **server_args
-        )
+        shared = server("Models", base_path, {"base": None, "tuned": tuned_path})
         handles = {"base": shared, "tuned": shared}
     else:
         models = {
@@ -206,16 +140,21 @@ def build_app(config: Config) -> serve.Application:
             "tuned": ServedModel("tuned", tuned_path, None, "TunedModel"),
         }
         handles = {
-            "base": ModelServer.options(name="BaseModel", **replica_options).bind(
-                base_path, {"base": None}, **server_args
-            ),
-            "tuned": ModelServer.options(name="TunedModel", **replica_options).bind(
-                tuned_path, {"tuned": None}, **server_args
-            ),
+            "base": server("BaseModel", base_path, {"base": None}),
+            "tuned": server("TunedModel", tuned_path, {"tuned": None}),
         }
     return Frontend.options(num_replicas=s.ingress_replicas, ray_actor_options={"num_cpus": 0}).bind(
         models, handles, _front_settings(config)
     )
+
+
+def choose_backend(s: ServeConfig, weights: list[str], adapters: list[str]) -> str:
+    """ "hf" or "vllm" for serve.backend (see `choose_engine`); the replicas have GPUs when
+    serve.num_gpus says so, whatever the driver has."""
+    try:
+        return choose_engine(s.backend, weights, adapters, on_gpu=s.num_gpus > 0)
+    except ValueError as error:
+        raise ConfigError(f"serve.backend: {error}") from error
 
 
 def _model_path(name: str, key: str, hint: str = "") -> str:

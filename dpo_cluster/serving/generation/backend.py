@@ -138,6 +138,7 @@ class TransformersBackend:
         """What is loaded: weights, served names -> adapter (or None), device, dtype and the
         total parameter count of the loaded module (base plus adapters, each counted once)."""
         return {
+            "backend": "hf",
             "weights": self.weights,
             "names": dict(self._adapter_paths),
             "device": str(self.device),
