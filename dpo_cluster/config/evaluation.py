@@ -61,6 +61,11 @@ class EvalConfig:
     batch_size: int = 16
     # Held-out pairs scored for reward accuracy (the first N of the eval split). null = all.
     max_pairs: int | None = None
+    # Engine for the win rate's answers, as serve.backend: auto (vllm where vLLM is installed and
+    # serves the model, else hf) | hf | vllm. vllm takes every prompt of both models at once
+    # (continuous batching); log-probs for reward accuracy always come from transformers. vllm
+    # sizes its KV cache from serve.vllm_kv_cache_gb / serve.vllm_gpu_memory_utilization.
+    backend: Literal["auto", "hf", "vllm"] = "auto"
     # Device for generation and log-probs: null (cuda when a GPU is visible, else cpu) | cpu |
     # cuda | cuda:N.
     device: str | None = None

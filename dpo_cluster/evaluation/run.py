@@ -163,9 +163,12 @@ def _generated_section(
     else:
         assert prepared is not None  # check_ready: no prompt file means an eval split
         prompts, source = eval_split_prompts(config, prepared, ev.num_prompts), "the eval split"
-    answers, skipped = generate_side_by_side(
-        models.get(), prompts, ev, max_prompt_tokens=config.serve.max_prompt_tokens, progress=progress
-    )
+    if _generation_engine(config, models) == "vllm":
+        answers, skipped = _vllm_answers(config, models, prompts, progress=progress)
+    else:
+        answers, skipped = generate_side_by_side(
+            models.get(), prompts, ev, max_prompt_tokens=config.serve.max_prompt_tokens, progress=progress
+        )
     if ev.judge == "rule":
         summary, verdicts = judge_by_rule(answers, ev)
     else:
@@ -189,6 +192,58 @@ def _generated_section(
         "skipped_prompts": skipped,
     }
     return judged, build_examples(answers, verdicts)
+
+
+def _generation_engine(config: Config, models: _LazyModels) -> str:
+    """ "hf" or "vllm" for evaluation.backend (see `choose_engine`), on this process's device."""
+    import torch
+
+    from dpo_cluster.serving.generation import is_adapter_dir
+    from dpo_cluster.serving.generation.vllm_backend import choose_engine
+
+    ev = config.evaluation
+    adapter = is_adapter_dir(models.tuned)
+    on_gpu = torch.cuda.is_available() and ev.device != "cpu"
+    try:
+        return choose_engine(
+            ev.backend,
+            [models.base] if adapter else [models.base, models.tuned],
+            [models.tuned] * adapter,
+            on_gpu=on_gpu,
+        )
+    except ValueError as error:
+        raise ConfigError(f"evaluation.backend: {error}") from error
+
+
+def _vllm_answers(
+    config: Config, models: _LazyModels, prompts: list[Any], *, progress: bool
+) -> tuple[list[Any], list[dict[str, Any]]]:
+    """The requests the transformers path would run, answered by vLLM; the transformers models
+    are released first, so the engine has their memory."""
+    from dpo_cluster.evaluation.vllm_answers import generate_side_by_side_vllm
+    from dpo_cluster.evaluation.win_rate import build_side_by_side
+
+    ev, s = config.evaluation, config.serve
+    loaded = models.get()
+    kept, skipped = build_side_by_side(loaded, prompts, ev, max_prompt_tokens=s.max_prompt_tokens)
+    base, tuned, tuned_is_adapter = loaded.base, loaded.tuned, loaded.tuned_is_adapter
+    del loaded
+    models.release()
+    engine = {
+        "dtype": ev.dtype,
+        "max_model_len": s.max_prompt_tokens + ev.max_new_tokens,
+        "kv_cache_gb": s.vllm_kv_cache_gb,
+        "gpu_memory_utilization": s.gpu_memory_utilization(),
+    }
+    answers = generate_side_by_side_vllm(
+        kept,
+        base=base,
+        tuned=tuned,
+        tuned_is_adapter=tuned_is_adapter,
+        engine=engine,
+        progress=progress,
+    )
+    return answers, skipped
 
 
 def _reward_accuracy(

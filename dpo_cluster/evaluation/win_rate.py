@@ -64,6 +64,31 @@ def build_request(
     return request
 
 
+Requests = dict[str, GenerationRequest]  # "base" / "tuned" -> that model's request for one prompt
+
+
+def build_side_by_side(
+    models: EvalModels, prompts: Sequence[Prompt], settings: EvalConfig, *, max_prompt_tokens: int
+) -> tuple[list[tuple[int, Prompt, Requests]], list[dict[str, Any]]]:
+    """Both models' requests for every prompt both can take: ([(index, prompt, requests)],
+    skipped). A prompt either model cannot take (over the prompt limit, or no room left in the
+    context) is skipped for both, {"index", "prompt", "reason"}, so both sides are judged on the
+    same prompts. Prompt i is sampled with seed evaluation.seed + i."""
+    kept: list[tuple[int, Prompt, Requests]] = []
+    skipped: list[dict[str, Any]] = []
+    for index, prompt in enumerate(prompts):
+        params = sampling_params(settings, index)
+        try:
+            requests = {
+                name: build_request(models, name, prompt, params, max_prompt_tokens) for name in (BASE, TUNED)
+            }
+        except (PromptError, ValueError) as error:
+            skipped.append({"index": index, "prompt": prompt, "reason": str(error)})
+            continue
+        kept.append((index, prompt, requests))
+    return kept, skipped
+
+
 def generate_side_by_side(
     models: EvalModels,
     prompts: Sequence[Prompt],
@@ -72,53 +97,33 @@ def generate_side_by_side(
     max_prompt_tokens: int,
     progress: bool = True,
 ) -> tuple[list[SideBySide], list[dict[str, Any]]]:
-    """Both models' answers to every prompt, `settings.batch_size` prompts per batch.
-
-    Returns (answered, skipped): a SideBySide per prompt both models could take, in prompt order,
-    and {"index", "prompt", "reason"} for each prompt skipped. A prompt either model cannot take
-    (over the prompt limit, or no room left in the context) is skipped for both, so both sides
-    are judged on the same prompts. Prompt i is sampled with seed evaluation.seed + i.
-    """
+    """Both models' answers to every prompt through the transformers backends,
+    `settings.batch_size` prompts per batch: (answered in prompt order, skipped) as
+    `build_side_by_side` says."""
     from tqdm import tqdm
 
+    kept, skipped = build_side_by_side(models, prompts, settings, max_prompt_tokens=max_prompt_tokens)
     answered: list[SideBySide] = []
-    skipped: list[dict[str, Any]] = []
     shared = models.backends[BASE] is models.backends[TUNED]
     with tqdm(
-        total=len(prompts),
-        desc="generating (base, tuned)",
-        unit="prompt",
-        file=sys.stderr,
-        disable=not progress,
+        total=len(kept), desc="generating (base, tuned)", unit="prompt", file=sys.stderr, disable=not progress
     ) as bar:
-        for start in range(0, len(prompts), settings.batch_size):
-            batch: list[tuple[int, Prompt, dict[str, GenerationRequest]]] = []
-            for index in range(start, min(start + settings.batch_size, len(prompts))):
-                prompt = prompts[index]
-                params = sampling_params(settings, index)
-                try:
-                    requests = {
-                        name: build_request(models, name, prompt, params, max_prompt_tokens)
-                        for name in (BASE, TUNED)
-                    }
-                except (PromptError, ValueError) as error:
-                    skipped.append({"index": index, "prompt": prompt, "reason": str(error)})
-                    continue
-                batch.append((index, prompt, requests))
+        for start in range(0, len(kept), settings.batch_size):
+            batch = kept[start : start + settings.batch_size]
             texts: dict[str, list[str]] = {}
-            if shared and batch:
+            if shared:
                 # Base and tuned rows in one mixed batch: one forward per step for both.
                 rows = [r[name] for _, _, r in batch for name in (BASE, TUNED)]
                 results = models.backends[TUNED].generate(rows)
                 texts[BASE] = [res.text for res in results[0::2]]
                 texts[TUNED] = [res.text for res in results[1::2]]
-            elif batch:
+            else:
                 for name in (BASE, TUNED):
                     results = models.backends[name].generate([r[name] for _, _, r in batch])
                     texts[name] = [res.text for res in results]
             for k, (index, prompt, _) in enumerate(batch):
                 answered.append(SideBySide(index, prompt, texts[BASE][k], texts[TUNED][k]))
-            bar.update(min(settings.batch_size, len(prompts) - start))
+            bar.update(len(batch))
     return answered, skipped
 
 
