@@ -1,5 +1,7 @@
 """The arena page in the system's headless Chromium, driven by selenium against the real app:
-set the key, type a prompt, get two anonymous answers, vote, see the names and the leaderboard.
+set the key, type a prompt, watch two anonymous answers stream in side by side, ask a follow-up
+that both models continue, vote on the whole conversation, see the names and the leaderboard,
+and start a new battle.
 
 Needs Debian's `chromium` and `chromium-driver` (`make test` installs them when missing).
 """
@@ -36,7 +38,8 @@ def served(tmp_path_factory: pytest.TempPathFactory, serve_port: int) -> Iterato
             f"serve.arena_db={root / 'votes.sqlite'}",
             f"serve.api_key_file={root / 'key'}",
             "serve.num_cpus=0",
-            "serve.default_max_new_tokens=12",
+            # Long enough answers that the text visibly arrives in pieces.
+            "serve.default_max_new_tokens=24",
         ],
         serving=True,
     )
@@ -71,7 +74,39 @@ def browser() -> Iterator[Any]:
     driver.quit()
 
 
-def test_arena_page_battle_vote_and_leaderboard(served: str, browser: Any) -> None:
+# Records, per pane, every text an answer showed while it was written: setting an element's
+# textContent replaces its text node, so each added text node is one state the voter saw.
+WATCH_ANSWERS = """
+window.answerStates = {A: [], B: []};
+for (const side of ["A", "B"]) {
+  new MutationObserver((records) => {
+    for (const r of records) {
+      if (!r.target.classList || !r.target.classList.contains("assistant")) continue;
+      for (const node of r.addedNodes) {
+        if (node.nodeType === Node.TEXT_NODE) window.answerStates[side].push(node.data);
+      }
+    }
+  }).observe(document.getElementById("conversation-" + side.toLowerCase()), {childList: true, subtree: true});
+}
+"""
+
+
+def conversation(browser: Any, side: str) -> list[dict[str, str]]:
+    """The messages a pane shows, as {"role", "content"}, with the exact text the page set (`.text`
+    is the rendered text with whitespace normalised, which a sampled tab would not survive)."""
+    from selenium.webdriver.common.by import By
+
+    messages = browser.find_elements(By.CSS_SELECTOR, f"#conversation-{side.lower()} .msg")
+    return [
+        {
+            "role": "user" if "user" in m.get_attribute("class").split() else "assistant",
+            "content": m.get_property("textContent"),
+        }
+        for m in messages
+    ]
+
+
+def test_arena_page_multi_turn_battle_vote_and_leaderboard(served: str, browser: Any) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
@@ -79,41 +114,89 @@ def test_arena_page_battle_vote_and_leaderboard(served: str, browser: Any) -> No
     wait = WebDriverWait(browser, 120)
     browser.get(served + "/arena")
     assert "arena" in browser.title
+    prompt, send = (By.ID, "prompt"), (By.ID, "send")
+    vote_a = (By.CSS_SELECTOR, "#votes button[data-winner='A']")
+    first, follow_up = "Suggest a title for a video about bread", "Make it shorter"
 
-    # Without the key the server refuses, and the page says so.
-    browser.find_element(By.ID, "prompt").send_keys("Suggest a title for a video about bread")
-    browser.find_element(By.ID, "battle").click()
+    # Without the key the server refuses, the page says so and shows no half turn.
+    browser.find_element(*prompt).send_keys(first)
+    browser.find_element(*send).click()
     wait.until(lambda d: "401" in d.find_element(By.ID, "error").text)
+    assert conversation(browser, "A") == conversation(browser, "B") == []
+    assert browser.find_element(*prompt).get_property("value") == first  # kept to retry
 
+    # First turn: both answers stream into their panes.
     browser.find_element(By.ID, "api-key").send_keys(API_KEY)
     browser.find_element(By.ID, "save-key").click()
-    browser.find_element(By.ID, "battle").click()
-    vote_a = (By.CSS_SELECTOR, "#votes button[data-winner='A']")
+    browser.execute_script(WATCH_ANSWERS)
+    browser.find_element(*send).click()
+    wait.until(lambda d: "Turn 1 stored" in d.find_element(By.ID, "status").text)
     wait.until(ec.element_to_be_clickable(vote_a))
-    # The text the page set, exactly: `.text` is the rendered text, with whitespace normalised
-    # (a sampled vertical tab or trailing space would not compare equal to what was stored).
-    answer_a = browser.find_element(By.ID, "answer-a").get_property("textContent")
-    answer_b = browser.find_element(By.ID, "answer-b").get_property("textContent")
-    assert answer_a and answer_b and "…" not in (answer_a, answer_b)
     assert browser.find_element(By.ID, "error").text == ""
+    shown_1 = {side: conversation(browser, side) for side in "AB"}
+    answers_1 = {}
+    for side in "AB":
+        assert [m["role"] for m in shown_1[side]] == ["user", "assistant"]
+        assert shown_1[side][0]["content"] == first
+        answers_1[side] = shown_1[side][1]["content"]
+    states = browser.execute_script("return window.answerStates")
+    for side in "AB":
+        # Every state shown was a beginning of the final answer, growing to it.
+        assert all(answers_1[side].startswith(state) for state in states[side]), states
+        assert states[side] == sorted(states[side], key=len)
+        assert not states[side] or states[side][-1] == answers_1[side]
+    # Streamed, not filled in at the end: the text arrived in more pieces than one per pane.
+    assert len(states["A"]) + len(states["B"]) > 2, states
     assert "base" not in browser.find_element(By.ID, "reveal").text  # nothing revealed yet
 
+    # Second turn: a follow-up that both panes continue.
+    assert browser.find_element(*send).text == "Send follow-up"
+    assert browser.find_element(*prompt).get_property("value") == ""
+    browser.find_element(*prompt).send_keys(follow_up)
+    browser.find_element(*send).click()
+    wait.until(lambda d: "Turn 2 stored" in d.find_element(By.ID, "status").text)
+    wait.until(ec.element_to_be_clickable(vote_a))
+    shown = {side: conversation(browser, side) for side in "AB"}
+    for side in "AB":
+        assert shown[side][:2] == shown_1[side]
+        assert [m["role"] for m in shown[side]] == ["user", "assistant", "user", "assistant"]
+        assert shown[side][2]["content"] == follow_up
+    assert "base" not in browser.find_element(By.ID, "reveal").text
+
+    # The vote judges the whole conversation; then the names are shown.
     browser.find_element(*vote_a).click()
     wait.until(lambda d: d.find_element(By.ID, "reveal").text.startswith("A was "))
     reveal = browser.find_element(By.ID, "reveal").text
     winner = reveal.split("A was ")[1].split(",")[0]
-    assert winner in ("base", "tuned")
+    loser = reveal.split("B was ")[1].rstrip(".")
+    assert sorted([winner, loser]) == ["base", "tuned"]
 
     # The leaderboard on the page shows the vote, and agrees with the API.
     row = (By.CSS_SELECTOR, f"#leaderboard tr[data-model='{winner}'] td:nth-child(4)")
     wait.until(lambda d: d.find_element(*row).text == "1")
     board = Client(served).get("/v1/arena/leaderboard").json()
     assert board["votes"] == 1 and board["counts"][winner] == 1
-    assert "1 votes" in browser.find_element(By.ID, "summary").text
+    assert browser.find_element(By.ID, "summary").text.startswith("1 vote. ")
 
-    # The answers shown were the ones stored, in the order shown.
+    # What the panes showed is what was stored, whole conversations in the order shown.
     exported = Client(served).get("/v1/arena/export", params={"format": "fastchat"}).json()
-    assert exported["conversation_a"][-1]["content"] == answer_a
-    assert exported["conversation_b"][-1]["content"] == answer_b
-    # Voting buttons are off until the next battle.
+    assert (exported["model_a"], exported["model_b"], exported["turn"]) == (winner, loser, 2)
+    assert exported["conversation_a"] == shown["A"]
+    assert exported["conversation_b"] == shown["B"]
+    # A voted battle takes no more votes or turns; a new battle starts from nothing.
     assert not browser.find_element(*vote_a).is_enabled()
+    assert not browser.find_element(*send).is_enabled()
+    browser.find_element(By.ID, "new-battle").click()
+    assert conversation(browser, "A") == conversation(browser, "B") == []
+    assert browser.find_element(By.ID, "reveal").text == ""
+    assert browser.find_element(*send).text == "Get two answers"
+
+    # A second, one-turn battle: a fresh id (the old one is voted), and the count reads "2 votes".
+    browser.find_element(*prompt).send_keys("Name a fruit")
+    browser.find_element(*send).click()
+    wait.until(lambda d: "Turn 1 stored" in d.find_element(By.ID, "status").text)
+    wait.until(ec.element_to_be_clickable(vote_a))
+    assert [m["role"] for m in conversation(browser, "A")] == ["user", "assistant"]
+    browser.find_element(By.CSS_SELECTOR, "#votes button[data-winner='tie']").click()
+    wait.until(lambda d: d.find_element(By.ID, "summary").text.startswith("2 votes. "))
+    assert Client(served).get("/v1/arena/leaderboard").json()["counts"]["tie"] == 1

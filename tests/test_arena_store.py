@@ -1,5 +1,7 @@
 """Tests of the arena's store (`dpo_cluster.serving.arena_store`), leaderboard and export rows on
-real SQLite files, with real child processes for durability and concurrency.
+real SQLite files, with real child processes for durability and concurrency: battles, their
+follow-up turns, the in-place upgrade of a file written by the first schema, and multi-turn
+export rows read and tokenized by the data pipeline.
 
 Seeded assignments used below (models sorted: "base" < "tuned"; a draw < 0.5 makes "base" A):
 random.Random(0).random() = 0.844 -> A = tuned, B = base;
@@ -21,15 +23,20 @@ from typing import Any
 import pytest
 
 from dpo_cluster import stats
+from dpo_cluster.config.specs import TokenizeSpec
 from dpo_cluster.data.formats import FormatSpec, detect_format, normalize_row
+from dpo_cluster.data.records import TokenizedPair
+from dpo_cluster.data.tokenize import PairTokenizer
 from dpo_cluster.serving.arena_leaderboard import RATING_METHOD
 from dpo_cluster.serving.arena_store import (
     EXPORT_PAGE,
+    SCHEMA_VERSION,
     WINNERS,
     AlreadyVoted,
     ArenaStore,
     Battle,
     BattleNotFound,
+    TurnRefused,
 )
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a prime."}]
@@ -103,7 +110,31 @@ def test_create_battle_validation(tmp_path: Path) -> None:
         store.create_battle(
             prompt="x", messages=None, answers_by_model={"a": "1", "b": "2"}, params={"t": {1, 2}}
         )
+    for sides in ({"A": "a", "B": "a"}, {"A": "a", "B": "c"}, {"A": "a"}, {"X": "a", "Y": "b"}):
+        with pytest.raises(ValueError, match="sides"):
+            store.create_battle(
+                prompt="x", messages=None, answers_by_model={"a": "1", "b": "2"}, params={}, sides=sides
+            )
     assert store.counts() == {"battles": 0, "votes": 0}
+
+
+def test_create_battle_with_given_id_and_sides(tmp_path: Path) -> None:
+    """A streamed battle fixes its id and sides before its answers exist: the store keeps both."""
+    store = ArenaStore(tmp_path / "arena.sqlite")
+    for sides in ({"A": "base", "B": "tuned"}, {"A": "tuned", "B": "base"}):
+        battle_id = "f" * 31 + sides["A"][0]
+        created = store.create_battle(
+            prompt="p",
+            messages=None,
+            answers_by_model={"tuned": "t", "base": "b"},
+            params={},
+            battle_id=battle_id,
+            sides=sides,
+        )
+        assert created.id == battle_id and created.models == sides
+        fetched = store.get_battle(battle_id)
+        assert fetched.models == sides
+        assert fetched.answers == {side: sides[side][0] for side in "AB"}  # "t" / "b" where each sits
 
 
 def test_assignment_random_and_seedable(tmp_path: Path) -> None:
@@ -170,7 +201,7 @@ def test_wal_and_schema_version(tmp_path: Path) -> None:
     conn = sqlite3.connect(path)
     try:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
         conn.execute("PRAGMA user_version = 99")
     finally:
         conn.close()
@@ -464,3 +495,310 @@ def test_export_fastchat(tmp_path: Path) -> None:
     assert (last["model_a"], last["model_b"], last["turn"]) == ("base", "tuned", 1)
     assert last["conversation_a"] == [*CHAT, {"role": "assistant", "content": "4"}]
     assert last["conversation_b"] == [*CHAT, {"role": "assistant", "content": "7"}]
+
+
+# ---------------------------------------------------------------------------------------------
+# Follow-up turns
+
+FOLLOW_UP = "And another one?"
+THIRD = "Which of them is the smallest?"
+
+
+def _chat_with_turns(store: ArenaStore, seed: int = 1) -> Battle:
+    """A chat battle (seed 1: A base, B tuned) with two follow-ups: three turns in all."""
+    battle = _battle(store, seed=seed, prompt=None, messages=CHAT, tuned="7", base="4")
+    store.add_turn(battle.id, 2, FOLLOW_UP, {"A": "base 2", "B": "tuned 2"})
+    return store.add_turn(battle.id, 3, THIRD, {"A": "base 3", "B": "tuned 3"})
+
+
+def test_turns_round_trip(tmp_path: Path) -> None:
+    store = ArenaStore(tmp_path / "arena.sqlite")
+    battle = _battle(store, seed=1, prompt=None, messages=CHAT, tuned="7", base="4")
+    assert battle.turn_count == 1 and battle.followups == ()
+    second = store.add_turn(battle.id, 2, FOLLOW_UP, {"A": "base 2", "B": "tuned 2"})
+    assert second.turn_count == 2
+    assert (second.followups[0].content, second.followups[0].answers) == (
+        FOLLOW_UP,
+        {"A": "base 2", "B": "tuned 2"},
+    )
+    third = store.add_turn(battle.id, 3, THIRD, {"A": "base 3", "B": "tuned 3"})
+    # A fresh store object reads the same turns back from the file, in order.
+    fetched = ArenaStore(store.path).get_battle(battle.id)
+    assert fetched == third and fetched.turn_count == 3
+    # Each side continues its own conversation: the shared user messages, its own answers.
+    assert fetched.conversation("A") == [
+        *CHAT,
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": FOLLOW_UP},
+        {"role": "assistant", "content": "base 2"},
+        {"role": "user", "content": THIRD},
+        {"role": "assistant", "content": "base 3"},
+    ]
+    assert [m["content"] for m in fetched.continuation("B")] == ["7", FOLLOW_UP, "tuned 2", THIRD, "tuned 3"]
+    # Turns are not battles: the counts and the vote are unchanged by them.
+    assert store.counts() == {"battles": 1, "votes": 0}
+    assert store.vote(battle.id, "B").followups == fetched.followups
+
+
+def test_add_turn_refusals_leave_nothing_behind(tmp_path: Path) -> None:
+    store = ArenaStore(tmp_path / "arena.sqlite")
+    chat = _battle(store, prompt=None, messages=CHAT)
+    text = _battle(store, prompt="2+2=")
+    answers = {"A": "a", "B": "b"}
+    with pytest.raises(BattleNotFound):
+        store.add_turn("nope", 2, FOLLOW_UP, answers)
+    with pytest.raises(TurnRefused, match="text prompt") as excinfo:
+        store.add_turn(text.id, 2, FOLLOW_UP, answers)
+    copy = pickle.loads(pickle.dumps(excinfo.value))  # Ray ships errors by pickling them
+    assert (copy.battle_id, copy.reason, str(copy)) == (text.id, excinfo.value.reason, str(excinfo.value))
+    for turn in (1, 3, 7):  # only the next turn (2) is accepted
+        with pytest.raises(TurnRefused, match=f"turn {turn} was asked for, the next turn is 2"):
+            store.add_turn(chat.id, turn, FOLLOW_UP, answers)
+    for content in ("", "  \n"):
+        with pytest.raises(ValueError, match="content"):
+            store.add_turn(chat.id, 2, content, answers)
+    for bad in ({"A": "a"}, {"A": "a", "B": 3}, {"a": "x", "b": "y"}):
+        with pytest.raises(ValueError, match="answers"):
+            store.add_turn(chat.id, 2, FOLLOW_UP, bad)
+    assert store.get_battle(chat.id).followups == ()
+
+    store.add_turn(chat.id, 2, FOLLOW_UP, answers)
+    # The same turn again is stale: its answers were generated before turn 2 existed.
+    with pytest.raises(TurnRefused, match="turn 2 was asked for, the next turn is 3"):
+        store.add_turn(chat.id, 2, "other", {"A": "x", "B": "y"})
+    store.vote(chat.id, "tie")
+    with pytest.raises(AlreadyVoted, match="'tie'"):
+        store.add_turn(chat.id, 3, THIRD, answers)
+    assert [t.content for t in store.get_battle(chat.id).followups] == [FOLLOW_UP]
+
+
+_TURN_THEN_DIE = """
+import os, signal, sys
+from dpo_cluster.serving.arena_store import ArenaStore
+ArenaStore(sys.argv[1]).add_turn(sys.argv[2], 2, "follow-up", {"A": "a2", "B": "b2"})
+os.kill(os.getpid(), signal.SIGKILL)  # no clean shutdown of any kind after add_turn() returns
+"""
+
+
+def test_turn_survives_sigkill(tmp_path: Path) -> None:
+    store = ArenaStore(tmp_path / "arena.sqlite")
+    battle = _battle(store, prompt=None, messages=CHAT)
+    child = _run_child(_TURN_THEN_DIE, str(store.path), battle.id)
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    (turn,) = store.get_battle(battle.id).followups
+    assert (turn.content, turn.answers) == ("follow-up", {"A": "a2", "B": "b2"})
+
+
+_RACE_TURN = """
+import sys
+from dpo_cluster.serving.arena_store import ArenaStore, TurnRefused
+store = ArenaStore(sys.argv[1])
+print("ready", flush=True)
+sys.stdin.readline()
+try:
+    store.add_turn(sys.argv[2], 2, "from " + sys.argv[3], {"A": sys.argv[3], "B": sys.argv[3]})
+    print("won", sys.argv[3], flush=True)
+except TurnRefused:
+    print("lost", sys.argv[3], flush=True)
+"""
+
+
+def test_racing_turns_exactly_one_wins(tmp_path: Path) -> None:
+    """Eight processes record turn 2 of one battle at once: one is stored, seven are refused."""
+    store = ArenaStore(tmp_path / "arena.sqlite")
+    battle = _battle(store, prompt=None, messages=CHAT)
+    results = _race(_RACE_TURN, [[str(store.path), battle.id, f"child{i}"] for i in range(8)])
+    won = [r.split()[1] for r in results if r.startswith("won ")]
+    assert len(won) == 1 and sum(r.startswith("lost ") for r in results) == 7, results
+    (turn,) = store.get_battle(battle.id).followups
+    assert turn.content == f"from {won[0]}" and turn.answers == {"A": won[0], "B": won[0]}
+
+
+def test_multiturn_exports(tmp_path: Path) -> None:
+    store = ArenaStore(tmp_path / "arena.sqlite")
+    battle = _chat_with_turns(store)  # A base, B tuned
+    single = _battle(store, seed=0, prompt=None, messages=CHAT, tuned="t", base="b")
+    store.vote(battle.id, "B")
+    store.vote(single.id, "A")
+
+    multi_row, single_row = store.export_dpo()
+    # TRL's conversational format: the prompt is what came before the first answer, chosen and
+    # rejected the winner's and the loser's whole continuations.
+    assert multi_row["prompt"] == CHAT
+    assert multi_row["chosen"] == [
+        {"role": "assistant", "content": "7"},
+        {"role": "user", "content": FOLLOW_UP},
+        {"role": "assistant", "content": "tuned 2"},
+        {"role": "user", "content": THIRD},
+        {"role": "assistant", "content": "tuned 3"},
+    ]
+    assert [m["content"] for m in multi_row["rejected"]] == ["4", FOLLOW_UP, "base 2", THIRD, "base 3"]
+    assert (multi_row["chosen_model"], multi_row["rejected_model"]) == ("tuned", "base")
+    assert single_row["chosen"] == [{"role": "assistant", "content": "t"}]  # one turn: unchanged
+
+    fastchat = next(store.export_fastchat())
+    assert fastchat["turn"] == 3
+    assert fastchat["conversation_a"] == store.get_battle(battle.id).conversation("A")
+    assert [m["content"] for m in fastchat["conversation_b"]][2:] == [
+        "7",
+        FOLLOW_UP,
+        "tuned 2",
+        THIRD,
+        "tuned 3",
+    ]
+    assert fastchat["conversation_a"][:2] == CHAT  # the system message is not a turn
+
+
+def test_multiturn_dpo_row_goes_through_the_data_pipeline(tmp_path: Path, tiny_tokenizer_dir: Path) -> None:
+    """The exported row, written and read back as JSON, is detected as conversational, normalised
+    unchanged, and tokenized the way TRL does: prompt = chat template of the prompt messages with
+    the generation prompt, chosen = the rest of the template of prompt + the whole continuation."""
+    from transformers import AutoTokenizer
+
+    store = ArenaStore(tmp_path / "arena.sqlite")
+    battle = _chat_with_turns(store)
+    store.vote(battle.id, "A")  # base (side A) chosen
+    (row,) = (json.loads(json.dumps(r)) for r in store.export_dpo())
+
+    spec = FormatSpec()
+    assert detect_format([row], spec, "arena") == "conversational"
+    pair = normalize_row(row, "conversational", spec)
+    assert pair.conversational and pair.prompt == CHAT
+    assert pair.chosen == battle.continuation("A") and pair.rejected == battle.continuation("B")
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    (tokenized,) = PairTokenizer(tokenizer, TokenizeSpec(max_length=4096)).tokenize([pair])
+    assert isinstance(tokenized, TokenizedPair), tokenized
+
+    def ids(messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:
+        text = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=generation_prompt, tokenize=False
+        )
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    assert tokenized.prompt_ids == ids(CHAT, True)
+    assert tokenized.prompt_ids + tokenized.chosen_ids == ids(battle.conversation("A"), False)
+    assert tokenized.prompt_ids + tokenized.rejected_ids == ids(battle.conversation("B"), False)
+    # The follow-ups and the last answers are in what the policy is trained on.
+    chosen_text = tokenizer.decode(tokenized.chosen_ids)
+    assert (
+        FOLLOW_UP in chosen_text
+        and THIRD in chosen_text
+        and chosen_text.rstrip().endswith("base 3<|im_end|>")
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Upgrading a file written by the first schema
+
+# The first schema exactly as it shipped (PRAGMA user_version 1), written here by hand so that the
+# test keeps meaning "a file from the old code" whatever the store's own migrations become.
+_SCHEMA_V1 = """
+CREATE TABLE battles (
+    id TEXT PRIMARY KEY,
+    created_at REAL NOT NULL,
+    prompt TEXT,
+    messages TEXT,
+    model_a TEXT NOT NULL,
+    model_b TEXT NOT NULL,
+    answer_a TEXT NOT NULL,
+    answer_b TEXT NOT NULL,
+    params TEXT NOT NULL,
+    CHECK ((prompt IS NULL) <> (messages IS NULL)),
+    CHECK (model_a <> model_b)
+);
+CREATE TABLE votes (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    battle_id TEXT NOT NULL UNIQUE REFERENCES battles(id),
+    winner TEXT NOT NULL CHECK (winner IN ('A', 'B', 'tie', 'both_bad')),
+    voted_at REAL NOT NULL
+);
+PRAGMA user_version = 1;
+"""
+
+V1_CHAT = [{"role": "user", "content": "Name a prime."}]
+
+
+def _write_v1_file(path: Path) -> None:
+    """A version-1 file as the old store left it: WAL, a voted chat battle (A tuned won), a voted
+    text battle (tie) and an unvoted chat battle."""
+    conn = sqlite3.connect(path)
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.executescript(_SCHEMA_V1)
+        battles = [
+            ("c" * 32, 1.0, None, json.dumps(V1_CHAT), "tuned", "base", "7", "4", json.dumps(PARAMS)),
+            ("d" * 32, 2.0, "2+2=", None, "base", "tuned", "4", "5", "{}"),
+            ("e" * 32, 3.0, None, json.dumps(V1_CHAT), "base", "tuned", "2", "3", "{}"),
+        ]
+        conn.executemany("INSERT INTO battles VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", battles)
+        conn.executemany(
+            "INSERT INTO votes (battle_id, winner, voted_at) VALUES (?, ?, ?)",
+            [("c" * 32, "A", 10.0), ("d" * 32, "tie", 11.0)],
+        )
+        conn.commit()
+    finally:
+        conn.close()
+
+
+def _user_version(path: Path) -> int:
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute("PRAGMA user_version").fetchone()[0]
+    finally:
+        conn.close()
+
+
+def test_version_1_file_is_migrated_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "arena.sqlite"
+    _write_v1_file(path)
+    assert _user_version(path) == 1
+    store = ArenaStore(path)
+    assert _user_version(path) == SCHEMA_VERSION
+    # The old battles and votes read and export as they did.
+    assert store.counts() == {"battles": 3, "votes": 2}
+    old = store.get_battle("c" * 32)
+    assert (old.messages, old.answers, old.models, old.winner) == (
+        V1_CHAT,
+        {"A": "7", "B": "4"},
+        {"A": "tuned", "B": "base"},
+        "A",
+    )
+    assert old.params == PARAMS and old.followups == ()
+    (dpo,) = store.export_dpo()
+    assert dpo == {
+        "prompt": V1_CHAT,
+        "chosen": [{"role": "assistant", "content": "7"}],
+        "rejected": [{"role": "assistant", "content": "4"}],
+        "battle_id": "c" * 32,
+        "chosen_model": "tuned",
+        "rejected_model": "base",
+        "voted_at": 10.0,
+    }
+    fastchat = list(store.export_fastchat())
+    assert [(r["question_id"], r["winner"], r["turn"]) for r in fastchat] == [
+        ("c" * 32, "model_a", 1),
+        ("d" * 32, "tie", 1),
+    ]
+    assert fastchat[1]["conversation_b"] == [
+        {"role": "user", "content": "2+2="},
+        {"role": "assistant", "content": "5"},
+    ]
+    assert store.leaderboard()["counts"] == {"tuned": 1, "base": 0, "tie": 1, "both_bad": 0}
+    # The unvoted old chat battle goes on under the new schema, and opening again changes nothing.
+    store.add_turn("e" * 32, 2, FOLLOW_UP, {"A": "a2", "B": "b2"})
+    again = ArenaStore(path)
+    assert [t.content for t in again.get_battle("e" * 32).followups] == [FOLLOW_UP]
+    assert again.counts() == {"battles": 3, "votes": 2}
+
+
+def test_replicas_migrate_an_old_file_together(tmp_path: Path) -> None:
+    """Eight processes open the same version-1 file at once: the upgrade runs once, under the
+    write lock, and every process then writes to the new schema."""
+    path = tmp_path / "arena.sqlite"
+    _write_v1_file(path)
+    ids = _race(_RACE_CREATE, [[str(path)] for _ in range(8)])
+    store = ArenaStore(path)
+    assert _user_version(path) == SCHEMA_VERSION
+    assert store.counts() == {"battles": 3 + 8, "votes": 2}
+    assert {store.get_battle(battle_id).id for battle_id in ids} == set(ids)

@@ -1,19 +1,27 @@
 """One battle of the blind A/B arena: its record, its errors, its checks, and the rows it exports as.
 
 A battle is one prompt answered by both models, shown to a voter as answers "A" and "B" in a random
-order; which model is which stays server side until the vote. A vote names the better answer
-("A", "B", "tie", or "both_bad") and can be cast once per battle. The export rows live beside the
-record, not in the store, because they are the contract with the next round's data pipeline
-(`dpo_cluster.data.formats`) and FastChat's rating scripts, whatever holds the battles.
+order; which model is which stays server side until the vote. A chat battle may go on for more
+turns before the vote: each follow-up user message is shared, and each side answers it from its
+own conversation (the shared user messages and that side's own earlier answers). A vote judges
+the whole conversation, naming the better side ("A", "B", "tie", or "both_bad"), and can be cast
+once per battle. The export rows live beside the record, not in the store, because they are the
+contract with the next round's data pipeline (`dpo_cluster.data.formats`) and FastChat's rating
+scripts, whatever holds the battles.
 """
 
 from __future__ import annotations
 
 import json
+import random
+import secrets
+import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 WINNERS: tuple[str, ...] = ("A", "B", "tie", "both_bad")
+SIDES: tuple[str, str] = ("A", "B")
 
 # FastChat's battle-log spelling of each verdict.
 FASTCHAT_WINNERS: dict[str, str] = {
@@ -50,9 +58,33 @@ class AlreadyVoted(RuntimeError):
         return (AlreadyVoted, (self.battle_id, self.winner))
 
 
+class TurnRefused(RuntimeError):
+    """The battle cannot take this turn: it began with a text prompt (only a chat goes on), or
+    another request recorded this turn first."""
+
+    def __init__(self, battle_id: str, reason: str) -> None:
+        super().__init__(f"arena battle {battle_id!r} takes no turn here: {reason}")
+        self.battle_id = battle_id
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[type[TurnRefused], tuple[str, str]]:
+        # As AlreadyVoted: rebuild from the fields, not from the formatted message.
+        return (TurnRefused, (self.battle_id, self.reason))
+
+
+@dataclass(frozen=True)
+class Turn:
+    """A follow-up of a chat battle: the user's next message and each side's answer to it."""
+
+    content: str  # the user's message, shared by both sides
+    answers: dict[str, str]  # {"A": text, "B": text}
+    created_at: float  # unix seconds
+
+
 @dataclass(frozen=True)
 class Battle:
-    """One prompt, both models' answers under the blind labels A and B, and the vote if cast."""
+    """One prompt, both models' answers under the blind labels A and B, the follow-up turns, and
+    the vote if cast. `answers` are the first turn's; `followups` the turns after it, in order."""
 
     id: str  # uuid4 hex
     created_at: float  # unix seconds
@@ -63,6 +95,52 @@ class Battle:
     params: dict[str, Any]  # sampling parameters used (JSON-able)
     winner: str | None = None  # one of WINNERS once voted
     voted_at: float | None = None
+    followups: tuple[Turn, ...] = ()
+
+    @property
+    def turn_count(self) -> int:
+        """User turns answered so far: the first prompt and every follow-up."""
+        return 1 + len(self.followups)
+
+    def context(self) -> list[dict[str, str]]:
+        """The messages the first answers reply to; a text prompt reads as one user message."""
+        if self.messages is not None:
+            return [dict(m) for m in self.messages]
+        return [{"role": "user", "content": self.prompt or ""}]
+
+    def continuation(self, side: str) -> list[dict[str, str]]:
+        """What follows the context on `side`: its first answer, then each follow-up message and
+        that side's answer to it (assistant, user, assistant, ...)."""
+        messages = [{"role": "assistant", "content": self.answers[side]}]
+        for turn in self.followups:
+            messages.append({"role": "user", "content": turn.content})
+            messages.append({"role": "assistant", "content": turn.answers[side]})
+        return messages
+
+    def conversation(self, side: str) -> list[dict[str, str]]:
+        """`side`'s whole conversation, the one its model continues and the voter judges."""
+        return [*self.context(), *self.continuation(side)]
+
+
+def new_battle_id() -> str:
+    """A fresh battle id (uuid4 hex): unguessable, so nobody votes on battles not shown to them."""
+    return uuid.uuid4().hex
+
+
+def draw_sides(models: Iterable[str], rng: random.Random | None = None) -> dict[str, str]:
+    """Which of the two models sits on side A and which on B: {"A": name, "B": name}.
+
+    Drawn from `rng`, by default the OS's secure source, so a voter cannot predict the order;
+    pass a seeded `random.Random` in tests. The names are sorted first, so the order depends on
+    the draw alone, not on the caller's order, and a seeded rng reproduces the same assignment.
+    Raises ValueError unless exactly two distinct names are given.
+    """
+    names = sorted(set(models))
+    if len(names) != 2:
+        raise ValueError(f"models: expected exactly two distinct model names, got {names!r}")
+    first, second = names
+    draw = (rng or secrets.SystemRandom()).random()
+    return {"A": first, "B": second} if draw < 0.5 else {"A": second, "B": first}
 
 
 def check_new_battle(
@@ -96,6 +174,39 @@ def check_new_battle(
         raise ValueError(f"params: not JSON-serialisable: {exc}") from exc
 
 
+def check_sides(sides: dict[str, str], answers_by_model: dict[str, str]) -> None:
+    """Raise ValueError unless `sides` puts the two answering models on A and B, one each."""
+    if (
+        not isinstance(sides, dict)
+        or set(sides) != set(SIDES)
+        or sorted(sides.values()) != sorted(answers_by_model)
+    ):
+        raise ValueError(
+            f"sides: expected {{'A': model, 'B': model}} over {sorted(answers_by_model)}, got {sides!r}"
+        )
+
+
+def check_followup(content: str, answers: dict[str, str]) -> None:
+    """Raise ValueError naming the argument at fault for a malformed follow-up turn."""
+    if not isinstance(content, str) or not content.strip():
+        raise ValueError("content: the follow-up message must be a non-empty string")
+    if not isinstance(answers, dict) or set(answers) != set(SIDES):
+        raise ValueError(f"answers: expected {{'A': text, 'B': text}}, got {answers!r}")
+    for side, answer in answers.items():
+        if not isinstance(answer, str):
+            raise ValueError(f"answers[{side!r}]: expected a string, got {type(answer).__name__}")
+
+
+def check_can_continue(battle: Battle) -> None:
+    """Raise AlreadyVoted for a voted battle and TurnRefused for a text battle: neither goes on."""
+    if battle.winner is not None:
+        raise AlreadyVoted(battle.id, battle.winner)
+    if battle.messages is None:
+        raise TurnRefused(
+            battle.id, "it began with a text prompt; only a chat battle (messages) takes follow-up turns"
+        )
+
+
 def _check_prompt(prompt: str | None, messages: list[dict[str, str]] | None) -> None:
     if (prompt is None) == (messages is None):
         raise ValueError("give exactly one of prompt (text) or messages (a chat)")
@@ -120,23 +231,28 @@ def _check_prompt(prompt: str | None, messages: list[dict[str, str]] | None) -> 
 def build_dpo_row(battle: Battle) -> dict[str, Any]:
     """The preference pair of a decisive vote (winner "A" or "B").
 
-    A chat battle gives a conversational row {"prompt": messages, "chosen": [assistant message],
-    "rejected": [assistant message]}; a text battle a standard row {"prompt": str, "chosen": str,
-    "rejected": str}. Both carry "battle_id", "chosen_model", "rejected_model" and "voted_at",
-    which the data pipeline ignores.
+    A chat battle gives a row in TRL's conversational format: {"prompt": the messages before the
+    first answer, "chosen": the winner's whole continuation, "rejected": the loser's}, where a
+    continuation is [assistant] for one turn and [assistant, user, assistant, ...] for more (the
+    vote judged the whole conversation, so the whole of it is the preference). A text battle
+    gives a standard row {"prompt": str, "chosen": str, "rejected": str}. Both carry "battle_id",
+    "chosen_model", "rejected_model" and "voted_at", which the data pipeline ignores.
     """
-    assert battle.winner in ("A", "B") and battle.voted_at is not None
+    assert battle.winner in SIDES and battle.voted_at is not None
     loser = "B" if battle.winner == "A" else "A"
-    chosen, rejected = battle.answers[battle.winner], battle.answers[loser]
     row: dict[str, Any]
     if battle.messages is not None:
         row = {
-            "prompt": battle.messages,
-            "chosen": [{"role": "assistant", "content": chosen}],
-            "rejected": [{"role": "assistant", "content": rejected}],
+            "prompt": battle.context(),
+            "chosen": battle.continuation(battle.winner),
+            "rejected": battle.continuation(loser),
         }
     else:
-        row = {"prompt": battle.prompt, "chosen": chosen, "rejected": rejected}
+        row = {
+            "prompt": battle.prompt,
+            "chosen": battle.answers[battle.winner],
+            "rejected": battle.answers[loser],
+        }
     row.update(
         battle_id=battle.id,
         chosen_model=battle.models[battle.winner],
@@ -151,13 +267,13 @@ def build_fastchat_row(battle: Battle) -> dict[str, Any]:
 
     {"question_id", "model_a", "model_b", "winner" ("model_a" | "model_b" | "tie" |
     "tie (bothbad)"), "judge": "arena", "turn", "anony": True, "tstamp": vote time,
-    "conversation_a", "conversation_b"}; a conversation is the chat messages (a text prompt
-    becomes one user message) followed by that side's answer. "turn" counts the user messages,
-    so it is 1 for every single-turn battle.
+    "conversation_a", "conversation_b"}; a conversation is that side's whole conversation (a text
+    prompt becomes one user message), every turn included. "turn" counts its user messages, so it
+    is 1 for a single-turn battle with one user message.
     """
     assert battle.winner is not None
-    context = battle.messages if battle.messages is not None else [{"role": "user", "content": battle.prompt}]
-    turns = max(1, sum(1 for m in context if m.get("role") == "user"))
+    conversation_a, conversation_b = battle.conversation("A"), battle.conversation("B")
+    turns = max(1, sum(1 for m in conversation_a if m["role"] == "user"))
     return {
         "question_id": battle.id,
         "model_a": battle.models["A"],
@@ -167,6 +283,6 @@ def build_fastchat_row(battle: Battle) -> dict[str, Any]:
         "turn": turns,
         "anony": True,
         "tstamp": battle.voted_at,
-        "conversation_a": [*context, {"role": "assistant", "content": battle.answers["A"]}],
-        "conversation_b": [*context, {"role": "assistant", "content": battle.answers["B"]}],
+        "conversation_a": conversation_a,
+        "conversation_b": conversation_b,
     }

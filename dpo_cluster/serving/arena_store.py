@@ -1,4 +1,5 @@
-"""Durable store of the blind A/B arena: battles and votes in one SQLite file, leaderboard, exports.
+"""Durable store of the blind A/B arena: battles, their turns and votes in one SQLite file,
+leaderboard, exports.
 
 The file is shared by every web replica on a node, so each guarantee comes from SQLite itself:
 - WAL journal, so readers (leaderboard, exports) never block a writer and vice versa;
@@ -7,7 +8,11 @@ The file is shared by every web replica on a node, so each guarantee comes from 
 - one short-lived connection per operation, so the store is safe to share between threads and
   processes and no connection outlives a call;
 - "one vote per battle" is a UNIQUE constraint checked inside a `BEGIN IMMEDIATE` transaction, so
-  of two processes racing to vote on the same battle exactly one succeeds.
+  of two processes racing to vote on the same battle exactly one succeeds; "each turn once, in
+  order, and none after the vote" is checked under the same lock, with the (battle_id, turn)
+  primary key of the turns table as the backstop;
+- the schema is a numbered list of migrations applied under the write lock, so a file written by
+  an older version is upgraded in place the first time a newer one opens it.
 WAL needs shared memory between the processes using the file: keep it on a local disk, not NFS.
 """
 
@@ -15,12 +20,11 @@ from __future__ import annotations
 
 import json
 import random
-import secrets
 import sqlite3
 import time
-import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,16 +33,22 @@ from dpo_cluster.serving.arena_battles import (
     AlreadyVoted,
     Battle,
     BattleNotFound,
+    Turn,
+    TurnRefused,
     build_dpo_row,
     build_fastchat_row,
+    check_can_continue,
+    check_followup,
     check_new_battle,
+    check_sides,
+    draw_sides,
+    new_battle_id,
 )
 from dpo_cluster.serving.arena_leaderboard import compute_leaderboard
 
 # The store's methods take, return and raise these; they are importable from here too.
-__all__ = ["WINNERS", "AlreadyVoted", "ArenaStore", "Battle", "BattleNotFound"]
+__all__ = ["WINNERS", "AlreadyVoted", "ArenaStore", "Battle", "BattleNotFound", "Turn", "TurnRefused"]
 
-SCHEMA_VERSION = 1
 # How long an operation waits for another process's write lock before failing with
 # "database is locked". Writes are single small rows, so waiting this long means something is wrong.
 BUSY_TIMEOUT_S = 30.0
@@ -46,7 +56,9 @@ BUSY_TIMEOUT_S = 30.0
 # caller consumes rows (an open reader would keep the WAL from being checkpointed).
 EXPORT_PAGE = 100
 
-_SCHEMA = """
+# MIGRATIONS[i] takes a file from schema version i to i + 1 (PRAGMA user_version); a fresh file
+# runs them all. Append, never edit: files in the field were written by the earlier entries.
+_V1 = """
 CREATE TABLE battles (
     id TEXT PRIMARY KEY,
     created_at REAL NOT NULL,
@@ -67,6 +79,21 @@ CREATE TABLE votes (
     voted_at REAL NOT NULL
 );
 """
+# Version 2: follow-up turns of chat battles. The first turn stays in battles (so version-1
+# battles read unchanged); turn 2, 3, ... live here, one row per turn with both sides' answers.
+_V2 = """
+CREATE TABLE turns (
+    battle_id TEXT NOT NULL REFERENCES battles(id),
+    turn INTEGER NOT NULL CHECK (turn >= 2),
+    content TEXT NOT NULL,
+    answer_a TEXT NOT NULL,
+    answer_b TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (battle_id, turn)
+);
+"""
+MIGRATIONS: tuple[str, ...] = (_V1, _V2)
+SCHEMA_VERSION = len(MIGRATIONS)
 
 _BATTLE_COLUMNS = (
     "b.id, b.created_at, b.prompt, b.messages, b.model_a, b.model_b, b.answer_a, b.answer_b, b.params"
@@ -92,23 +119,24 @@ class ArenaStore:
         answers_by_model: dict[str, str],
         params: dict[str, Any],
         rng: random.Random | None = None,
+        battle_id: str | None = None,
+        sides: dict[str, str] | None = None,
     ) -> Battle:
         """Record a new battle and return it; committed before return.
 
         Exactly one of `prompt` / `messages` must be given, and `answers_by_model` must name exactly
-        two models. Which model becomes "A" is drawn from `rng`, by default the OS's secure source
-        (a voter must not be able to predict the order); pass a seeded `random.Random` in tests.
-        Raises ValueError for malformed arguments.
+        two models. Which model becomes "A" is drawn from `rng` (see `arena_battles.draw_sides`)
+        unless `sides` gives it: a battle streamed to the voter has its id and sides fixed before
+        its answers exist, and passes both. Raises ValueError for malformed arguments.
         """
         params_json = check_new_battle(prompt, messages, answers_by_model, params)
-        # Sorting first makes the order depend on the draw alone, not on the caller's dict order,
-        # so a seeded rng reproduces the same assignment.
-        first, second = sorted(answers_by_model)
-        draw = (rng or secrets.SystemRandom()).random()
-        model_a, model_b = (first, second) if draw < 0.5 else (second, first)
+        if sides is None:
+            sides = draw_sides(answers_by_model, rng)
+        check_sides(sides, answers_by_model)
+        model_a, model_b = sides["A"], sides["B"]
         clean_messages = None if messages is None else [dict(m) for m in messages]
         battle = Battle(
-            id=uuid.uuid4().hex,
+            id=battle_id or new_battle_id(),
             created_at=time.time(),
             prompt=prompt,
             messages=clean_messages,
@@ -134,6 +162,37 @@ class ArenaStore:
             )
         return battle
 
+    def add_turn(self, battle_id: str, turn: int, content: str, answers: dict[str, str]) -> Battle:
+        """Record follow-up `turn` (2 for the first follow-up) of a chat battle: the user's message
+        and each side's answer, {"A": text, "B": text}. Returns the battle with the turn; durable
+        on return.
+
+        The answers were generated from the conversation as it stood before this turn, so the turn
+        is recorded only if it is still the next one: TurnRefused when another request recorded
+        turn `turn` first (or the battle began with a text prompt), AlreadyVoted once the battle
+        has a vote, BattleNotFound for an unknown id; the checks and the insert run under the
+        write lock BEGIN IMMEDIATE takes, so a vote and a turn cannot interleave. Raises
+        ValueError for malformed arguments.
+        """
+        check_followup(content, answers)
+        created_at = time.time()
+        with self._transaction("IMMEDIATE") as conn:
+            battle = self._read_battle(conn, battle_id)
+            check_can_continue(battle)
+            if turn != battle.turn_count + 1:
+                raise TurnRefused(
+                    battle_id, f"turn {turn} was asked for, the next turn is {battle.turn_count + 1}"
+                )
+            conn.execute(
+                "INSERT INTO turns (battle_id, turn, content, answer_a, answer_b, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (battle_id, turn, content, answers["A"], answers["B"], created_at),
+            )
+        new_turn = Turn(
+            content=content, answers={"A": answers["A"], "B": answers["B"]}, created_at=created_at
+        )
+        return replace(battle, followups=(*battle.followups, new_turn))
+
     def vote(self, battle_id: str, winner: str) -> Battle:
         """Record the vote on a battle and return the battle with `winner` set; durable on return.
 
@@ -146,11 +205,7 @@ class ArenaStore:
             raise ValueError(f"winner: expected one of {', '.join(WINNERS)}, got {winner!r}")
         voted_at = time.time()
         with self._transaction("IMMEDIATE") as conn:
-            row = conn.execute(
-                f"SELECT {_BATTLE_COLUMNS} FROM battles b WHERE b.id = ?", (battle_id,)
-            ).fetchone()
-            if row is None:
-                raise BattleNotFound(battle_id)
+            battle = self._read_battle(conn, battle_id)
             try:
                 conn.execute(
                     "INSERT INTO votes (battle_id, winner, voted_at) VALUES (?, ?, ?)",
@@ -163,22 +218,15 @@ class ArenaStore:
                 if recorded is None:  # some other constraint failed: not a double vote
                     raise
                 raise AlreadyVoted(battle_id, recorded[0]) from exc
-        return _battle_from_row((*row, winner, voted_at))
+        return replace(battle, winner=winner, voted_at=voted_at)
 
     # -----------------------------------------------------------------------------------------
     # Reads
 
     def get_battle(self, battle_id: str) -> Battle:
-        """The battle with this id, with its vote if cast; BattleNotFound otherwise."""
-        with self._connect() as conn:
-            row = conn.execute(
-                f"SELECT {_BATTLE_COLUMNS}, v.winner, v.voted_at FROM battles b "
-                "LEFT JOIN votes v ON v.battle_id = b.id WHERE b.id = ?",
-                (battle_id,),
-            ).fetchone()
-        if row is None:
-            raise BattleNotFound(battle_id)
-        return _battle_from_row(row)
+        """The battle with this id, with its turns and its vote if cast; BattleNotFound otherwise."""
+        with self._transaction("DEFERRED") as conn:
+            return self._read_battle(conn, battle_id)
 
     def counts(self) -> dict[str, int]:
         """{"battles": battles created, "votes": votes cast}."""
@@ -251,6 +299,18 @@ class ArenaStore:
                 raise
             conn.execute("COMMIT")
 
+    @staticmethod
+    def _read_battle(conn: sqlite3.Connection, battle_id: str) -> Battle:
+        """One battle with its turns and vote, read on `conn` (inside the caller's transaction)."""
+        row = conn.execute(
+            f"SELECT {_BATTLE_COLUMNS}, v.winner, v.voted_at FROM battles b "
+            "LEFT JOIN votes v ON v.battle_id = b.id WHERE b.id = ?",
+            (battle_id,),
+        ).fetchone()
+        if row is None:
+            raise BattleNotFound(battle_id)
+        return _battle_from_row(row, _read_followups(conn, [battle_id]).get(battle_id, ()))
+
     def _init_schema(self) -> None:
         with self._connect() as conn:
             # The journal mode is stored in the file, so this is a no-op once any process set it.
@@ -262,23 +322,24 @@ class ArenaStore:
                 )
             if conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
                 return  # the common case: no write lock needed
-            # Several replicas may start at once on a fresh file: the write lock serialises them and
-            # the version is re-read under it, so the schema is created exactly once.
+            # Several replicas may start at once on a fresh or old file: the write lock serialises
+            # them and the version is re-read under it, so each migration runs exactly once. DDL is
+            # transactional in SQLite, so a failed upgrade leaves the file as it was.
             conn.execute("BEGIN IMMEDIATE")
             try:
                 version = conn.execute("PRAGMA user_version").fetchone()[0]
-                if version == 0:
-                    # One statement at a time: executescript() would COMMIT first and so run
-                    # outside the write lock taken above.
-                    for statement in _SCHEMA.split(";"):
-                        if statement.strip():
-                            conn.execute(statement)
-                    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-                elif version != SCHEMA_VERSION:
+                if version > SCHEMA_VERSION:
                     raise RuntimeError(
                         f"{self.path}: arena store schema version {version}, this code reads version "
                         f"{SCHEMA_VERSION}; use a matching dpo-cluster version or a new store path"
                     )
+                for migration in MIGRATIONS[version:]:
+                    # One statement at a time: executescript() would COMMIT first and so run
+                    # outside the write lock taken above.
+                    for statement in migration.split(";"):
+                        if statement.strip():
+                            conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
@@ -296,21 +357,41 @@ class ArenaStore:
         condition = "AND v.winner IN ('A', 'B')" if decisive_only else ""
         last_seq = 0
         while True:
-            with self._connect() as conn:
+            # One snapshot per page: a page's battles and their turns are read consistently.
+            with self._transaction("DEFERRED") as conn:
                 rows = conn.execute(
                     f"SELECT {_BATTLE_COLUMNS}, v.winner, v.voted_at, v.seq FROM votes v "
                     f"JOIN battles b ON b.id = v.battle_id WHERE v.seq > ? {condition} "
                     "ORDER BY v.seq LIMIT ?",
                     (last_seq, EXPORT_PAGE),
                 ).fetchall()
+                followups = _read_followups(conn, [row[0] for row in rows])
             for row in rows:
-                yield _battle_from_row(row[:-1])
+                yield _battle_from_row(row[:-1], followups.get(row[0], ()))
             if len(rows) < EXPORT_PAGE:
                 return
             last_seq = rows[-1][-1]
 
 
-def _battle_from_row(row: tuple[Any, ...]) -> Battle:
+def _read_followups(conn: sqlite3.Connection, battle_ids: Sequence[str]) -> dict[str, tuple[Turn, ...]]:
+    """The follow-up turns of these battles, in turn order: {battle_id: turns}; battles without
+    any are left out."""
+    if not battle_ids:
+        return {}
+    marks = ", ".join("?" * len(battle_ids))
+    rows = conn.execute(
+        f"SELECT battle_id, content, answer_a, answer_b, created_at FROM turns "
+        f"WHERE battle_id IN ({marks}) ORDER BY battle_id, turn",
+        tuple(battle_ids),
+    ).fetchall()
+    found: dict[str, list[Turn]] = {}
+    for battle_id, content, answer_a, answer_b, created_at in rows:
+        turn = Turn(content=content, answers={"A": answer_a, "B": answer_b}, created_at=created_at)
+        found.setdefault(battle_id, []).append(turn)
+    return {battle_id: tuple(turns) for battle_id, turns in found.items()}
+
+
+def _battle_from_row(row: tuple[Any, ...], followups: tuple[Turn, ...] = ()) -> Battle:
     (
         battle_id,
         created_at,
@@ -334,4 +415,5 @@ def _battle_from_row(row: tuple[Any, ...]) -> Battle:
         params=json.loads(params),
         winner=winner,
         voted_at=voted_at,
+        followups=followups,
     )

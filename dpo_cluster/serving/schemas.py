@@ -4,7 +4,8 @@ Shapes follow OpenAI's chat and completions APIs closely enough that the officia
 client works unchanged: unknown fields are ignored (clients send `user`, `presence_penalty`...),
 while fields this server cannot honour with a non-default value (`n` > 1, `logprobs`) are a 400
 rather than silently ignored. `/v1/compare` and arena battles take the same sampling fields with
-one prompt: a text `prompt` or a chat `messages`.
+one prompt: a text `prompt` or a chat `messages`; an arena battle's follow-up turn takes only the
+next user message.
 """
 
 from __future__ import annotations
@@ -132,6 +133,31 @@ class OnePrompt(Sampling):
 
     def message_dicts(self) -> list[dict[str, str]] | None:
         return None if self.messages is None else [m.model_dump() for m in self.messages]
+
+
+class BattleRequest(OnePrompt):
+    """`POST /v1/arena/battles`: as `OnePrompt`; `stream` sends both answers as server-sent events
+    while they are generated instead of one JSON body at the end."""
+
+    stream: bool = False
+
+
+class TurnRequest(BaseModel):
+    """`POST /v1/arena/battles/{id}/turns`: the user's next message of a chat battle. The sampling
+    parameters are the battle's own, so both sides keep being asked the same way; a sampling field
+    here would be silently ignored, so any unknown field is a 400."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    content: Text
+    stream: bool = False
+
+    @field_validator("content")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("the follow-up message must not be empty")
+        return value
 
 
 class VoteRequest(BaseModel):
