@@ -27,7 +27,7 @@ from dpo_cluster.config.specs import TokenizeSpec
 from dpo_cluster.data.formats import FormatSpec, detect_format, normalize_row
 from dpo_cluster.data.records import TokenizedPair
 from dpo_cluster.data.tokenize import PairTokenizer
-from dpo_cluster.serving.arena_leaderboard import RATING_METHOD
+from dpo_cluster.serving.arena_leaderboard import RATING_METHOD, RATING_METHOD_MULTI
 from dpo_cluster.serving.arena_store import (
     EXPORT_PAGE,
     SCHEMA_VERSION,
@@ -405,9 +405,108 @@ def test_leaderboard_other_model_names(tmp_path: Path) -> None:
     assert board["llama_win_rate"]["ci_low"] == pytest.approx(0.206549, abs=1e-6)
     assert board["llama_win_rate_ties_half"] == 1.0
 
+    # A third model: no subject/opponent pair (neither "tuned" nor "base"), every model rated.
     store.create_battle(prompt="p", messages=None, answers_by_model={"llama": "x", "other": "y"}, params={})
-    with pytest.raises(RuntimeError, match="3 models"):
-        store.leaderboard()
+    board = store.leaderboard()
+    assert board["models"] == ["llama", "llama-dpo", "other"]
+    assert (board["subject"], board["opponent"]) == (None, None)
+    assert "llama_win_rate" not in board and board["vs_base"] == {}
+    # Two models have votes, so their fit is the two-model one; "other" (no vote) sits at 1000.
+    assert [r["model"] for r in board["ratings"]] == ["llama", "other", "llama-dpo"]
+    assert board["ratings"][0]["rating"] == pytest.approx(stats.bradley_terry_two(1, 0, 0)[0], abs=1e-6)
+    assert board["ratings"][1] == {
+        "model": "other",
+        "rating": 1000.0,
+        "ci_low": None,
+        "ci_high": None,
+        "wins": 0,
+        "losses": 0,
+        "ties": 0,
+        "battles": 0,
+    }
+    json.dumps(board, allow_nan=False)
+
+
+def test_leaderboard_three_models(tmp_path: Path) -> None:
+    """Battles among tuned, sft and base (sides drawn from seeded rngs), and one unvoted battle of
+    a fourth model, idle. Votes, interleaved:
+        tuned vs base: tuned, tuned, base, tie, tuned   -> tuned 3, base 1, tie 1 (5 votes)
+        sft vs base:   sft, base, both_bad, sft          -> sft 2, base 1, both_bad 1 (4 votes)
+        tuned vs sft:  tuned, sft, tuned                 -> tuned 2, sft 1 (3 votes)
+    counts: tuned 5, sft 3, base 2, tie 1, both_bad 1.
+    records (wins, losses, ties, battles): tuned (5, 2, 1, 8), sft (3, 3, 1, 7), base (2, 5, 2, 9),
+    idle (0, 0, 0, 0).
+    tuned_win_rate is head to head with base: Wilson on 3 of 4; ties half (3 + 0.5) / 5 = 0.7.
+    vs_base: tuned 3 of 4 (0.7), sft 2 of 3, ties half (2 + 0.5) / 4 = 0.625, idle no votes.
+    Ratings are `stats.bradley_terry` of the same games; idle, never voted on, rates 1000 with no
+    interval."""
+    store = ArenaStore(tmp_path / "arena.sqlite")
+    plan = [
+        ("tuned", "base", "tuned"),
+        ("sft", "base", "sft"),
+        ("tuned", "sft", "tuned"),
+        ("tuned", "base", "tuned"),
+        ("sft", "base", "base"),
+        ("tuned", "base", "base"),
+        ("tuned", "sft", "sft"),
+        ("sft", "base", "both_bad"),
+        ("tuned", "base", "tie"),
+        ("tuned", "sft", "tuned"),
+        ("sft", "base", "sft"),
+        ("tuned", "base", "tuned"),
+    ]
+    for seed, (x, y, outcome) in enumerate(plan):
+        battle = store.create_battle(
+            prompt=f"q{seed}",
+            messages=None,
+            answers_by_model={x: f"{x} {seed}", y: f"{y} {seed}"},
+            params={},
+            rng=random.Random(seed),
+        )
+        _vote_for(store, battle, outcome)
+    store.create_battle(prompt="q", messages=None, answers_by_model={"idle": "i", "base": "b"}, params={})
+
+    board = store.leaderboard()
+    assert (board["battles"], board["votes"]) == (13, 12)
+    assert board["models"] == ["idle", "sft", "tuned", "base"]
+    assert (board["subject"], board["opponent"]) == ("tuned", "base")
+    assert board["counts"] == {"idle": 0, "sft": 3, "tuned": 5, "base": 2, "tie": 1, "both_bad": 1}
+    assert board["tuned_win_rate"] == stats.rate_with_ci(3, 4)
+    assert board["tuned_win_rate_ties_half"] == pytest.approx(0.7, abs=1e-12)
+    assert board["pairwise"] == [
+        {"models": ["sft", "tuned"], "wins": {"sft": 1, "tuned": 2}, "tie": 0, "both_bad": 0, "votes": 3},
+        {"models": ["sft", "base"], "wins": {"sft": 2, "base": 1}, "tie": 0, "both_bad": 1, "votes": 4},
+        {"models": ["tuned", "base"], "wins": {"tuned": 3, "base": 1}, "tie": 1, "both_bad": 0, "votes": 5},
+    ]
+    assert board["vs_base"] == {
+        "idle": {**stats.rate_with_ci(0, 0), "votes": 0, "win_rate_ties_half": None},
+        "sft": {**stats.rate_with_ci(2, 3), "votes": 4, "win_rate_ties_half": 0.625},
+        "tuned": {**stats.rate_with_ci(3, 4), "votes": 5, "win_rate_ties_half": 0.7},
+    }
+
+    score = {"tie": 0.5, "both_bad": 0.5}
+    outcomes = [(x, y, score.get(o, 1.0 if o == x else 0.0)) for x, y, o in plan]
+    expected = stats.bradley_terry(outcomes, models=["idle", "sft", "tuned", "base"])
+    records = {"tuned": (5, 2, 1, 8), "sft": (3, 3, 1, 7), "base": (2, 5, 2, 9), "idle": (0, 0, 0, 0)}
+    assert [r["model"] for r in board["ratings"]] == [r["model"] for r in expected]
+    assert board["ratings"][0]["model"] == "tuned" and board["ratings"][-1]["model"] == "base"
+    for row, fit in zip(board["ratings"], expected):
+        assert (row["rating"], row["ci_low"], row["ci_high"]) == (
+            fit["rating"],
+            fit["ci_low"],
+            fit["ci_high"],
+        )
+        assert (row["wins"], row["losses"], row["ties"], row["battles"]) == records[row["model"]]
+    idle = next(r for r in board["ratings"] if r["model"] == "idle")
+    assert (idle["rating"], idle["ci_low"], idle["ci_high"]) == (1000.0, None, None)
+    fitted = [r["rating"] for r in board["ratings"] if r["model"] != "idle"]
+    assert sum(fitted) / 3 == pytest.approx(1000.0, abs=1e-9)  # the mean anchor
+    assert board["rating_method"] == RATING_METHOD_MULTI
+
+    # Online Elo follows the votes in order, for every model (idle never moves).
+    assert board["online_elo"] == pytest.approx({"idle": 1000.0, **stats.online_elo(outcomes, k=4)}, abs=1e-9)
+    assert list(board["online_elo"]) == ["idle", "sft", "tuned", "base"]
+    json.dumps(board, allow_nan=False)
 
 
 def test_export_dpo(tmp_path: Path) -> None:

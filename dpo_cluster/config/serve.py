@@ -6,10 +6,14 @@ before any replica loads a model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from typing import Literal
 
 from dpo_cluster.config.loader import ConfigError
+
+# What a name of serve.models may be: it is the `model` field of requests and a label in the arena.
+SERVED_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 @dataclass
@@ -19,6 +23,11 @@ class ServeConfig:
     # The tuned model: a training run's final/ (full model or LoRA adapter), a hub id or a
     # directory. null = output_dir/final. An adapter is served over the base's weights (one copy).
     tuned: str | None = None
+    # More models beside base and tuned (sweeps, training rounds): served name -> a run's final/
+    # (LoRA adapter or full model), a hub id or a directory. Adapters over the base share its
+    # deployment (one copy of the base weights); each full model gets its own. Every served name
+    # answers /v1/chat/completions and /v1/compare, and the arena draws battles among all of them.
+    models: dict[str, str] = field(default_factory=dict)
     # HTTP address of Ray Serve's proxy. 127.0.0.1 keeps it local; 0.0.0.0 listens on every
     # interface (put an API key on it).
     host: str = "127.0.0.1"
@@ -67,6 +76,9 @@ class ServeConfig:
     num_gpus: float = 0.0
     # Replicas of the HTTP front (routes, arena); they share arena_db, so keep them on one node.
     ingress_replicas: int = 1
+    # Requests each front replica holds at once, those waiting on a model included; more wait in
+    # Serve's proxy. Ray Serve's own default (5) would cap every engine's batch at 5 requests.
+    ingress_max_ongoing_requests: int = 1024
     # Serve health checks: how often, and how long a check may take before the replica restarts.
     health_check_period_s: float = 10.0
     health_check_timeout_s: float = 30.0
@@ -85,6 +97,7 @@ class ServeConfig:
             "max_replicas": self.max_replicas,
             "target_ongoing_requests": self.target_ongoing_requests,
             "ingress_replicas": self.ingress_replicas,
+            "ingress_max_ongoing_requests": self.ingress_max_ongoing_requests,
             "health_check_period_s": self.health_check_period_s,
             "health_check_timeout_s": self.health_check_timeout_s,
         }
@@ -107,6 +120,16 @@ class ServeConfig:
             )
         if self.batch_wait_timeout_s < 0 or self.num_cpus < 0 or self.num_gpus < 0:
             raise ConfigError("serve.batch_wait_timeout_s, serve.num_cpus, serve.num_gpus: must be >= 0")
+        for name, source in self.models.items():
+            if name in ("base", "tuned") or not SERVED_NAME.fullmatch(str(name)):
+                raise ConfigError(
+                    f"serve.models: {name!r} is not a served name: letters, digits and . _ - "
+                    "(at most 64), other than base and tuned"
+                )
+            if not isinstance(source, str) or not source:
+                raise ConfigError(
+                    f"serve.models.{name}: expected a model directory or hub id, got {source!r}"
+                )
         if self.vllm_kv_cache_gb <= 0:
             raise ConfigError(f"serve.vllm_kv_cache_gb: must be > 0, got {self.vllm_kv_cache_gb}")
         utilization = self.vllm_gpu_memory_utilization

@@ -261,6 +261,11 @@ def summarize_arena(
     store = ArenaStore(path)
     board = store.leaderboard()
     subject = board["subject"]
+    if subject is None:
+        raise ValueError(
+            f"the arena at {path} holds battles of {', '.join(board['models'])} without a tuned vs base "
+            "pair to judge; its leaderboard (GET /v1/arena/leaderboard) rates them all"
+        )
     summary = {
         "arena_db": str(path),
         "battles": board["battles"],

@@ -2,7 +2,8 @@
 
 Routes: `GET /healthz`, `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions`
 (`openai_routes`), `POST /v1/compare`, `GET /arena`, `POST /v1/arena/battles`,
-`POST /v1/arena/battles/{id}/vote`, `GET /v1/arena/leaderboard`, `GET /v1/arena/export`
+`POST /v1/arena/battles/{id}/turns`, `POST /v1/arena/battles/{id}/vote`,
+`GET /v1/arena/leaderboard`, `GET /v1/arena/export`
 (`arena_routes`); errors as `api_errors` describes. The API key, when one is set, guards whole
 routers (generation, compare, battles, votes, export), so a new route on a guarded router cannot
 be left open by mistake; health, the model list, the arena page and the leaderboard stay public.

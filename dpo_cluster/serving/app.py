@@ -1,13 +1,13 @@
 """The Ray Serve application: base and tuned models side by side behind one HTTP front.
 
     Frontend (FastAPI routes, API key, limits, arena store)
-        ├── "Models"      base weights once, tuned = base + LoRA adapter, per request
-        or
-        ├── "BaseModel"   full base model
-        └── "TunedModel"  full tuned model, with its own replicas and resources
+        ├── "Models"       base weights once, + every LoRA adapter (tuned, serve.models), per request
+        │   or "BaseModel" the base alone, when no served model is an adapter
+        ├── "TunedModel"   full tuned model, with its own replicas and resources
+        └── "Model-NAME"   each full model of serve.models, likewise
 
-`build_app(config)` picks the layout from what `serve.tuned` is (an adapter directory or full
-weights) and the engine from `serve.backend` (`replicas`: transformers or vLLM). `app_builder(args)`
+`build_app(config)` picks the layout from what `serve.tuned` and `serve.models` are (adapter
+directories or full weights) and the engine from `serve.backend` (`replicas`: transformers or vLLM). `app_builder(args)`
 is the entry Serve configs and RayService import (through `serve/app.py`); `dpo-cluster serve`
 calls `build_app` directly.
 """
@@ -96,11 +96,15 @@ def read_api_key(env_var: str | None, key_file: str | None) -> str | None:
 def build_app(config: Config) -> serve.Application:
     """The Serve application for config's serve section (see the module docstring)."""
     s = config.serve
-    base, tuned = config.serve_base(), config.serve_tuned()
+    base = config.serve_base()
     base_path = _model_path(base, "serve.base")
-    tuned_path = _model_path(tuned, "serve.tuned", " (train first, or point it elsewhere)")
-    adapter = is_adapter_dir(tuned_path)
-    backend = choose_backend(s, [base_path] if adapter else [base_path, tuned_path], [tuned_path] * adapter)
+    tuned = {
+        "tuned": _model_path(config.serve_tuned(), "serve.tuned", " (train first, or point it elsewhere)")
+    }
+    tuned |= {name: _model_path(source, f"serve.models.{name}") for name, source in s.models.items()}
+    adapters = {name: path for name, path in tuned.items() if is_adapter_dir(path)}
+    full = {name: path for name, path in tuned.items() if name not in adapters}
+    backend = choose_backend(s, [base_path, *full.values()], list(adapters.values()))
     replica_options = _replica_options(s)
 
     def server(name: str, weights: str, names: dict[str, str | None]) -> DeploymentHandle:
@@ -122,30 +126,28 @@ def build_app(config: Config) -> serve.Application:
             batch_wait_timeout_s=s.batch_wait_timeout_s,
         )
 
-    if adapter:
-        declared = adapter_base(tuned_path)
+    for name, path in adapters.items():
+        declared = adapter_base(path)
         if declared and declared not in (base, base_path, resolve_name_or_path(base)):
-            logger.warning(
-                "serve.tuned: adapter %s was trained on %s; serving it over %s", tuned, declared, base
-            )
-        models = {
-            "base": ServedModel("base", base, None, "Models"),
-            "tuned": ServedModel("tuned", tuned_path, base, "Models"),
-        }
-        shared = server("Models", base_path, {"base": None, "tuned": tuned_path})
-        handles = {"base": shared, "tuned": shared}
-    else:
-        models = {
-            "base": ServedModel("base", base, None, "BaseModel"),
-            "tuned": ServedModel("tuned", tuned_path, None, "TunedModel"),
-        }
-        handles = {
-            "base": server("BaseModel", base_path, {"base": None}),
-            "tuned": server("TunedModel", tuned_path, {"tuned": None}),
-        }
-    return Frontend.options(num_replicas=s.ingress_replicas, ray_actor_options={"num_cpus": 0}).bind(
-        models, handles, _front_settings(config)
-    )
+            logger.warning("%s: adapter %s was trained on %s; serving it over %s", name, path, declared, base)
+    # The base and every adapter over it in one deployment: the base weights once.
+    shared = "Models" if adapters else "BaseModel"
+    models = {"base": ServedModel("base", base, None, shared)}
+    models |= {name: ServedModel(name, path, base, shared) for name, path in adapters.items()}
+    handle = server(shared, base_path, {"base": None, **adapters})
+    handles = {name: handle for name in models}
+    for name, path in full.items():
+        deployment = "TunedModel" if name == "tuned" else f"Model-{name}"
+        models[name] = ServedModel(name, path, None, deployment)
+        handles[name] = server(deployment, path, {name: None})
+    # In the order people read them: base, tuned, then the others as configured.
+    order = ["base", "tuned", *s.models]
+    models = {name: models[name] for name in order}
+    return Frontend.options(
+        num_replicas=s.ingress_replicas,
+        max_ongoing_requests=s.ingress_max_ongoing_requests,
+        ray_actor_options={"num_cpus": 0},
+    ).bind(models, {name: handles[name] for name in order}, _front_settings(config))
 
 
 def choose_backend(s: ServeConfig, weights: list[str], adapters: list[str]) -> str:

@@ -1,13 +1,13 @@
 """One battle of the blind A/B arena: its record, its errors, its checks, and the rows it exports as.
 
-A battle is one prompt answered by both models, shown to a voter as answers "A" and "B" in a random
-order; which model is which stays server side until the vote. A chat battle may go on for more
-turns before the vote: each follow-up user message is shared, and each side answers it from its
-own conversation (the shared user messages and that side's own earlier answers). A vote judges
-the whole conversation, naming the better side ("A", "B", "tie", or "both_bad"), and can be cast
-once per battle. The export rows live beside the record, not in the store, because they are the
-contract with the next round's data pipeline (`dpo_cluster.data.formats`) and FastChat's rating
-scripts, whatever holds the battles.
+A battle is one prompt answered by two of the served models (every pair equally likely), shown to
+a voter as answers "A" and "B" in a random order; which model is which stays server side until
+the vote. A chat battle may go on for more turns before the vote: each follow-up user message is
+shared, and each side answers it from its own conversation (the shared user messages and that
+side's own earlier answers). A vote judges the whole conversation, naming the better side ("A",
+"B", "tie", or "both_bad"), and can be cast once per battle. The export rows live beside the
+record, not in the store, because they are the contract with the next round's data pipeline
+(`dpo_cluster.data.formats`) and FastChat's rating scripts, whatever holds the battles.
 """
 
 from __future__ import annotations
@@ -125,6 +125,18 @@ class Battle:
 def new_battle_id() -> str:
     """A fresh battle id (uuid4 hex): unguessable, so nobody votes on battles not shown to them."""
     return uuid.uuid4().hex
+
+
+def draw_pair(models: Iterable[str], rng: random.Random | None = None) -> list[str]:
+    """Two of the served models for a battle, every pair equally likely (with only two, both).
+
+    Drawn from `rng`, by default the OS's secure source, as `draw_sides` is. Raises ValueError
+    for fewer than two distinct names.
+    """
+    names = sorted(set(models))
+    if len(names) < 2:
+        raise ValueError(f"models: a battle needs two models, got {names!r}")
+    return (rng or secrets.SystemRandom()).sample(names, 2)
 
 
 def draw_sides(models: Iterable[str], rng: random.Random | None = None) -> dict[str, str]:

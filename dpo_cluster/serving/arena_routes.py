@@ -35,7 +35,13 @@ from fastapi.responses import HTMLResponse, StreamingResponse
 
 from dpo_cluster.serving.api_errors import ApiError
 from dpo_cluster.serving.api_inputs import json_body
-from dpo_cluster.serving.arena_battles import SIDES, check_can_continue, draw_sides, new_battle_id
+from dpo_cluster.serving.arena_battles import (
+    SIDES,
+    check_can_continue,
+    draw_pair,
+    draw_sides,
+    new_battle_id,
+)
 from dpo_cluster.serving.arena_store import AlreadyVoted, ArenaStore, Battle, BattleNotFound, TurnRefused
 from dpo_cluster.serving.gateway import Answer, Gateway, GenerationTimeout
 from dpo_cluster.serving.generation import GenerationRequest, StreamDelta
@@ -48,7 +54,8 @@ EXPORT_FORMATS = ("dpo", "fastchat")
 
 
 def build_compare_router(gateway: Gateway, *, max_body_bytes: int) -> APIRouter:
-    """`POST /v1/compare`: both models' answers to one prompt, named, with the parameters used."""
+    """`POST /v1/compare`: every served model's answer to one prompt, named, with the parameters
+    used (base and tuned, and the models of serve.models)."""
     router = APIRouter()
     prompt_body = json_body(OnePrompt, max_body_bytes)
 
@@ -91,7 +98,7 @@ def build_arena_router(gateway: Gateway, store: ArenaStore, *, max_body_bytes: i
     async def create_battle(body: Annotated[BattleRequest, Depends(battle_body)]) -> Any:
         if body.stream:
             return await stream_first_turn(gateway, store, body)
-        answers, params = await both_models(gateway, body)
+        answers, params = await both_models(gateway, body, draw_pair(gateway.names()))
         battle = await asyncio.to_thread(
             store.create_battle,
             prompt=body.prompt,
@@ -177,7 +184,7 @@ def followup_prompt_errors() -> Iterator[None]:
 async def stream_first_turn(gateway: Gateway, store: ArenaStore, body: BattleRequest) -> StreamingResponse:
     """A new battle streamed: sides and id fixed up front (the events name the side of each
     delta), both generations started, then the events; the battle is stored once both finish."""
-    sides = draw_sides(gateway.names())
+    sides = draw_sides(draw_pair(gateway.names()))
     prompt = {"prompt": body.prompt, "messages": body.message_dicts()}
     requests = {side: gateway.build_request(sides[side], body, **prompt) for side in SIDES}
     params = params_of(requests["A"])
@@ -317,11 +324,13 @@ async def turn_events(
     yield {"type": "saved", "battle_id": battle_id, "turn": turn, "answers": answers}
 
 
-async def both_models(gateway: Gateway, body: OnePrompt) -> tuple[list[Answer], dict[str, Any]]:
-    """Every served model's answer to the body's prompt, and the sampling parameters (the same on
-    both sides) as JSON-able values."""
+async def both_models(
+    gateway: Gateway, body: OnePrompt, names: list[str] | None = None
+) -> tuple[list[Answer], dict[str, Any]]:
+    """The answers of `names` (default: every served model) to the body's prompt, submitted
+    together, and the sampling parameters (the same on every side) as JSON-able values."""
     prompt = {"prompt": body.prompt, "messages": body.message_dicts()}
-    requests = [gateway.build_request(name, body, **prompt) for name in gateway.names()]
+    requests = [gateway.build_request(name, body, **prompt) for name in names or gateway.names()]
     answers = await gateway.generate_all(requests)
     return answers, params_of(requests[0])
 

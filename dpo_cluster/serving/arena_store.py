@@ -234,9 +234,8 @@ class ArenaStore:
             return self._counts(conn)
 
     def leaderboard(self) -> dict[str, Any]:
-        """Vote counts, win rate and ratings of the two models from all votes, read in one snapshot
-        (see `arena_leaderboard.compute_leaderboard` for the keys). Raises RuntimeError when the
-        battles involve more than two models."""
+        """Vote counts, win rates and ratings of every model the battles used, from all votes, read
+        in one snapshot (see `arena_leaderboard.compute_leaderboard` for the keys)."""
         with self._transaction("DEFERRED") as conn:
             totals = self._counts(conn)
             names = [
