@@ -59,8 +59,10 @@ cpu-adam: setup
 bench-data: setup
 	$(VENV)/bin/dpo-cluster bench data --rows 20000
 
+# The serve app on transformers and on vLLM, same model and clients: one model, streamed TTFT and
+# /v1/compare, side by side (JSON beside).
 bench-serve: setup
-	$(VENV)/bin/dpo-cluster bench serve
+	$(VENV)/bin/dpo-cluster bench serve --backend hf,vllm --output bench_serve.json
 
 # DPO training vs TRL's DPOTrainer on this machine: tokens/s, s/step, peak memory (JSON beside).
 bench-train: setup

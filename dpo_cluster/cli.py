@@ -114,14 +114,53 @@ def _add_bench_data_parser(bench: Any) -> None:
 
 
 def _add_bench_serve_parser(bench: Any) -> None:
-    b = bench.add_parser("serve", help="/v1/compare (both models) vs one generation: latency p50/p95")
-    b.add_argument("--base", default="builtin:tiny", help="base model (default builtin:tiny)")
-    b.add_argument("--tuned", default=None, help="tuned model or adapter (default: a LoRA over the base)")
-    b.add_argument("--requests", type=int, default=64, help="requests per route (default 64)")
-    b.add_argument("--concurrency", type=int, default=4, help="requests in flight (default 4)")
-    b.add_argument("--max-new-tokens", type=int, default=32, help="tokens per answer (default 32)")
-    b.add_argument("--port", type=int, default=8000, help="Serve HTTP port (default 8000)")
-    b.add_argument("--output", default=None, help="also write the results as JSON to this path")
+    from dpo_cluster.bench.serve import DEFAULT_BASE, BenchPlan
+
+    d = BenchPlan()
+    b = bench.add_parser(
+        "serve",
+        help="serve backends side by side (hf, vllm): one model, streamed TTFT, /v1/compare",
+        description="Deploy the serve app once per backend, one after the other, with the same models, "
+        "prompts and greedy sampling, and measure with the same concurrent clients: requests/s, output "
+        "tokens/s, p50/p95 latency and time to first token, for one model and for /v1/compare.",
+    )
+    b.add_argument(
+        "--backend",
+        default="hf,vllm",
+        help="comma-separated serve.backend values (auto, hf, vllm), measured in this order "
+        "(default hf,vllm); the ratio columns are against the first",
+    )
+    b.add_argument("--base", default=DEFAULT_BASE, help=f"base model (default {DEFAULT_BASE})")
+    b.add_argument(
+        "--tuned", default=None, help="tuned model or adapter (default: a LoRA built over the base)"
+    )
+    b.add_argument(
+        "--requests", type=int, default=d.requests, help=f"measured requests per phase (default {d.requests})"
+    )
+    b.add_argument(
+        "--concurrency", type=int, default=d.concurrency, help=f"concurrent clients (default {d.concurrency})"
+    )
+    b.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=d.max_new_tokens,
+        help=f"tokens per answer (default {d.max_new_tokens})",
+    )
+    b.add_argument(
+        "--warmup",
+        type=int,
+        default=d.warmup,
+        help=f"uncounted requests before each phase (default {d.warmup})",
+    )
+    b.add_argument("--port", type=int, default=d.port, help=f"Serve HTTP port (default {d.port})")
+    b.add_argument("--api-key-file", default=None, help="serve.api_key_file: serve with this API key")
+    b.add_argument("--output", default=None, help="also write all the numbers as JSON to this path")
+    b.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="serve.* overrides, e.g. serve.num_cpus=2 (applied last)",
+    )
     b.set_defaults(run=cmd_bench_serve)
 
 
@@ -358,16 +397,21 @@ def cmd_bench_data(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> int:
-    from dpo_cluster.bench.serve import run_serve_benchmark
+    from dpo_cluster.bench.serve import BenchPlan, parse_backends, run_serve_benchmark
 
-    result = run_serve_benchmark(
+    plan = BenchPlan(
+        backends=parse_backends(args.backend),
         base=args.base,
         tuned=args.tuned,
         requests=args.requests,
         concurrency=args.concurrency,
         max_new_tokens=args.max_new_tokens,
+        warmup=args.warmup,
         port=args.port,
+        api_key_file=args.api_key_file,
+        overrides=tuple(args.overrides),
     )
+    result = run_serve_benchmark(plan)
     if args.output:
         with open(args.output, "w") as f:
             json.dump(result, f, indent=2)
