@@ -38,20 +38,35 @@ def build_lora_final(out_dir: Path, *, seed: int = 1) -> Path:
 
 def build_smollm2_adapter(base: Path, out_dir: Path) -> Path:
     """A LoRA adapter over SmolLM2 with small random B (tuned answers differ, stay fluent), saved
-    with its tokenizer as a training run's final/ is."""
-    from transformers import AutoTokenizer
+    with its tokenizer as a training run's final/ is: the one `bench serve` builds."""
+    from dpo_cluster.bench.serve import build_demo_adapter
 
-    return build_lora_adapter(
-        str(base),
-        out_dir,
-        AutoTokenizer.from_pretrained(base),
-        random_b=True,
-        seed=1,
-        r=8,
-        alpha=32,
-        target_modules=("q_proj", "v_proj"),
-        b_std=0.05,
-    )
+    return build_demo_adapter(out_dir, str(base))
+
+
+def mixed_burst(
+    client: Client,
+    valid: list[tuple[str, Any]],
+    invalid: list[tuple[str, Any]],
+    count: int,
+    *,
+    threads: int = 16,
+) -> list[int]:
+    """The status codes of `count` requests, each drawn (seeded) from `valid` or `invalid` with
+    even odds, (path, body) pairs with bytes bodies sent raw, `threads` at a time."""
+    import random
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = random.Random(0)
+    mixed = [rng.choice(valid) if rng.random() < 0.5 else rng.choice(invalid) for _ in range(count)]
+
+    def send(item: tuple[str, Any]) -> int:
+        path, body = item
+        raw = body if isinstance(body, bytes) else None
+        return client.post(path, None if raw else body, raw=raw).status_code
+
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(send, mixed))
 
 
 class Client:

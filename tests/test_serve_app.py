@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +22,7 @@ import torch
 from dpo_cluster.config import load_config
 from dpo_cluster.modeling import resolve_name_or_path
 from dpo_cluster.serving.launch import start_serving, stop_serving
-from tests.serve_helpers import API_KEY, Client, build_lora_final, sse_events
+from tests.serve_helpers import API_KEY, Client, build_lora_final, mixed_burst, sse_events
 
 pytestmark = pytest.mark.slow
 
@@ -563,7 +561,6 @@ def test_export_is_training_data_for_the_next_round(client: Client, served: dict
 
 
 def test_burst_of_mixed_requests_never_gets_a_5xx(client: Client) -> None:
-    rng = random.Random(0)
     valid = [
         (
             "/v1/chat/completions",
@@ -573,15 +570,7 @@ def test_burst_of_mixed_requests_never_gets_a_5xx(client: Client) -> None:
         ("/v1/compare", {"prompt": "Once", "max_new_tokens": 2}),
     ]
     invalid = [(path, body) for path, body, _, _ in BAD_REQUESTS]
-    requests_ = [rng.choice(valid) if rng.random() < 0.5 else rng.choice(invalid) for _ in range(500)]
-
-    def send(item: tuple[str, Any]) -> int:
-        path, body = item
-        raw = body if isinstance(body, bytes) else None
-        return client.post(path, None if raw else body, raw=raw).status_code
-
-    with ThreadPoolExecutor(16) as pool:
-        statuses = list(pool.map(send, requests_))
+    statuses = mixed_burst(client, valid, invalid, 500)
     assert len(statuses) == 500
     assert [s for s in statuses if s >= 500] == []
     assert statuses.count(200) >= 200  # the valid half really ran

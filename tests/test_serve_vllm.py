@@ -10,7 +10,6 @@ openai client works unchanged, and a burst of mixed valid and invalid requests g
 from __future__ import annotations
 
 import json
-import random
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -25,7 +24,7 @@ from dpo_cluster.serving.app import choose_backend
 from dpo_cluster.serving.generation import GenerationRequest, SamplingParams, TransformersBackend
 from dpo_cluster.serving.launch import start_serving, stop_serving
 from dpo_cluster.serving.prompts import render_prompt_ids
-from tests.serve_helpers import API_KEY, Client, build_smollm2_adapter, sse_events
+from tests.serve_helpers import API_KEY, Client, build_smollm2_adapter, mixed_burst, sse_events
 from tests.test_serve_app import BAD_REQUESTS
 
 pytestmark = pytest.mark.slow
@@ -215,7 +214,6 @@ def test_client_mistakes_are_4xx_json_naming_the_field(
 
 
 def test_burst_of_mixed_requests_never_gets_a_5xx(client: Client) -> None:
-    rng = random.Random(0)
     valid = [
         ("/v1/chat/completions", {"model": "tuned", "messages": chat("hi"), "max_tokens": 4}),
         ("/v1/chat/completions", {"model": "base", "messages": chat("hi"), "max_tokens": 4, "stream": True}),
@@ -223,17 +221,9 @@ def test_burst_of_mixed_requests_never_gets_a_5xx(client: Client) -> None:
         ("/v1/compare", {"prompt": "Once", "max_new_tokens": 4}),
     ]
     invalid = [(path, body) for path, body, _, _ in BAD_REQUESTS]
-    mixed = [rng.choice(valid) if rng.random() < 0.5 else rng.choice(invalid) for _ in range(300)]
-
-    def send(item: tuple[str, Any]) -> int:
-        path, body = item
-        raw = body if isinstance(body, bytes) else None
-        return client.post(path, None if raw else body, raw=raw).status_code
-
-    with ThreadPoolExecutor(16) as pool:
-        statuses = list(pool.map(send, mixed))
+    statuses = mixed_burst(client, valid, invalid, 120)
     assert [s for s in statuses if s >= 500] == []
-    assert statuses.count(200) >= 100  # the valid half really ran
+    assert statuses.count(200) >= 40  # the valid half really ran
 
 
 def test_auto_backend_picks_vllm_for_smollm2_and_hf_where_vllm_cannot(

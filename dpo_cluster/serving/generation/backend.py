@@ -20,7 +20,12 @@ import torch
 
 from dpo_cluster.modeling import count_parameters, resolve_name_or_path
 from dpo_cluster.serving.generation.decode import Decode, Row, stable_length
-from dpo_cluster.serving.generation.request import GenerationRequest, GenerationResult, StreamDelta
+from dpo_cluster.serving.generation.request import (
+    GenerationRequest,
+    GenerationResult,
+    StreamDelta,
+    check_request,
+)
 from dpo_cluster.serving.generation.weights import (
     add_adapter,
     has_own_tokenizer,
@@ -192,20 +197,8 @@ class TransformersBackend:
 
     def _new_row(self, request: GenerationRequest, decode_each_step: bool) -> Row:
         """Check a request and set up its decoding state."""
-        if request.model not in self._tokenizers:
-            raise ValueError(f"unknown model {request.model!r}; this backend serves {', '.join(self.names)}")
+        check_request(request, self.names, self._vocab_size, self._max_context)
         prompt = tuple(request.prompt_ids)
-        if not prompt:
-            raise ValueError("prompt_ids must not be empty")
-        if any(
-            isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self._vocab_size for t in prompt
-        ):
-            raise ValueError(f"prompt_ids must be token ids in [0, {self._vocab_size})")
-        if len(prompt) >= self._max_context:
-            raise ValueError(
-                f"the prompt has {len(prompt)} tokens and the model's context is {self._max_context}: "
-                "no room to generate"
-            )
         params = request.params
         generator = None
         if params.temperature > 0:

@@ -76,3 +76,22 @@ class StreamDelta:
     finish_reason: str | None
     # Tokens generated so far.
     completion_tokens: int
+
+
+def check_request(
+    request: GenerationRequest, names: tuple[str, ...], vocab_size: int, max_context: int
+) -> None:
+    """Raise ValueError, in the words every backend uses, for a request naming a model not in
+    `names`, with an empty prompt, a token id outside [0, vocab_size), or a prompt that leaves no
+    room to generate within max_context tokens."""
+    if request.model not in names:
+        raise ValueError(f"unknown model {request.model!r}; this backend serves {', '.join(names)}")
+    prompt = request.prompt_ids
+    if not prompt:
+        raise ValueError("prompt_ids must not be empty")
+    if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size for t in prompt):
+        raise ValueError(f"prompt_ids must be token ids in [0, {vocab_size})")
+    if len(prompt) >= max_context:
+        raise ValueError(
+            f"the prompt has {len(prompt)} tokens and the model's context is {max_context}: no room to generate"
+        )

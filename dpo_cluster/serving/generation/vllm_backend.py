@@ -13,13 +13,19 @@ import asyncio
 import json
 import logging
 import math
+import os
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from dpo_cluster.modeling import resolve_name_or_path
-from dpo_cluster.serving.generation.request import GenerationRequest, GenerationResult, StreamDelta
+from dpo_cluster.serving.generation.request import (
+    GenerationRequest,
+    GenerationResult,
+    StreamDelta,
+    check_request,
+)
 from dpo_cluster.serving.generation.weights import is_adapter_dir, load_tokenizer_of, read_adapter_config
 
 logger = logging.getLogger(__name__)
@@ -56,6 +62,7 @@ def vllm_unsupported(weights_path: str, adapters: list[str], *, on_gpu: bool) ->
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     if not on_gpu and head_dim not in CPU_HEAD_SIZES:
         return f"head size {head_dim} is not one vLLM's CPU attention supports {CPU_HEAD_SIZES}"
+    _quiet_vllm()
     from vllm.model_executor.models import ModelRegistry  # seconds to import: checked last
 
     if not set(architectures) & set(ModelRegistry.get_supported_archs()):
@@ -132,6 +139,7 @@ class VLLMBackend:
         revision: str | None = None,
         trust_remote_code: bool = False,
     ) -> None:
+        _quiet_vllm()
         try:
             import torch
             from vllm import AsyncEngineArgs
@@ -205,20 +213,7 @@ class VLLMBackend:
     def validate(self, request: GenerationRequest) -> None:
         """Raise ValueError for a request this engine would refuse, with the transformers
         backend's messages (the front turns them into 400s)."""
-        if request.model not in self._adapter_paths:
-            raise ValueError(f"unknown model {request.model!r}; this backend serves {', '.join(self.names)}")
-        prompt = request.prompt_ids
-        if not prompt:
-            raise ValueError("prompt_ids must not be empty")
-        if any(
-            isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self._vocab_size for t in prompt
-        ):
-            raise ValueError(f"prompt_ids must be token ids in [0, {self._vocab_size})")
-        if len(prompt) >= self.max_context:
-            raise ValueError(
-                f"the prompt has {len(prompt)} tokens and the model's context is {self.max_context}: "
-                "no room to generate"
-            )
+        check_request(request, self.names, self._vocab_size, self.max_context)
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         """The whole completion; finish_reason "timeout" when the deadline passes first."""
@@ -299,6 +294,12 @@ class VLLMBackend:
         engine, self.engine = self.engine, None
         if engine is not None:
             engine.shutdown()
+
+
+def _quiet_vllm() -> None:
+    """vLLM logs each step of an engine's set-up at INFO: keep logs to warnings unless the user
+    set VLLM_LOGGING_LEVEL (read when vLLM is first imported in a process)."""
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 
 def _dtype_name(dtype: str, on_gpu: bool) -> str:
