@@ -28,6 +28,7 @@ from dpo_cluster.serving.generation.request import (
 )
 from dpo_cluster.serving.generation.weights import (
     add_adapter,
+    as_token_ids,
     has_own_tokenizer,
     load_tokenizer_of,
     load_weights,
@@ -78,7 +79,9 @@ class TransformersBackend:
         # Read from the bare model: a peft wrapper's forward takes **kwargs, hiding the signature.
         self._logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         self._vocab_size = int(model.get_input_embeddings().num_embeddings)
-        generation_eos = _as_ids(getattr(getattr(model, "generation_config", None), "eos_token_id", None))
+        generation_eos = as_token_ids(
+            getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        )
 
         model = self._load_adapters(model, base_tokenizer, base_path, trust_remote_code)
         model.eval()
@@ -86,7 +89,7 @@ class TransformersBackend:
         self.model = model
 
         self._eos: dict[str, frozenset[int]] = {
-            name: frozenset(_as_ids(tok.eos_token_id) | generation_eos)
+            name: frozenset(as_token_ids(tok.eos_token_id) | generation_eos)
             for name, tok in self._tokenizers.items()
         }
         pad = base_tokenizer.pad_token_id
@@ -246,11 +249,3 @@ class TransformersBackend:
         with self._lock:
             logits = self.model(**kwargs).logits
         return logits[:, -1, :].float()
-
-
-def _as_ids(value: int | Sequence[int] | None) -> set[int]:
-    if value is None:
-        return set()
-    if isinstance(value, int):
-        return {value}
-    return {int(v) for v in value}

@@ -26,7 +26,13 @@ from dpo_cluster.serving.generation.request import (
     StreamDelta,
     check_request,
 )
-from dpo_cluster.serving.generation.weights import is_adapter_dir, load_tokenizer_of, read_adapter_config
+from dpo_cluster.serving.generation.weights import (
+    as_token_ids,
+    is_adapter_dir,
+    load_tokenizer_of,
+    read_adapter_config,
+    resolve_dtype,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -166,8 +172,8 @@ class VLLMBackend:
 
         on_gpu = torch.cuda.is_available()
         self.device = "cuda" if on_gpu else "cpu"
-        self.dtype = _dtype_name(dtype, on_gpu)
-        hf_config = json.loads((Path(path) / "config.json").read_text()) if Path(path).is_dir() else {}
+        self.dtype = str(resolve_dtype(dtype, torch.device(self.device))).removeprefix("torch.")
+        hf_config = _model_config(path) or {}
         limit = hf_config.get("max_position_embeddings")
         self.max_context = min(max_model_len, int(limit)) if limit else max_model_len
         tokenizer = load_tokenizer_of(weights, path, revision, trust_remote_code)
@@ -302,12 +308,6 @@ def _quiet_vllm() -> None:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 
-def _dtype_name(dtype: str, on_gpu: bool) -> str:
-    if dtype == "auto":
-        return "bfloat16" if on_gpu else "float32"
-    return dtype
-
-
 def _finish_reason(reason: str | None) -> str:
     # vLLM says "stop" for EOS, stop ids and stop strings, "length" for max_tokens; an aborted
     # request only ends that way here when its deadline passed.
@@ -315,15 +315,6 @@ def _finish_reason(reason: str | None) -> str:
 
 
 def _eos_ids(tokenizer: Any, path: str) -> set[int]:
-    ids: set[int] = set()
-    for value in (tokenizer.eos_token_id, _generation_config_eos(path)):
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, list):
-            ids.update(int(v) for v in value)
-    return ids
-
-
-def _generation_config_eos(path: str) -> Any:
     file = Path(path) / "generation_config.json"
-    return json.loads(file.read_text()).get("eos_token_id") if file.is_file() else None
+    generation = json.loads(file.read_text()).get("eos_token_id") if file.is_file() else None
+    return as_token_ids(tokenizer.eos_token_id) | as_token_ids(generation)

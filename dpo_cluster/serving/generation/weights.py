@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,15 @@ def adapter_base(path: str) -> str | None:
     config = read_adapter_config(path)
     base = config.get("base_model_name_or_path")
     return base if isinstance(base, str) and base else None
+
+
+def as_token_ids(value: int | Sequence[int] | None) -> set[int]:
+    """An eos_token_id as a config states it (one id, a list, or none) as a set of ids."""
+    if value is None:
+        return set()
+    if isinstance(value, int):
+        return {value}
+    return {int(v) for v in value}
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
