@@ -552,6 +552,23 @@ def test_export_dpo(tmp_path: Path) -> None:
         assert (pair.prompt, pair.chosen, pair.rejected) == (row["prompt"], row["chosen"], row["rejected"])
 
 
+def test_export_dpo_skips_a_vote_for_a_side_that_said_nothing(tmp_path: Path) -> None:
+    """A vote for an empty answer stays a vote (leaderboard, fastchat log) but is not a training
+    pair: the pipeline would drop it as empty_chosen and count it against data.max_bad_fraction.
+    An empty loser is kept (recipes with empty rejected answers train on exactly that)."""
+    store = ArenaStore(tmp_path / "arena.sqlite")
+    silent = _battle(store, seed=0, tuned="  \n", base="4")
+    silent_chat = _battle(store, seed=1, prompt=None, messages=CHAT, tuned="", base="4")
+    empty_loser = _battle(store, seed=2, tuned="4", base="")
+    for battle in (silent, silent_chat):
+        _vote_for(store, battle, "tuned")
+    _vote_for(store, empty_loser, "tuned")
+
+    assert [r["battle_id"] for r in store.export_dpo()] == [empty_loser.id]
+    assert [r["question_id"] for r in store.export_fastchat()] == [silent.id, silent_chat.id, empty_loser.id]
+    assert store.leaderboard()["counts"]["tuned"] == 3
+
+
 def test_exports_across_pages(tmp_path: Path) -> None:
     """Exports read EXPORT_PAGE votes per connection. EXPORT_PAGE + 1 votes, one of them a tie in
     the middle: export_dpo has exactly EXPORT_PAGE rows (a full page, then an empty one must end

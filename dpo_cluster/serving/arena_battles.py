@@ -117,6 +117,10 @@ class Battle:
             messages.append({"role": "assistant", "content": turn.answers[side]})
         return messages
 
+    def said_nothing(self, side: str) -> bool:
+        """Whether every answer `side` gave is empty or whitespace (a model can stop at once)."""
+        return all(not m["content"].strip() for m in self.continuation(side) if m["role"] == "assistant")
+
     def conversation(self, side: str) -> list[dict[str, str]]:
         """`side`'s whole conversation, the one its model continues and the voter judges."""
         return [*self.context(), *self.continuation(side)]

@@ -248,14 +248,17 @@ class ArenaStore:
         return compute_leaderboard(totals, names, votes)
 
     def export_dpo(self) -> Iterator[dict[str, Any]]:
-        """One preference pair per decisive vote (A or B), in vote order; ties and both_bad are
-        skipped (rows as `arena_battles.build_dpo_row` makes them).
+        """One preference pair per decisive vote (A or B), in vote order (rows as
+        `arena_battles.build_dpo_row` makes them). Ties and both_bad are skipped, and so is a vote
+        for a side that said nothing: an empty chosen answer is a defect the data pipeline drops
+        (and counts against data.max_bad_fraction). The fastchat export keeps every vote.
 
         The pipeline detects one format per file, so an arena that mixed chat and text battles
         should be exported into two files (split on the prompt's type).
         """
         for battle in self._voted_battles(decisive_only=True):
-            yield build_dpo_row(battle)
+            if not battle.said_nothing(battle.winner):
+                yield build_dpo_row(battle)
 
     def export_fastchat(self) -> Iterator[dict[str, Any]]:
         """Every vote as a row of FastChat's Chatbot Arena battle log, in vote order (rows as
