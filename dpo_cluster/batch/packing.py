@@ -266,17 +266,29 @@ def packing_route(*models: torch.nn.Module | None) -> tuple[PackingRoute | None,
     return route, f"packed rows via {how} ({', '.join(routes)})"
 
 
+# A batch of row positions and token counts only (`field_lengths` reads either kind of batch): what
+# training workers shuffle, group and cut before fetching the rows they own.
+INDEX_COLUMN = "row_index"
+LENGTH_COLUMNS: tuple[str, str, str] = ("prompt_length", "chosen_length", "rejected_length")
+
+
+def field_lengths(batch: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(prompt, chosen, rejected) token counts of each pair, int64: from the LENGTH_COLUMNS of a
+    length-only batch, else counted from the token-id columns."""
+    if LENGTH_COLUMNS[0] in batch:
+        return tuple(np.asarray(batch[name], dtype=np.int64) for name in LENGTH_COLUMNS)  # type: ignore[return-value]
+    return tuple(np.array([len(ids) for ids in batch[name]], dtype=np.int64) for name in ID_COLUMNS)  # type: ignore[return-value]
+
+
 def pair_lengths(batch: Mapping[str, Any]) -> np.ndarray:
     """Padded length of each pair: `batch (B pairs) -> (B,)` int64, the longer of prompt + chosen and
     prompt + rejected (the width the pair needs in a padded micro-batch)."""
-    prompts, chosen, rejected = (batch[name] for name in ID_COLUMNS)
-    return np.array(
-        [len(p) + max(len(c), len(r)) for p, c, r in zip(prompts, chosen, rejected)], dtype=np.int64
-    )
+    prompts, chosen, rejected = field_lengths(batch)
+    return prompts + np.maximum(chosen, rejected)
 
 
 def group_by_length(
-    batches: Iterable[dict[str, Any]], window: int, seed: Sequence[int]
+    batches: Iterable[dict[str, Any]], window: int, seed: Sequence[int], first_window: int = 0
 ) -> Iterator[dict[str, Any]]:
     """Re-cut an ordered stream of micro-batches so each holds pairs of similar length (less
     padding) while the epoch-level order stays random (`train.group_by_length`, and the fallback
@@ -286,7 +298,8 @@ def group_by_length(
     `pair_lengths` (stable: ties keep stream order) and cut into micro-batches of the window's
     sizes, and these are yielded in an order drawn from `numpy.random.default_rng([*seed, w])` for
     window number w. Same stream, window and seed: same output, on every worker. A last, shorter
-    window is grouped the same way. Every pair comes out exactly once. Since the result depends only
+    window is grouped the same way. Every pair comes out exactly once. A stream that starts at window
+    number `first_window` (a resumed epoch) is numbered from there. Since the result depends only
     on the stream, the window and the seed, the k % world_size == rank ownership of
     `WorkerContext.my_micro_batches` still holds.
 
@@ -295,7 +308,7 @@ def group_by_length(
     if window < 1:
         raise ValueError(f"length grouping window must be >= 1 micro-batch, got {window}")
     stream = iter(batches)
-    for number in itertools.count():
+    for number in itertools.count(first_window):
         chunk = list(itertools.islice(stream, window))
         if not chunk:
             return
@@ -304,7 +317,7 @@ def group_by_length(
 
 def _regroup(chunk: list[dict[str, Any]], rng: np.random.Generator) -> Iterator[dict[str, Any]]:
     columns = concat_batches(chunk)
-    sizes = [len(batch[ID_COLUMNS[0]]) for batch in chunk]
+    sizes = [len(next(iter(batch.values()))) for batch in chunk]
     order = np.argsort(pair_lengths(columns), kind="stable")
     pieces = np.split(order, np.cumsum(sizes)[:-1])
     for number in rng.permutation(len(pieces)):

@@ -253,7 +253,7 @@ def run_config(s: BenchSettings, plan: Plan, output_dir: Path, *keys: str) -> Co
 
 def prepare_bench_data(s: BenchSettings, plan: Plan) -> Path:
     """Build the model of `s` and `s.pairs` generated pairs, tokenized in this process into the
-    Parquet layout `ParquetPairSource` reads -> the train split directory."""
+    Parquet layout `IndexedPairSource` reads -> the train split directory."""
     from dpo_cluster.bench.train_data import prepare_in_process, write_bench_pairs
     from dpo_cluster.bench.train_stages import build_bench_model
     from dpo_cluster.modeling import load_tokenizer
@@ -265,7 +265,7 @@ def prepare_bench_data(s: BenchSettings, plan: Plan) -> Path:
 
 
 def read_table(split_dir: Path) -> pa.Table:
-    """Every row of a split directory, files in name order (as `ParquetPairSource` reads them)."""
+    """Every row of a split directory, files in name order (as `IndexedPairSource` reads them)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 

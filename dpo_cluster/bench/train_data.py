@@ -122,7 +122,7 @@ def prepare_pairs(s: BenchSettings) -> tuple[Path, str]:
 
 def prepare_in_process(config: Any) -> Path:
     """The pipeline's per-pair work (normalize, tokenize, fit to length) without Ray, written as
-    one Parquet file that `ParquetPairSource` reads."""
+    one Parquet file that `IndexedPairSource` reads."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 

@@ -17,6 +17,7 @@ from typing import Any
 from dpo_cluster import __version__
 from dpo_cluster.config import Config
 from dpo_cluster.data.accounting import REPORT_FILE
+from dpo_cluster.data.layout import has_layout, write_layout
 from dpo_cluster.data.process import KEPT, SPLITS
 from dpo_cluster.paths import install_directory
 
@@ -59,8 +60,11 @@ def compute_cache_key(
 def cached_report(output_dir: Path, key: str) -> dict[str, Any] | None:
     """The data report of the prepared rows under `output_dir` if they were made with `key`, else None."""
     report_path = output_dir / REPORT_FILE
-    if not report_path.exists() or _manifest_key(output_dir / PREPARED_DIR) != key:
+    prepared = output_dir / PREPARED_DIR
+    if not report_path.exists() or _manifest_key(prepared) != key:
         return None
+    if not all(has_layout(prepared, split) for split in SPLITS):
+        return None  # prepared before training read the row layout: prepare again
     return json.loads(report_path.read_text())
 
 
@@ -68,13 +72,17 @@ def install_prepared(staging: Path, output_dir: Path, key: str) -> None:
     """Gather the kept rows under `staging` into {split}/ beside a manifest recording `key`, and
     rename that directory into output_dir/prepared whole, replacing whatever was there (this run
     re-prepared it for a reason: a new key, or data.cache off), so a reader never sees a prepared
-    directory half written or mixed from two runs."""
+    directory half written or mixed from two runs. The row layout training reads
+    (`layout.write_layout`) is written first, inside the same directory."""
     fresh = staging / PREPARED_DIR
     fresh.mkdir()
+    present = []
     for split in SPLITS:
         kept = staging / f"split={split}" / f"status={KEPT}"
         if kept.is_dir():
             kept.rename(fresh / split)
+            present.append(split)
+    write_layout(fresh, present)
     manifest = {"cache_key": key, "version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     (fresh / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     install_directory(fresh, output_dir / PREPARED_DIR, is_complete=lambda path: False)

@@ -2,10 +2,11 @@
 size, device, data, a `report` callback, the checkpoint to resume from), so the same loop runs
 under Ray Train (`dpo_cluster.train.run`) and in a plain process (`dpo_cluster.train.local`).
 
-Every worker streams the same ordered pairs and keeps micro-batch k when k % world_size == rank;
-length grouping and token budgets re-cut the stream alike on every worker first. A global step
-therefore holds the same pairs whatever the worker count and accumulation, which makes those runs
-equivalent and resumption exact.
+Every worker computes the same ordered stream of micro-batches and keeps micro-batch k when
+k % world_size == rank; length grouping and token budgets re-cut the stream alike on every worker
+first. A global step therefore holds the same pairs whatever the worker count and accumulation,
+which makes those runs equivalent and resumption exact. From an `IndexedPairSource` the stream is of
+row positions and lengths only, and a worker fetches just the rows of the micro-batches it keeps.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 
-from dpo_cluster.batch.packing import concat_batches, group_by_length, take_rows
+from dpo_cluster.batch.packing import INDEX_COLUMN, concat_batches, group_by_length, take_rows
+from dpo_cluster.train.indexed_source import IndexedPairSource
 from dpo_cluster.train.token_budget import TokenBudget
 
 Batch = dict[str, Any]
@@ -36,35 +37,6 @@ class PairSource(Protocol):
     def iter_batches(self, batch_size: int, epoch: int) -> Iterator[Batch]:
         """Full batches of `batch_size` pairs, in an order fixed by (seed, epoch)."""
         ...
-
-
-@dataclass
-class ParquetPairSource:
-    """Pairs from a prepared split directory, read in a single process (tests, one GPU)."""
-
-    path: Path
-    seed: int
-    shuffle: bool = True
-
-    def __post_init__(self) -> None:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        # Files in name order, rows in file order: the order Ray Data reads them in with
-        # preserve_order, so a run here and a Ray Train run see the same unshuffled sequence.
-        files = sorted(Path(self.path).glob("*.parquet"))
-        self._table = pa.concat_tables([pq.read_table(f) for f in files]) if files else None
-        self.num_rows = 0 if self._table is None else self._table.num_rows
-
-    def iter_batches(self, batch_size: int, epoch: int) -> Iterator[Batch]:
-        if self._table is None:
-            return
-        order = np.arange(self.num_rows)
-        if self.shuffle:
-            order = np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)
-        for start in range(0, self.num_rows - batch_size + 1, batch_size):
-            rows = self._table.take(order[start : start + batch_size])
-            yield {name: rows.column(name).to_pylist() for name in rows.column_names}
 
 
 @dataclass
@@ -137,7 +109,7 @@ class WorkerContext:
         stream = self._stream(source, micro_batch_size, epoch, length_group_window, seed)
         for index, batch in enumerate(stream):
             if index % self.world_size == self.rank:
-                yield index, batch
+                yield index, _fetch(source, batch)
 
     def my_steps(
         self,
@@ -149,8 +121,10 @@ class WorkerContext:
         length_group_window: int | None = None,
         seed: int = 0,
         token_budget: TokenBudget | None = None,
+        start_step: int = 0,
     ) -> Iterator[list[Batch]]:
-        """This worker's micro-batches of each full optimizer step of the epoch, step by step.
+        """This worker's micro-batches of each full optimizer step of the epoch, step by step, from
+        step `start_step` of the epoch on (a resumed run: an indexed source reads no row before it).
 
         A step is `accumulation` x world_size consecutive micro-batches of the (grouped) stream.
         Without a token budget this worker's are those `my_micro_batches` gives it, `accumulation`
@@ -158,20 +132,51 @@ class WorkerContext:
         worker gets its share: as many micro-batches as every other worker, of varying sizes.
         """
         per_step = accumulation * self.world_size
-        stream = self._stream(source, micro_batch_size, epoch, length_group_window, seed)
+        stream = self._stream(
+            source, micro_batch_size, epoch, length_group_window, seed, start=start_step * per_step
+        )
         while len(chunk := list(itertools.islice(stream, per_step))) == per_step:
             if token_budget is None:
-                yield chunk[self.rank :: self.world_size]
+                yield [_fetch(source, batch) for batch in chunk[self.rank :: self.world_size]]
             else:
                 pairs = concat_batches(chunk)
-                yield [take_rows(pairs, rows) for rows in token_budget.cut(pairs, self.world_size)[self.rank]]
+                mine = token_budget.cut(pairs, self.world_size)[self.rank]
+                yield [_fetch(source, take_rows(pairs, rows)) for rows in mine]
 
     @staticmethod
     def _stream(
-        source: PairSource, micro_batch_size: int, epoch: int, length_group_window: int | None, seed: int
+        source: PairSource,
+        micro_batch_size: int,
+        epoch: int,
+        length_group_window: int | None,
+        seed: int,
+        start: int = 0,
     ) -> Iterator[Batch]:
-        """Every worker's micro-batches in order (the same on every worker), grouped by length if asked."""
-        stream = source.iter_batches(micro_batch_size, epoch)
-        if length_group_window is not None:
-            stream = group_by_length(stream, length_group_window, seed=(seed, epoch))
-        return stream
+        """Every worker's micro-batches in order (the same on every worker), grouped by length if
+        asked, from micro-batch `start` on. An indexed source's are positions and lengths only, and
+        it starts at the window holding `start` without computing the ones before."""
+
+        def batches(first: int) -> Iterator[Batch]:
+            if isinstance(source, IndexedPairSource):
+                return source.index_batches(micro_batch_size, epoch, start=first)
+            return itertools.islice(source.iter_batches(micro_batch_size, epoch), first, None)
+
+        if length_group_window is None:
+            return batches(start)
+        first_window = start // length_group_window
+        grouped = group_by_length(
+            batches(first_window * length_group_window),
+            length_group_window,
+            seed=(seed, epoch),
+            first_window=first_window,
+        )
+        return itertools.islice(grouped, start - first_window * length_group_window, None)
+
+
+def _fetch(source: PairSource, batch: Batch) -> Batch:
+    """A micro-batch of the stream as pairs: an indexed source's positions are read here, on the
+    worker that owns them."""
+    if INDEX_COLUMN in batch:
+        assert isinstance(source, IndexedPairSource)
+        return source.take(batch[INDEX_COLUMN])
+    return batch

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from dpo_cluster.config import Config
-from dpo_cluster.train.context import ParquetPairSource, WorkerContext
+from dpo_cluster.train.context import WorkerContext
+from dpo_cluster.train.indexed_source import IndexedPairSource
 from dpo_cluster.train.loop import train_loop
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -83,8 +84,8 @@ def run_local(
         world_size=1,
         local_rank=0,
         device=torch.device("cuda" if config.scaling.use_gpu else "cpu"),
-        train=ParquetPairSource(train_dir, seed=config.train.seed, shuffle=config.train.shuffle),
-        eval=ParquetPairSource(eval_dir, seed=config.train.seed, shuffle=False) if eval_dir else None,
+        train=IndexedPairSource(train_dir, seed=config.train.seed, shuffle=config.train.shuffle),
+        eval=IndexedPairSource(eval_dir, seed=config.train.seed, shuffle=False) if eval_dir else None,
         report=reporter,
         resume_checkpoint=lambda: contextlib.nullcontext(resume),
         best_checkpoint=lambda: contextlib.nullcontext(reporter.best()),

@@ -137,15 +137,13 @@ def _log_layout(layout: BatchLayout, packing: bool, ctx: WorkerContext) -> None:
 
 def _step_batches(setup: TrainSetup, ctx: WorkerContext, start: int) -> Iterator[tuple[int, list[Batch]]]:
     """(step number, this worker's micro-batches of that step) for the steps after `start`; a resumed
-    run first skips the data of its epoch's steps already done."""
+    run starts its epoch's data at the first step not done yet."""
     train, step = setup.config.train, start
     while step < setup.steps:
         epoch, done_in_epoch = divmod(step, setup.per_epoch)
         my_steps = ctx.my_steps(ctx.train, train.micro_batch_size, train.gradient_accumulation_steps, epoch,
                                 length_group_window=setup.layout.group_window, seed=train.seed,
-                                token_budget=setup.layout.budget)  # fmt: skip
-        for _ in range(done_in_epoch):
-            next(my_steps)
+                                token_budget=setup.layout.budget, start_step=done_in_epoch)  # fmt: skip
         for _ in range(done_in_epoch, setup.per_epoch):
             if step >= setup.steps:
                 break

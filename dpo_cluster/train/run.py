@@ -20,10 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from dpo_cluster.config import Config
+from dpo_cluster.data.process import SPLITS
 from dpo_cluster.modeling import download_hub_models
 from dpo_cluster.plots import CURVES_FILE, plot_training_curves
 from dpo_cluster.train.checkpoint import SUMMARY_FILE
 from dpo_cluster.train.context import PairSource, RayShardPairSource, WorkerContext
+from dpo_cluster.train.indexed_source import IndexedPairSource
 from dpo_cluster.train.loop import FINAL_DIR, train_loop
 from dpo_cluster.train.metrics_log import METRICS_FILE
 
@@ -48,19 +50,21 @@ def _worker_entry(loop_config: dict[str, Any]) -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     context = ray.train.get_context()
     _record_placement(Path(config.output_dir), context)
-    # reference_log: a PairLog actor, or None
-    ctx = _build_worker_context(config, context, loop_config["counts"], loop_config["reference_log"])
+    # reference_log: a PairLog actor, or None; files: split -> where its rows are read from
+    ctx = _build_worker_context(
+        config, context, loop_config["counts"], loop_config["reference_log"], loop_config["files"]
+    )
     train_loop(config, ctx)
 
 
 def _build_worker_context(
-    config: Config, context: Any, counts: dict[str, int], reference_log: Any
+    config: Config, context: Any, counts: dict[str, int], reference_log: Any, files: dict[str, SplitFiles]
 ) -> WorkerContext:
     """This worker's `WorkerContext` from Ray Train's context (`ray.train.get_context()`)."""
     import torch
 
     local_rank = context.get_local_rank()
-    source = partial(_pair_source, config, counts, reference_log)
+    source = partial(_pair_source, config, counts, reference_log, files)
     train = source("train", shuffle=config.train.shuffle)
     assert train is not None  # a run has training pairs (prepare checks)
     return WorkerContext(
@@ -77,20 +81,40 @@ def _build_worker_context(
     )
 
 
+@dataclass(frozen=True)
+class SplitFiles:
+    """Where a worker reads one split: the prepared split directory (its row layout), and the
+    cached reference split in the same order where reference log-probs were precomputed."""
+
+    split_dir: str
+    reference_dir: str | None = None
+
+
 def _pair_source(
-    config: Config, counts: dict[str, int], reference_log: Any, split: str, shuffle: bool
+    config: Config,
+    counts: dict[str, int],
+    reference_log: Any,
+    files: dict[str, SplitFiles],
+    split: str,
+    shuffle: bool,
 ) -> PairSource | None:
-    """A split's pairs: the dataset shard, or the reference stage's log where it scores beside
-    training; None for an empty split."""
+    """A split's pairs: its rows by position (each worker reads its own), the reference stage's log
+    where it scores beside training, or a dataset shard where reference values live only in the
+    object store (reference.cache off); None for an empty split."""
     import ray.train
 
     if counts.get(split, 0) == 0:
         return None
+    seed = config.train.seed
     if reference_log is not None:  # the reference stage's log, scored beside training
         from dpo_cluster.reference.stream import LogPairSource
 
-        return LogPairSource(reference_log, split, counts[split], config.train.seed, shuffle)
-    return RayShardPairSource(ray.train.get_dataset_shard(split), counts[split], config.train.seed, shuffle)
+        return LogPairSource(reference_log, split, counts[split], seed, shuffle)
+    if split in files:
+        where = files[split]
+        reference = Path(where.reference_dir) if where.reference_dir else None
+        return IndexedPairSource(Path(where.split_dir), seed, shuffle, reference_dir=reference)
+    return RayShardPairSource(ray.train.get_dataset_shard(split), counts[split], seed, shuffle)
 
 
 @contextlib.contextmanager
@@ -173,8 +197,8 @@ def run_training(config: Config) -> TrainingResult:
     prepared = prepare(config)  # also joins or starts the Ray cluster
     counts = {split: stats["rows_kept"] for split, stats in prepared.report["splits"].items()}
     _configure_ray_data()
-    stream, datasets = _training_datasets(config, prepared)
-    result = _fit(_build_trainer(config, counts, datasets, stream), stream)
+    stream, datasets, files = _training_data(config, prepared)
+    result = _fit(_build_trainer(config, counts, datasets, files, stream), stream)
     output_dir = Path(config.output_dir)
     metrics_path = output_dir / METRICS_FILE
     if metrics_path.exists():
@@ -202,24 +226,36 @@ def _configure_ray_data() -> None:
     data_context.enable_progress_bars = False
 
 
-def _training_datasets(config: Config, prepared: Any) -> tuple[Any, dict[str, Any]]:
-    """(the reference stage scoring beside training, or None; the trainer's datasets).
-
-    Materialized here, before the workers take their CPUs: iterating them then needs no Ray Data
-    tasks in the workers, which could starve waiting for CPUs the workers hold."""
+def _training_data(config: Config, prepared: Any) -> tuple[Any, dict[str, Any], dict[str, SplitFiles]]:
+    """(the reference stage scoring beside training, or None; the trainer's datasets; the files
+    workers read splits from). Workers read rows by position from files wherever the values are on
+    disk, so no split passes through the driver or the object store."""
     if config.reference.resolved_mode(config.lora.enabled) != "precompute":
-        return None, {split: ds.materialize() for split, ds in prepared.datasets().items()}
+        return None, {}, _split_files(prepared, None)
     from dpo_cluster.reference.precompute import compute_reference_logps
     from dpo_cluster.reference.stream import start_streamed_reference
 
     # The reference actor pool scores beside training, the workers reading its log; or, where it
     # cannot overlap (or the cache has the values), it scores every pair now and its actors exit
-    # before the workers start: the trainer's datasets are then the stage's output.
+    # before the workers start.
     stream, why_not = start_streamed_reference(config, prepared)
     if stream is not None:
-        return stream, {}
+        return stream, {}, {}
     logger.info("reference log-probs before training: %s", why_not)
-    return None, compute_reference_logps(config, prepared).datasets
+    reference = compute_reference_logps(config, prepared)
+    if reference.cache_dir is None:  # the values are only in the object store: read as datasets
+        return None, reference.datasets, {}
+    return None, {}, _split_files(prepared, reference)
+
+
+def _split_files(prepared: Any, reference: Any) -> dict[str, SplitFiles]:
+    files = {}
+    for split in SPLITS:
+        split_dir = prepared.split_dir(split)
+        if split_dir is not None:
+            reference_dir = reference.split_dir(split) if reference is not None else None
+            files[split] = SplitFiles(str(split_dir), str(reference_dir) if reference_dir else None)
+    return files
 
 
 def _worker_env(config: Config) -> dict[str, str]:
@@ -238,7 +274,13 @@ def _worker_env(config: Config) -> dict[str, str]:
     return env
 
 
-def _build_trainer(config: Config, counts: dict[str, int], datasets: dict[str, Any], stream: Any) -> Any:
+def _build_trainer(
+    config: Config,
+    counts: dict[str, int],
+    datasets: dict[str, Any],
+    files: dict[str, SplitFiles],
+    stream: Any,
+) -> Any:
     """The `TorchTrainer` running `_worker_entry` on `scaling.num_workers` workers."""
     import ray.data
     import ray.train
@@ -251,6 +293,7 @@ def _build_trainer(config: Config, counts: dict[str, int], datasets: dict[str, A
             "config": config,
             "counts": counts,
             "reference_log": stream.log if stream else None,
+            "files": files,
         },
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo", timeout_s=scaling.timeout_s),
         scaling_config=ray.train.ScalingConfig(

@@ -13,8 +13,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from dpo_cluster.batch.collate import ID_COLUMNS
-from dpo_cluster.batch.packing import pair_lengths, plan_rows, row_capacity
+from dpo_cluster.batch.packing import field_lengths, pair_lengths, plan_rows, row_capacity
 
 Layout = Literal["padded", "mask", "varlen"]
 """How a micro-batch reaches the model: padded rows, or packed rows on a `packing_route`."""
@@ -40,9 +39,8 @@ class TokenBudget:
         (the config check makes the budget hold a pair of data.max_length tokens). `deal` then gives
         every worker as many. The cut depends only on the step's pairs, so every worker computes it alike.
         """
-        prompts, chosen, rejected = (pairs[name] for name in ID_COLUMNS)
-        chosen_lengths = [len(p) + len(c) for p, c in zip(prompts, chosen)]
-        rejected_lengths = [len(p) + len(r) for p, r in zip(prompts, rejected)]
+        prompts, chosen, rejected = field_lengths(pairs)
+        chosen_lengths, rejected_lengths = (prompts + chosen).tolist(), (prompts + rejected).tolist()
         order = np.argsort(-pair_lengths(pairs), kind="stable")
         pieces: list[list[int]] = []
         current: list[int] = []
