@@ -1,5 +1,6 @@
 """DPO through Ray Train with 2 DeepSpeed workers on CPU (gloo): ZeRO-2 and ZeRO-3, equivalence
-with one worker, and recovery after a training worker is killed."""
+with one worker (shuffled: both read one global permutation), and recovery after a training
+worker is killed."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from tests.test_train_local import metrics_rows, train_config
 
 pytestmark = pytest.mark.slow
 
-RAY_RUN = ("train.micro_batch_size=2", "scaling.num_workers=2", "train.shuffle=false", "train.max_steps=8",
+RAY_RUN = ("train.micro_batch_size=2", "scaling.num_workers=2", "train.max_steps=8",
            "train.eval_strategy=steps", "train.eval_steps=4", "train.save_strategy=steps", "train.save_steps=2")  # fmt: skip
 
 
