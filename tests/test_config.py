@@ -138,6 +138,63 @@ def test_source_needs_exactly_one_of_path_or_rows() -> None:
         load_config(None, [*_overrides(), "data.train.rows=[{a: 1}]"])
 
 
+def test_a_list_of_weighted_sources(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "output_dir: out\nmodel: {name_or_path: m}\ndata:\n  format: standard\n  train:\n"
+        "    - a.jsonl\n"
+        "    - {path: b.jsonl, weight: 0.25, format: conversational, columns: {prompt: question}}\n"
+    )
+    data = load_config(path).data
+    assert data.sources("train") == [
+        ("data.train[0]", SourceConfig(path="a.jsonl")),
+        (
+            "data.train[1]",
+            SourceConfig(
+                path="b.jsonl", weight=0.25, format="conversational", columns={"prompt": "question"}
+            ),
+        ),
+    ]
+    assert data.mixes() and not load_config(None, _overrides()).data.mixes()
+    assert data.format_spec(data.sources("train")[1][1]).format == "conversational"
+    assert data.format_spec(data.sources("train")[1][1]).columns == {"prompt": "question"}
+    assert data.format_spec(data.sources("train")[0][1]).format == "standard"
+    assert load_config(None, _overrides({"data.train": "[a.jsonl, b.jsonl]"})).data.sources("train")[1] == (
+        "data.train[1]",
+        SourceConfig(path="b.jsonl"),
+    )
+    assert load_config(None, _overrides({"data.train": "{path: a.jsonl, weight: 2}"})).data.mixes()
+
+
+@pytest.mark.parametrize(
+    ("train", "message"),
+    [
+        ("[a.jsonl, {path: b.jsonl, weight: 0}]", "data.train[1].weight: must be > 0, got 0"),
+        ("{path: a.jsonl, weight: -1}", "data.train.weight: must be > 0, got -1"),
+        ("[a.jsonl, {path: b.jsonl, weight: .nan}]", "data.train[1].weight: must be > 0, got nan"),
+        (
+            "[a.jsonl, {path: b.jsonl, format: csv}]",
+            "data.train[1].format: 'csv' is not one of: auto, standard",
+        ),
+        ("[a.jsonl, {path: b.jsonl, columns: {answer: x}}]", "data.train[1].columns: unknown field 'answer'"),
+        (
+            "[a.jsonl, {path: b.jsonl, wieght: 2}]",
+            "unknown config key data.train[1].wieght (did you mean data.train[1].weight?)",
+        ),
+        (
+            "[a.jsonl, {rows: [], path: b.jsonl}]",
+            "data.train[1]: set exactly one of data.train[1].path or data.train[1].rows",
+        ),
+        ("[a.jsonl, a.jsonl]", "data.train[1]: the same rows as data.train[0]"),
+        ("[]", "data.train: the list of sources is empty"),
+    ],
+)
+def test_source_list_errors_name_the_item(train: str, message: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(None, _overrides({"data.train": train}))
+    assert message in str(e.value)
+
+
 def test_overrides_are_parsed_as_yaml_and_extend_shorthand() -> None:
     config = load_config(
         None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -444,3 +445,113 @@ def test_jsonl_read_units_cover_the_file_exactly(tmp_path: Path, monkeypatch: py
     ]
     want = [(f"{path}:{n}", line) for n, line in enumerate(path.read_bytes().split(b"\n"), 1) if line.strip()]
     assert got == want
+
+
+# ----------------------------------------------------------------------------------------------
+# Several sources mixed by weight
+
+
+def _mix_config(tmp_path: Path, tokenizer: Path, train: str, *extra: str, name: str = "mix") -> Any:
+    return load_config(
+        None,
+        [f"output_dir={tmp_path / name}", f"model.name_or_path={tokenizer}", f"data.train={train}", *extra],
+    )
+
+
+def _source_ids(prepared: PreparedData) -> list[str]:
+    return [rid for rid in kept_rows(prepared)]
+
+
+def test_weighted_sources_sample_copy_and_account_per_source(
+    tmp_path: Path, ray_local: None, tiny_tokenizer_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Weights 0.25 and 1.5 over 2000 rows each: about 500 rows of the first (binomial, sigma 19)
+    and 2000 + about 1000 copies of the second (sigma 22); the 1500 rows left out are not_sampled,
+    which is no defect; the draw is a function of the seed alone."""
+    monkeypatch.setattr(sources, "MIN_CHUNK_BYTES", 1 << 16)  # several read units per file
+    a = write_jsonl(generate_title_pairs(2000, seed=21), tmp_path / "a.jsonl")
+    b = write_jsonl(generate_title_pairs(2000, seed=22), tmp_path / "b.jsonl")
+    train = f"[{{path: {a}, weight: 0.25}}, {{path: {b}, weight: 1.5}}]"
+    first = prepare(
+        _mix_config(tmp_path, tiny_tokenizer_dir, train, "data.max_bad_fraction=0.01", name="one")
+    )
+    again = prepare(
+        _mix_config(tmp_path, tiny_tokenizer_dir, train, "data.max_bad_fraction=0.01", name="two")
+    )
+    other = prepare(_mix_config(tmp_path, tiny_tokenizer_dir, train, "data.split_seed=7", name="three"))
+
+    mix = first.report["sources"]["train"]["mix"]
+    assert [(m["key"], m["source"], m["format"], m["weight"]) for m in mix] == [
+        ("data.train[0]", str(a), "conversational", 0.25),
+        ("data.train[1]", str(b), "conversational", 1.5),
+    ]
+    for m in mix:
+        assert m["rows_in"] == 2000 == m["rows_kept"] + sum(m["dropped"].values())
+    assert abs(mix[0]["rows_kept"] - 500) < 4 * 19.4 and mix[0]["copies"] == 0
+    assert mix[0]["dropped"]["not_sampled"] == 2000 - mix[0]["rows_kept"] - sum(
+        n for r, n in mix[0]["dropped"].items() if r != "not_sampled"
+    )
+    assert "not_sampled" not in mix[1]["dropped"]
+    assert abs(mix[1]["rows_kept"] + mix[1]["copies"] - 3000) < 4 * 22.4
+
+    ids = _source_ids(first)
+    assert len(ids) == len(set(ids))  # copies have ids of their own
+    copies = [i for i in ids if "~" in i]
+    assert len(copies) == mix[1]["copies"] and all(i.startswith(f"{b}:") and i.endswith("~1") for i in copies)
+    stats = first.report["splits"]["train"]
+    assert stats["copies"] == mix[1]["copies"]
+    assert stats["rows_kept"] == len(ids) == mix[0]["rows_kept"] + mix[1]["rows_kept"] + mix[1]["copies"]
+    assert stats["rows_in"] == stats["rows_kept"] + sum(stats["dropped"].values())
+    assert "not_sampled" in stats["examples"] and len(stats["examples"]["not_sampled"]) == 5
+    assert all(q["reason"] != "not_sampled" for q in quarantine(first))  # counted, not quarantined
+
+    assert _source_ids(again) == ids  # same seed: the same rows, in the same order
+    assert set(_source_ids(other)) != set(ids)  # another seed draws another sample
+    # Files alternate between the sources (read units interleaved), each task's copies right
+    # after its originals: the order training reads them in.
+    files = sorted(first.split_dir("train").glob("*.parquet"))  # type: ignore[union-attr]
+    labels = [re.search(r"-(train-\d(?:-copies)?)\.parquet$", f.name).group(1) for f in files]  # type: ignore[union-attr]
+    assert labels.index("train-1") < len(labels) - 1 - labels[::-1].index("train-0")
+    assert all(labels[i - 1] == "train-1" for i, label in enumerate(labels) if label == "train-1-copies")
+
+
+def test_per_source_format_and_columns(tmp_path: Path, ray_local: None, tiny_tokenizer_dir: Path) -> None:
+    """One standard source with its own column names, one conversational, data.format forced to
+    standard: each source is read with its own settings."""
+    std = [
+        {"question": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}
+        for r in _standard_rows(40)
+    ]
+    a = write_jsonl(std, tmp_path / "std.jsonl")
+    b = write_jsonl(generate_title_pairs(30, seed=8), tmp_path / "conv.jsonl")
+    train = f"[{{path: {a}, columns: {{prompt: question}}}}, {{path: {b}, format: conversational}}]"
+    prepared = prepare(_mix_config(tmp_path, tiny_tokenizer_dir, train, "data.format=standard"))
+    mix = prepared.report["sources"]["train"]["mix"]
+    assert [(m["format"], m["rows_kept"], m["dropped"]) for m in mix] == [
+        ("standard", 40, {}),
+        ("conversational", 30, {}),
+    ]
+    assert prepared.report["sources"]["train"]["format"] == "standard, conversational"
+    assert "copies" in prepared.report["splits"]["train"]
+    # Without the override the conversational rows are defects of the standard format.
+    with pytest.raises(DataError, match="defective"):
+        prepare(
+            _mix_config(
+                tmp_path,
+                tiny_tokenizer_dir,
+                f"[{a}, {b}]",
+                "data.format=standard",
+                "data.columns={prompt: question}",
+                name="bad",
+            )
+        )
+
+
+def test_single_source_report_keeps_its_shape(
+    tmp_path: Path, ray_local: None, tiny_tokenizer_dir: Path
+) -> None:
+    data = write_jsonl(generate_title_pairs(30, seed=9), tmp_path / "one.jsonl")
+    prepared = prepare(_mix_config(tmp_path, tiny_tokenizer_dir, str(data)))
+    assert prepared.report["sources"] == {"train": {"source": str(data), "format": "conversational"}}
+    assert "copies" not in prepared.report["splits"]["train"]
+    assert sorted(kept_rows(prepared)) == sorted(f"{data}:{i}" for i in range(1, 31))

@@ -145,7 +145,22 @@ def _coerce_union(args: tuple[Any, ...], value: Any, key: str) -> Any:
             return _coerce(option, value, key)
         except ConfigError as e:
             errors.append(str(e))
-    raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {_type_name(value)} fits none of its types")
+    # A list given where a mapping or a list of mappings is allowed is meant as the list: its
+    # error (data.train[1].weight: ...) says more than "fits none of its types".
+    shaped = [e for option, e in zip(options, errors) if _same_shape(option, value)]
+    if len(errors) == 1 or len(shaped) == 1:
+        raise ConfigError(errors[0] if len(errors) == 1 else shaped[0])
+    raise ConfigError(f"{key}: {_type_name(value)} fits none of its types")
+
+
+def _same_shape(hint: Any, value: Any) -> bool:
+    """Whether `value` has the container shape of `hint` (a list for list[...], a mapping or the
+    string shorthand for a config dataclass)."""
+    if typing.get_origin(hint) is list:
+        return isinstance(value, list)
+    if dataclasses.is_dataclass(hint):
+        return isinstance(value, dict) or (isinstance(value, str) and string_shorthand(hint) is not None)  # type: ignore[arg-type]
+    return False
 
 
 def _coerce_literal(args: tuple[Any, ...], value: Any, key: str) -> Any:

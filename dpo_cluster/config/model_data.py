@@ -1,4 +1,5 @@
-"""The `model` and `data` sections, and the source of one split's rows (`data.train`, `data.eval`).
+"""The `model` and `data` sections, and the sources of a split's rows (`data.train`, `data.eval`:
+one source, or a list of weighted sources mixed row by row).
 
 The field rules of `data.*` format and tokenization settings are those of the specs the data
 pipeline runs (`specs`), checked here at load time so a bad setting fails before Ray starts.
@@ -6,6 +7,7 @@ pipeline runs (`specs`), checked here at load time so a bad setting fails before
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -17,10 +19,16 @@ from dpo_cluster.paths import looks_local
 # A model name with this suffix is a GGUF file (`dpo_cluster.gguf_models` converts it).
 GGUF_SUFFIX = ".gguf"
 
+# Row formats, as `data.format` and a source's own `format` name them (`specs.FORMATS` plus auto).
+DataFormat = Literal[
+    "auto", "standard", "standard_implicit", "conversational", "conversational_implicit", "sharegpt"
+]
+
 
 @dataclass
 class SourceConfig:
-    """Where one split's rows come from. In YAML a plain string is shorthand for `{path: ...}`."""
+    """Where some of a split's rows come from. In YAML a plain string is shorthand for
+    `{path: ...}`; `data.train` (and `data.eval`) is one of these or a list of them."""
 
     SHORTHAND_FIELD: ClassVar[str] = "path"
 
@@ -38,10 +46,26 @@ class SourceConfig:
     revision: str | None = None
     # Inline rows instead of a path (small examples and tests). Exactly one of path/rows.
     rows: list[Any] | None = None
+    # Mixing weight, > 0: each row is kept floor(weight) times, plus once more with probability
+    # frac(weight), drawn per row from a stable hash of (data.split_seed, the source's position,
+    # the row id). 0.25 keeps about a quarter of the rows (the rest are dropped as not_sampled),
+    # 1.5 every row plus a copy of about half (copies get ids ROW_ID~1, ~2, ...). 1 = every row once.
+    weight: float = 1.0
+    # This source's row format, as data.format (auto = detected from its first rows). null = data.format.
+    format: DataFormat | None = None
+    # This source's canonical field -> column mapping, as data.columns (replacing it, not merged).
+    # null = data.columns.
+    columns: dict[str, str] | None = None
 
     def check(self, key: str) -> None:
         if (self.path is None) == (self.rows is None):
             raise ConfigError(f"{key}: set exactly one of {key}.path or {key}.rows")
+        if not (math.isfinite(self.weight) and self.weight > 0):
+            raise ConfigError(f"{key}.weight: must be > 0, got {self.weight:g}")
+
+    def identity(self) -> tuple[Any, ...]:
+        """What names the rows this source reads (not how they are weighted or formatted)."""
+        return (self.path, self.split, self.subset, self.data_dir, self.revision, repr(self.rows))
 
     def describe(self) -> str:
         """A short human name for messages and row ids."""
@@ -108,17 +132,18 @@ def check_local_model(path: str, key: str) -> None:
 
 @dataclass
 class DataConfig:
-    # Training rows. Required for prepare/train.
-    train: SourceConfig | None = None
-    # Evaluation rows. If unset, data.eval_fraction of the train rows are held out instead.
-    eval: SourceConfig | None = None
-    # Row format: auto (detected per dataset from its first rows) | standard | standard_implicit |
-    # conversational | conversational_implicit | sharegpt.
-    format: Literal[
-        "auto", "standard", "standard_implicit", "conversational", "conversational_implicit", "sharegpt"
-    ] = "auto"
+    # Training rows: one source, or a list of sources mixed by their `weight`
+    # ([a.jsonl, {path: b.jsonl, weight: 0.5, format: conversational}]). Required for prepare/train.
+    train: SourceConfig | list[SourceConfig] | None = None
+    # Evaluation rows, one source or a list as data.train. If unset, data.eval_fraction of the
+    # train rows are held out instead.
+    eval: SourceConfig | list[SourceConfig] | None = None
+    # Row format: auto (detected per source from its first rows) | standard | standard_implicit |
+    # conversational | conversational_implicit | sharegpt. A source's own `format` overrides it.
+    format: DataFormat = "auto"
     # Canonical field -> column name in the data. Canonical fields: prompt, chosen, rejected,
     # system, conversations. E.g. {prompt: question, chosen: response_j, rejected: response_k}.
+    # A source's own `columns` replaces it for that source.
     columns: dict[str, str] = field(default_factory=dict)
     # Python format string building a standard prompt from columns, e.g.
     # "Question: {prompt}\n\nAnswer: " or "{context}\n\n{question}\n". null = prompt column as is.
@@ -149,7 +174,8 @@ class DataConfig:
     # Fraction of train rows held out for eval when data.eval is unset, in [0, 1). Rows are
     # assigned by a stable hash of their prompt, so pairs sharing a prompt share a split.
     eval_fraction: float = 0.0
-    # Seed mixed into the split hash; change it to draw a different held-out set.
+    # Seed mixed into the split hash and the per-row draw of weighted sources; change it to draw
+    # a different held-out set and a different sample.
     split_seed: int = 0
     # Defective rows (see data_report.json reasons): skip (drop and count) | fail (stop at the
     # first one, naming file, line and field).
@@ -164,16 +190,53 @@ class DataConfig:
     # Reuse output_dir/prepared when its cache key (data, tokenizer, template, lengths) matches.
     cache: bool = True
 
+    def sources(self, role: str) -> list[tuple[str, SourceConfig]]:
+        """(config key, source) of each source of `role` (train | eval), in the order given: the key
+        is data.train for a single source and data.train[i] for the items of a list."""
+        value = self.train if role == "train" else self.eval
+        if value is None:
+            return []
+        if isinstance(value, SourceConfig):
+            return [(f"data.{role}", value)]
+        return [(f"data.{role}[{i}]", s) for i, s in enumerate(value)]
+
+    def mixes(self) -> bool:
+        """Whether a split is given as a list of sources or with a weight: the report then accounts
+        per source and counts copies."""
+        return (
+            isinstance(self.train, list)
+            or isinstance(self.eval, list)
+            or any(s.weight != 1.0 for role in ("train", "eval") for _, s in self.sources(role))
+        )
+
     def check(self) -> None:
         if self.train is None:
             raise ConfigError("data.train: required (a path, a hub dataset id, or inline rows)")
-        self.train.check("data.train")
-        if self.eval is not None:
-            self.eval.check("data.eval")
-            if self.eval_fraction > 0:
-                raise ConfigError(
-                    "data.eval_fraction: must be 0 when data.eval is set (use one or the other)"
-                )
+        for role in ("train", "eval"):
+            value = self.train if role == "train" else self.eval
+            if isinstance(value, list) and not value:
+                raise ConfigError(f"data.{role}: the list of sources is empty; give at least one")
+            seen: dict[tuple[Any, ...], str] = {}
+            for key, source in self.sources(role):
+                source.check(key)
+                if source.identity() in seen:
+                    raise ConfigError(
+                        f"{key}: the same rows as {seen[source.identity()]}; give them once, with "
+                        "the weight the two would add up to"
+                    )
+                seen[source.identity()] = key
+                if source.format is not None or source.columns is not None:
+                    try:
+                        self.format_spec(source)
+                    except ValueError as e:
+                        message = (
+                            str(e)
+                            .replace("data.columns", f"{key}.columns")
+                            .replace("data.format", f"{key}.format")
+                        )
+                        raise ConfigError(message) from e
+        if self.eval is not None and self.eval_fraction > 0:
+            raise ConfigError("data.eval_fraction: must be 0 when data.eval is set (use one or the other)")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ConfigError(f"data.eval_fraction: must be in [0, 1), got {self.eval_fraction}")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
@@ -200,11 +263,14 @@ class DataConfig:
         except (ValueError, OSError) as e:
             raise ConfigError(f"data (tokenization settings): {e}") from e
 
-    def format_spec(self) -> FormatSpec:
-        """How the pipeline reads this data's rows."""
+    def format_spec(self, source: SourceConfig | None = None) -> FormatSpec:
+        """How the pipeline reads this data's rows (those of `source`, with its own format and
+        columns where it sets them)."""
+        fmt = source.format if source is not None and source.format is not None else self.format
+        columns = source.columns if source is not None and source.columns is not None else self.columns
         return FormatSpec(
-            format=self.format,
-            columns=dict(self.columns),
+            format=fmt,
+            columns=dict(columns),
             prompt_template=self.prompt_template,
             system_prompt=self.system_prompt,
             assistant_marker=self.assistant_marker,

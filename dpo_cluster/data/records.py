@@ -39,7 +39,14 @@ FILTER_REASONS: dict[str, str] = {
     "identical_after_truncation": "chosen and rejected token ids are identical after truncation",
 }
 
-DROP_REASONS: dict[str, str] = {**DEFECT_REASONS, **FILTER_REASONS}
+# Reasons that come from mixing weighted sources (`data.train[i].weight`): the row is fine, it was
+# just not drawn this run. Counted, never written to quarantine.jsonl, never a defect.
+SAMPLING_REASONS: dict[str, str] = {
+    "not_sampled": "a well-formed row of a source with weight < 1 (or a fractional weight) that the "
+    "seeded per-row draw left out",
+}
+
+DROP_REASONS: dict[str, str] = {**DEFECT_REASONS, **FILTER_REASONS, **SAMPLING_REASONS}
 
 # Things that happened to a kept row; counted in the report, the row is still kept.
 NOTES: dict[str, str] = {

@@ -1,13 +1,15 @@
-"""Sources: turn a `SourceConfig` into a Ray Dataset of raw rows `{row_id: str, raw: bytes}`.
+"""Sources: cut a `SourceConfig` into read units, and read a unit as raw rows `{row_id, raw}`.
 
 Every source kind ends in the same two columns, so parsing, validation and accounting happen in
 one place (the pipeline's process stage), and a row that cannot even be parsed is still a row
-with an id that names where it came from. Large local files are cut into several read units so
-one file is read and tokenized by several tasks in parallel.
+with an id that names where it came from. Every kind is cut into read units (byte ranges, row
+groups, row ranges) read inside Ray tasks, so one big file or dataset is read and tokenized by
+many tasks in parallel and none of its rows passes through the driver.
 """
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import json
@@ -48,13 +50,14 @@ MAX_CHUNK_BYTES = 64 << 20
 
 @dataclass(frozen=True)
 class ReadUnit:
-    """One task's share of a local file: a byte range of a JSONL file, a set of Parquet row
-    groups, or a whole JSON/CSV file."""
+    """One task's share of a source: a byte range of a JSONL file, a set of Parquet row groups, a
+    whole JSON/CSV file, or a row range of a `datasets` dataset (hf) or of inline rows."""
 
     path: str
-    kind: str  # jsonl | json | parquet | csv
-    start: int = 0  # jsonl: byte offset (at a line start); parquet: first row group
-    stop: int = -1  # jsonl: byte offset (exclusive); parquet: row group (exclusive); -1 = to the end
+    kind: str  # jsonl | json | parquet | csv | hf | inline
+    start: int = 0  # jsonl: byte offset (at a line start); parquet: first row group; hf/inline: first row
+    stop: int = -1  # jsonl: byte offset (exclusive); parquet: row group (exclusive); hf/inline: row
+    # (exclusive); -1 = to the end
     first_index: int = 0  # jsonl: line number of `start` (1-based); parquet: index of its first row
 
 
@@ -161,19 +164,38 @@ def _parquet_units(path: str, chunk_bytes: int) -> list[ReadUnit]:
     return units or [ReadUnit(path, "parquet", 0, 0, 0)]
 
 
-def read_unit(unit: ReadUnit) -> Iterator[dict[str, list[Any]]]:
-    """Yield raw-row batches {row_id: [...], raw: [...]} for one read unit."""
-    if unit.kind == "jsonl":
-        yield from _read_jsonl(unit)
+def plan_row_ranges(path: str, kind: str, rows: int, total_bytes: int, target_units: int) -> list[ReadUnit]:
+    """Row ranges of a `datasets` dataset (hf) or of inline rows, cut as local files are: about
+    total_bytes / target_units each, within MIN/MAX_CHUNK_BYTES."""
+    if rows == 0:
+        return [ReadUnit(path, kind, 0, 0, 0)]
+    chunk_bytes = min(MAX_CHUNK_BYTES, max(MIN_CHUNK_BYTES, math.ceil(total_bytes / max(1, target_units))))
+    step = max(1, min(rows, math.ceil(rows * chunk_bytes / max(1, total_bytes))))
+    return [ReadUnit(path, kind, start, min(rows, start + step), start) for start in range(0, rows, step)]
+
+
+def read_unit(
+    unit: ReadUnit, source: SourceConfig | None = None, batch_rows: int = _ROWS_PER_BATCH
+) -> Iterator[dict[str, list[Any]]]:
+    """Yield raw-row batches {row_id: [...], raw: [...]} of up to `batch_rows` rows for one read
+    unit. hf and inline units need the `source` they were planned from."""
+    if unit.kind in ("hf", "inline"):
+        assert source is not None, f"a {unit.kind} read unit is read with its source"
+        if unit.kind == "hf":
+            yield from _read_hf_range(unit, source, batch_rows)
+        else:
+            yield from _read_inline_range(unit, source, batch_rows)
+    elif unit.kind == "jsonl":
+        yield from _read_jsonl(unit, batch_rows)
     elif unit.kind == "parquet":
-        yield from _read_parquet(unit)
+        yield from _read_parquet(unit, batch_rows)
     elif unit.kind == "csv":
-        yield from _read_csv(unit)
+        yield from _read_csv(unit, batch_rows)
     else:
-        yield from _read_json_array(unit)
+        yield from _read_json_array(unit, batch_rows)
 
 
-def _read_jsonl(unit: ReadUnit) -> Iterator[dict[str, list[Any]]]:
+def _read_jsonl(unit: ReadUnit, batch_rows: int) -> Iterator[dict[str, list[Any]]]:
     ids: list[str] = []
     raws: list[bytes] = []
     with open(unit.path, "rb") as f:
@@ -189,7 +211,7 @@ def _read_jsonl(unit: ReadUnit) -> Iterator[dict[str, list[Any]]]:
             if data.strip():  # blank lines are not rows
                 ids.append(f"{unit.path}:{line}")
                 raws.append(data.rstrip(b"\r\n"))
-                if len(ids) == _ROWS_PER_BATCH:
+                if len(ids) == batch_rows:
                     yield {"row_id": ids, "raw": raws}
                     ids, raws = [], []
             line += 1
@@ -197,7 +219,7 @@ def _read_jsonl(unit: ReadUnit) -> Iterator[dict[str, list[Any]]]:
         yield {"row_id": ids, "raw": raws}
 
 
-def _read_parquet(unit: ReadUnit) -> Iterator[dict[str, list[Any]]]:
+def _read_parquet(unit: ReadUnit, batch_rows: int) -> Iterator[dict[str, list[Any]]]:
     import pyarrow.parquet as pq
 
     pf = pq.ParquetFile(unit.path)
@@ -205,7 +227,7 @@ def _read_parquet(unit: ReadUnit) -> Iterator[dict[str, list[Any]]]:
     groups = list(range(unit.start, unit.stop))
     if not groups:
         return
-    for batch in pf.iter_batches(batch_size=_ROWS_PER_BATCH, row_groups=groups):
+    for batch in pf.iter_batches(batch_size=batch_rows, row_groups=groups):
         rows = batch.to_pylist()
         yield {
             "row_id": [f"{unit.path}#{index + i}" for i in range(len(rows))],
@@ -214,7 +236,7 @@ def _read_parquet(unit: ReadUnit) -> Iterator[dict[str, list[Any]]]:
         index += len(rows)
 
 
-def _read_csv(unit: ReadUnit) -> Iterator[dict[str, list[Any]]]:
+def _read_csv(unit: ReadUnit, batch_rows: int) -> Iterator[dict[str, list[Any]]]:
     import pyarrow.csv as pcsv
 
     index = 0
@@ -226,17 +248,18 @@ def _read_csv(unit: ReadUnit) -> Iterator[dict[str, list[Any]]]:
             convert_options=pcsv.ConvertOptions(column_types={n: pa.string() for n in names}),
         )
         for batch in reader:
-            rows = batch.to_pylist()
-            yield {
-                "row_id": [f"{unit.path}#{index + i}" for i in range(len(rows))],
-                "raw": [encode_row(r) for r in rows],
-            }
-            index += len(rows)
+            for begin in range(0, batch.num_rows, batch_rows):
+                rows = batch.slice(begin, batch_rows).to_pylist()
+                yield {
+                    "row_id": [f"{unit.path}#{index + i}" for i in range(len(rows))],
+                    "raw": [encode_row(r) for r in rows],
+                }
+                index += len(rows)
     except pa.ArrowInvalid as e:
         raise DataError(f"{unit.path}: CSV parse error after data row {index}: {e}") from e
 
 
-def _read_json_array(unit: ReadUnit) -> Iterator[dict[str, list[Any]]]:
+def _read_json_array(unit: ReadUnit, batch_rows: int) -> Iterator[dict[str, list[Any]]]:
     try:
         with open(unit.path, encoding="utf-8") as f:
             data = json.load(f)
@@ -250,12 +273,53 @@ def _read_json_array(unit: ReadUnit) -> Iterator[dict[str, list[Any]]]:
         raise DataError(
             f"{unit.path}: expected a JSON array of rows (or JSON Lines), got {type(data).__name__}"
         )
-    for begin in range(0, len(data), _ROWS_PER_BATCH):
-        part = data[begin : begin + _ROWS_PER_BATCH]
+    for begin in range(0, len(data), batch_rows):
+        part = data[begin : begin + batch_rows]
         yield {
             "row_id": [f"{unit.path}#{begin + i}" for i in range(len(part))],
             "raw": [encode_row(r) for r in part],
         }
+
+
+def _read_hf_range(unit: ReadUnit, source: SourceConfig, batch_rows: int) -> Iterator[dict[str, list[Any]]]:
+    """Rows [start, stop) of a save_to_disk or hub dataset, opened in this worker from its config
+    (memory-mapped Arrow files; nothing of it is shipped from the driver), ids `name#INDEX`."""
+    dataset = _open_hf_dataset(source.path, source.split, source.subset, source.data_dir, source.revision)
+    if len(dataset) < unit.stop:
+        raise DataError(
+            f"{source.describe()}: has {len(dataset)} rows here but {unit.stop} or more when the read was "
+            "planned (did it change during the run?)"
+        )
+    part = dataset.select(range(unit.start, unit.stop)).with_format("arrow")
+    index = unit.first_index
+    name = source.describe()
+    for begin in range(0, len(part), batch_rows):
+        rows = part[begin : begin + batch_rows].to_pylist()
+        yield {
+            "row_id": [f"{name}#{index + i}" for i in range(len(rows))],
+            "raw": [encode_row(r) for r in rows],
+        }
+        index += len(rows)
+
+
+@functools.lru_cache(maxsize=4)
+def _open_hf_dataset(
+    path: str | None, split: str, subset: str | None, data_dir: str | None, revision: str | None
+) -> Any:
+    # Ray reuses worker processes across tasks: each opens a dataset once (a hub dataset from this
+    # node's datasets cache, downloading it there if this node has not got it).
+    source = SourceConfig(path=path, split=split, subset=subset, data_dir=data_dir, revision=revision)
+    return load_hf_dataset(source)
+
+
+def _read_inline_range(
+    unit: ReadUnit, source: SourceConfig, batch_rows: int
+) -> Iterator[dict[str, list[Any]]]:
+    assert source.rows is not None
+    for begin in range(unit.start, unit.stop, batch_rows):
+        batch = inline_batches(source.rows[begin : min(unit.stop, begin + batch_rows)])
+        batch["row_id"] = [f"rows[{begin + i}]" for i in range(len(batch["raw"]))]
+        yield batch
 
 
 def encode_row(row: Any) -> bytes:
@@ -293,18 +357,6 @@ def load_hf_dataset(source: SourceConfig) -> Any:
             f"{source.path}: could not load it as a local path or a Hugging Face hub dataset "
             f"(split={source.split!r}, subset={source.subset!r}, data_dir={source.data_dir!r}): {e}"
         ) from e
-
-
-def hf_to_raw(batch: pa.Table, name: str) -> pa.Table:
-    """Ray Data batch of a `datasets` table (with its `__index` column) -> raw rows."""
-    rows = batch.to_pylist()
-    return pa.table(
-        {
-            "row_id": [f"{name}#{r.pop('__index')}" for r in rows],
-            "raw": [encode_row(r) for r in rows],
-        },
-        schema=RAW_SCHEMA,
-    )
 
 
 def fingerprint(

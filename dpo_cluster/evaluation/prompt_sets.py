@@ -135,26 +135,29 @@ def eval_split_prompts(config: Config, prepared: PreparedData, limit: int) -> li
         for row_id in pq.read_table(f, columns=["row_id"]).column("row_id").to_pylist()
     }
     role = "eval" if config.data.eval is not None else "train"
-    source = config.data.eval if config.data.eval is not None else config.data.train
-    assert source is not None  # Config.check requires data.train
-    fmt = prepared.report["sources"][role]["format"]
-    spec = config.data.format_spec()
+    listed = config.data.sources(role)
+    reported = prepared.report["sources"][role]
+    # One format per source: the mix lists them in source order; a single source has its own.
+    formats = [entry["format"] for entry in reported["mix"]] if "mix" in reported else [reported["format"]]
     prompts: dict[str, Prompt] = {}
-    for row_id, raw in _source_rows(source):
-        if len(prompts) >= limit:
-            break
-        if row_id not in kept:
-            continue
-        try:
-            pair = normalize_row(parse_raw(raw), fmt, spec)
-        except DropRow as drop:  # kept by the pipeline, so the source changed since it ran
-            raise DataError(
-                f"{row_id}: {drop.reason}: {drop.detail} (the source changed after it was prepared?)"
-            ) from None
-        prompts.setdefault(_prompt_key(pair.prompt), pair.prompt)
+    for (_, source), fmt in zip(listed, formats, strict=True):
+        spec = config.data.format_spec(source)
+        for row_id, raw in _source_rows(source):
+            if len(prompts) >= limit:
+                return list(prompts.values())
+            if row_id not in kept:
+                continue
+            try:
+                pair = normalize_row(parse_raw(raw), fmt, spec)
+            except DropRow as drop:  # kept by the pipeline, so the source changed since it ran
+                raise DataError(
+                    f"{row_id}: {drop.reason}: {drop.detail} (the source changed after it was prepared?)"
+                ) from None
+            prompts.setdefault(_prompt_key(pair.prompt), pair.prompt)
     if not prompts:
+        names = ", ".join(source.describe() for _, source in listed)
         raise DataError(
-            f"none of the {len(kept)} eval rows in {split_dir} were found in {source.describe()} "
+            f"none of the {len(kept)} eval rows in {split_dir} were found in {names} "
             "(was it changed or moved after it was prepared?)"
         )
     return list(prompts.values())
