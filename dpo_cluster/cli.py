@@ -105,9 +105,23 @@ def _add_demo_parser(sub: Any) -> None:
 
 def _add_bench_data_parser(bench: Any) -> None:
     b = bench.add_parser("data", help="this pipeline vs TRL's datasets.map preprocessing, rows/s")
-    b.add_argument("--rows", type=int, default=20_000, help="generated preference pairs (default 20000)")
     b.add_argument(
-        "--num-proc", type=int, default=None, help="processes for TRL's datasets.map (default: CPUs)"
+        "--rows",
+        type=int,
+        default=None,
+        help="generated preference pairs (default 20000; 1000000 with --scale)",
+    )
+    b.add_argument(
+        "--num-proc",
+        type=int,
+        default=None,
+        help="processes for TRL's datasets.map (default: CPUs; with --scale TRL runs its default, one)",
+    )
+    b.add_argument(
+        "--scale",
+        action="store_true",
+        help="at scale: each side in its own process, peak RSS of prepare's driver, Ray workers and "
+        "object store vs TRL's, and what each of 2 training readers reads",
     )
     b.add_argument("--output", default=None, help="also write the results as JSON to this path")
     b.set_defaults(run=cmd_bench_data)
@@ -387,9 +401,14 @@ def format_report(report: dict) -> str:
 
 
 def cmd_bench_data(args: argparse.Namespace) -> int:
-    from dpo_cluster.bench.data import run_data_benchmark
+    if args.scale:
+        from dpo_cluster.bench.data_scale import SCALE_ROWS, run_scale_benchmark
 
-    result = run_data_benchmark(rows=args.rows, num_proc=args.num_proc)
+        result = run_scale_benchmark(rows=args.rows or SCALE_ROWS)
+    else:
+        from dpo_cluster.bench.data import run_data_benchmark
+
+        result = run_data_benchmark(rows=args.rows or 20_000, num_proc=args.num_proc)
     if args.output:
         with open(args.output, "w") as f:
             json.dump(result, f, indent=2)

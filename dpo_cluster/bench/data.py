@@ -3,6 +3,9 @@
 are compared row by row, so the rows/s figures are for provably the same work.
 
     dpo-cluster bench data --rows 20000
+
+`--scale` (`bench/data_scale.py`) runs both at a million rows in processes of their own, for peak
+memory, and measures the training reader.
 """
 
 from __future__ import annotations
