@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from dpo_cluster.batch.packing import INDEX_COLUMN
+from dpo_cluster.batch.token_budget import TokenBudget
 from dpo_cluster.data.layout import rows_dir
 from dpo_cluster.data.pipeline import PreparedData, prepare
 from dpo_cluster.data.samples import SAMPLE_FILE
 from dpo_cluster.train.context import WorkerContext
 from dpo_cluster.train.indexed_source import IndexedPairSource
-from dpo_cluster.train.token_budget import TokenBudget
 from tests.test_train_local import train_config
 
 MICRO = 4

@@ -1,18 +1,22 @@
 """The reference log-prob stage (`reference.mode: precompute`) on a real local Ray: its values are
-the in-process reference's, rows keep their order and ids, the cache is reused by key and only by
-key, an interrupted write is never trusted, and training on its output equals training with the
-in-loop reference (Ray Train with 2 workers, and in one process with LoRA)."""
+the in-process reference's by row position, a run scores only the pairs it reads (eval first) and
+only those the cache lacks, a stopped or killed stage keeps what it wrote and never more, waiting
+workers get values as they come and the stage's failure when none will, and training on its
+output equals training with the in-loop reference (Ray Train with 2 workers, and in one process
+with LoRA)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import math
 import shutil
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -25,31 +29,29 @@ from dpo_cluster.data.pipeline import PreparedData, prepare
 from dpo_cluster.modeling import load_reference, resolve_name_or_path
 from dpo_cluster.reference import cache, precompute
 from dpo_cluster.reference.cache import REFERENCE_DIR, REPORT_FILE, compute_reference_key, hash_weights
-from dpo_cluster.reference.precompute import ReferenceLogps, compute_reference_logps
+from dpo_cluster.reference.precompute import ReferenceLogps, build_reference_stage, compute_reference_logps
+from dpo_cluster.reference.schedule import scoring_order
 from dpo_cluster.reference.scorer import ReferenceScorer, build_reference_spec
+from dpo_cluster.reference.values import ReferenceValues, scored_positions, write_fragment, write_status
 from tests.test_train_local import losses, metrics_rows, train_config
 
 pytestmark = pytest.mark.slow
 
-# Two actors, and a batch size that divides neither split, so batches end mid-block and the pool
-# really has rows to reorder.
+# Two actors, and a batch size that divides neither split, so forwards end mid-item and the pool
+# really has items to reorder.
 STAGE = ("reference.mode=precompute", "reference.concurrency=2", "reference.batch_size=3")
 # How far a bf16 loss may move when the reference scored the same pairs in other batch shapes.
 BF16_LOSS_TOLERANCE = 1e-4
+# Sums of a few hundred nats in float32 (one ulp: 3e-5) scored in other shapes, padded or packed.
+FP32_LOGPS_TOLERANCE = 1e-4
 
 
 def precompute_config(output_dir: Path, *overrides: str) -> Config:
     return train_config(output_dir, *STAGE, *overrides)
 
 
-def split_table(result: ReferenceLogps, split: str) -> pa.Table:
-    import ray
-
-    return pa.concat_tables(ray.get(result.datasets[split].to_arrow_refs()))
-
-
 def prepared_table(prepared: PreparedData, split: str) -> pa.Table:
-    """The prepared rows in the order training reads them (files by name, rows in file order)."""
+    """The prepared rows in position order (files by name, rows in file order)."""
     split_dir = prepared.split_dir(split)
     assert split_dir is not None
     files = sorted(split_dir.glob("*.parquet"))
@@ -57,7 +59,7 @@ def prepared_table(prepared: PreparedData, split: str) -> pa.Table:
 
 
 def in_process_logps(name_or_path: str, table: pa.Table, batch_size: int = 5) -> torch.Tensor:
-    """(N, 2) chosen/rejected reference log-probs of `table`'s pairs, scored here in fp32."""
+    """(N, 2) chosen/rejected reference log-probs of `table`'s pairs, scored here in fp32, padded."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(resolve_name_or_path(name_or_path)).eval()
@@ -71,14 +73,20 @@ def in_process_logps(name_or_path: str, table: pa.Table, batch_size: int = 5) ->
     return torch.cat(out)
 
 
-def stage_logps(table: pa.Table) -> torch.Tensor:
-    return torch.tensor([table.column(name).to_pylist() for name in REF_COLUMNS], dtype=torch.float32).T
+def stage_logps(values: ReferenceValues, positions: Any = None) -> torch.Tensor:
+    """(N, 2) the stage's chosen/rejected values at `positions` (default: every row)."""
+    positions = np.arange(values.num_rows) if positions is None else np.asarray(positions)
+    got = values.lookup(positions)
+    return torch.tensor(np.stack([got[REF_COLUMNS[0]], got[REF_COLUMNS[1]]], axis=1))
 
 
 def cache_files(result: ReferenceLogps) -> dict[str, int]:
     """Every file of the cache directory -> its modification time (ns)."""
-    assert result.cache_dir is not None
-    return {str(p.relative_to(result.cache_dir)): p.stat().st_mtime_ns for p in result.cache_dir.rglob("*")}
+    return {str(p.relative_to(result.directory)): p.stat().st_mtime_ns for p in result.directory.rglob("*")}
+
+
+def counts_of(prepared: PreparedData) -> dict[str, int]:
+    return {split: prepared.report["splits"][split]["rows_kept"] for split in ("train", "eval")}
 
 
 @pytest.fixture(scope="module")
@@ -91,34 +99,29 @@ def stage_run(
 
 
 # ----------------------------------------------------------------------------------------------
-# Values, order, columns.
+# Values by position.
 
 
 def test_stage_values_equal_the_reference_scored_in_process(
     stage_run: tuple[Config, PreparedData, ReferenceLogps],
 ) -> None:
     _, prepared, result = stage_run
-    assert set(result.datasets) == {"train", "eval"}
     for split in ("train", "eval"):
-        got, want = split_table(result, split), prepared_table(prepared, split)
-        assert got.num_rows == want.num_rows == prepared.report["splits"][split]["rows_kept"]
-        # Same rows, same order, same ids and tokens; the reference columns added, float32, no nulls.
-        assert got.column("row_id").to_pylist() == want.column("row_id").to_pylist()
-        for name in ID_COLUMNS:
-            assert got.column(name).to_pylist() == want.column(name).to_pylist(), name
-        for name in REF_COLUMNS:
-            assert got.schema.field(name).type == pa.float32()
-            assert got.column(name).null_count == 0
-        # The stage pads 3 pairs per batch, the in-process reference 5: other shapes, so the sums
-        # (|logp| of several hundred, where one float32 ulp is 3e-5) agree to a few ulps.
+        want = prepared_table(prepared, split)
+        values = result.values(split)
+        assert values.num_rows == want.num_rows == prepared.report["splits"][split]["rows_kept"]
+        assert values.known.all()
+        # The stage scores 3 pairs a forward, packed; the in-process reference 5, padded: other
+        # shapes, so the sums (|logp| of several hundred) agree to a few float32 ulps.
         expected = in_process_logps("builtin:tiny", want)
-        torch.testing.assert_close(stage_logps(got), expected, atol=1e-5, rtol=1e-6)
+        torch.testing.assert_close(stage_logps(values), expected, atol=FP32_LOGPS_TOLERANCE, rtol=1e-6)
         assert (expected < 0).all()
-        # The cached Parquet (what run_local reads) holds the same rows in the same order.
-        split_dir = result.split_dir(split)
-        assert split_dir is not None
-        cached = pa.concat_tables([pq.read_table(f) for f in sorted(split_dir.glob("*.parquet"))])
-        assert cached.equals(got.select(cached.column_names))
+        # Fragments hold positions (each once) and float32 values, nothing else.
+        fragments = [pq.read_table(f) for f in sorted((result.directory / split).glob("*.parquet"))]
+        assert all(f.schema.names == ["position", *REF_COLUMNS] for f in fragments)
+        assert all(f.schema.field(name).type == pa.float32() for f in fragments for name in REF_COLUMNS)
+        positions = np.concatenate([f.column("position").to_numpy() for f in fragments])
+        assert sorted(positions.tolist()) == list(range(want.num_rows))
 
 
 def test_the_scorer_weights_its_sums_as_ld_dpo_when_asked(
@@ -133,134 +136,237 @@ def test_the_scorer_weights_its_sums_as_ld_dpo_when_asked(
     )
     assert spec.ld_alpha == 0.25
     scorer = ReferenceScorer(spec)
-    got = stage_logps(scorer(table))
+    scored = scorer(table)
+    got = torch.tensor([scored.column(name).to_pylist() for name in REF_COLUMNS]).T
     model = scorer.model
     batch = collate_pairs({name: table.column(name).to_pylist() for name in ID_COLUMNS}, spec.pad_token_id)
     with torch.no_grad():
         weighted, _, _ = sequence_logps(model, batch, ld_alpha=0.25)
         plain, _, _ = sequence_logps(model, batch)
-    torch.testing.assert_close(got, torch.stack([weighted[:6], weighted[6:]], dim=1).float())
+    torch.testing.assert_close(
+        got, torch.stack([weighted[:6], weighted[6:]], dim=1).float(), atol=1e-4, rtol=1e-6
+    )
     assert not torch.allclose(weighted, plain)
+
+
+def test_a_token_budget_cuts_forwards_by_cost_and_keeps_the_values(
+    stage_run: tuple[Config, PreparedData, ReferenceLogps],
+) -> None:
+    """reference.max_tokens_per_forward: forwards hold pairs by what they cost (packed: their real
+    tokens), never more than batch_size; the values stay the in-process reference's."""
+    config, prepared, _ = stage_run
+    table = prepared_table(prepared, "train").slice(0, 40)
+    budget = precompute_config(Path(config.output_dir), "reference.max_tokens_per_forward=300",
+                               "reference.batch_size=16")  # fmt: skip
+    scorer = ReferenceScorer(build_reference_spec(budget))
+    assert scorer.route == "mask" and scorer.budget is not None  # packed rows, sdpa on CPU
+    columns = {name: table.column(name).to_numpy(zero_copy_only=False) for name in ID_COLUMNS}
+    forwards = scorer.forwards(columns)
+    assert sorted(np.concatenate(forwards).tolist()) == list(range(40))
+    assert 2 < len(forwards) < 40 and all(len(f) <= 16 for f in forwards)
+    for indices in forwards:
+        lengths = [
+            len(columns["prompt_ids"][i]) + len(columns[k][i])
+            for i in indices
+            for k in ("chosen_ids", "rejected_ids")
+        ]
+        assert len(indices) == 1 or scorer.budget.cost(lengths) <= 300
+    got = scorer(table)
+    expected = in_process_logps("builtin:tiny", table)
+    torch.testing.assert_close(
+        torch.tensor([got.column(name).to_pylist() for name in REF_COLUMNS]).T,
+        expected,
+        atol=FP32_LOGPS_TOLERANCE,
+        rtol=1e-6,
+    )
 
 
 def test_the_report_and_the_workers_side(stage_run: tuple[Config, PreparedData, ReferenceLogps]) -> None:
     config, prepared, result = stage_run
     report = json.loads((Path(config.output_dir) / REPORT_FILE).read_text())
-    counts = {split: prepared.report["splits"][split]["rows_kept"] for split in ("train", "eval")}
-    assert report["reused"] is False and report["rows"] == counts
-    assert report["rows_scored"] == sum(counts.values()) and report["seconds"] > 0
+    counts = counts_of(prepared)
+    assert report["reused"] is False and report["state"] == "done" and report["rows"] == counts
+    assert report["rows_needed"] == counts and report["rows_scored"] == sum(counts.values())
+    assert report["rows_reused"] == {"train": 0, "eval": 0} and report["seconds"] > 0
     assert report["cache_dir"] == str(Path(config.output_dir) / REFERENCE_DIR / report["cache_key"])
     assert report["key_parts"]["reference"]["name_or_path"] == "builtin:tiny"
     assert len(report["key_parts"]["reference"]["weights_sha256"]) == 64
+    assert len(report["key_parts"]["row_order"]) == 64
     assert report["actors"]["concurrency"] == 2 and report["actors"]["batch_size"] == 3
+    assert report["actors"]["packing"] is True
+    # Nobody waits on a finished stage: no status file is left in the cache.
+    assert not list(result.directory.glob("status-*"))
     # Training workers in this mode load no reference model.
     assert load_reference(config.model, config.reference, config.lora) is None
 
 
 # ----------------------------------------------------------------------------------------------
-# The cache.
+# What is scored: what the run reads, less what the cache holds.
 
 
 def test_a_second_run_reuses_the_cache_without_scoring(
     stage_run: tuple[Config, PreparedData, ReferenceLogps],
     monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
 ) -> None:
     config, prepared, first = stage_run
     before = cache_files(first)
 
     def no_scoring(*args: Any, **kwargs: Any) -> Any:
-        raise AssertionError("the reference stage ran although its cache matches")
+        raise AssertionError("the reference stage ran although its cache holds every pair")
 
-    monkeypatch.setattr(precompute, "build_scored_dataset", no_scoring)
-    with caplog.at_level(logging.INFO, logger=precompute.__name__):
-        second = compute_reference_logps(config, prepared)
+    monkeypatch.setattr(precompute, "score_items", no_scoring)
+    second = compute_reference_logps(config, prepared)
     assert second.report["reused"] is True and second.report["rows_scored"] == 0
+    assert second.report["rows_reused"] == counts_of(prepared)
     assert second.report["cache_key"] == first.report["cache_key"]
     assert json.loads((Path(config.output_dir) / REPORT_FILE).read_text())["reused"] is True
-    assert any(
-        "reusing" in r.getMessage() and first.report["cache_key"] in r.getMessage() for r in caplog.records
-    )
     assert cache_files(second) == before  # nothing rewritten
     for split in ("train", "eval"):
-        assert split_table(second, split).equals(split_table(first, split))
+        assert torch.equal(stage_logps(second.values(split)), stage_logps(first.values(split)))
 
 
-def test_another_reference_recomputes_and_the_old_key_still_reuses(
+def test_a_short_run_scores_what_it_reads_and_a_longer_one_only_the_rest(
     stage_run: tuple[Config, PreparedData, ReferenceLogps], tmp_path: Path
 ) -> None:
-    """Same prepared pairs, another reference: another key, scored anew, other values (the
-    reference's); the first key's cache is still whole. (Which settings change the key:
-    test_the_key_covers_weights_dtype_and_data_but_not_the_loss.)"""
-    from dpo_cluster.tiny import build_tiny_model
+    """max_steps 2 scores the eval split and 2 steps' pairs; max_steps 5 then scores only its pairs
+    not scored yet; the values are those of scoring everything at once."""
+    _, prepared, full = stage_run
+    counts = counts_of(prepared)
+    common = ("reference.concurrency=1", "train.eval_strategy=steps", "train.micro_batch_size=4")
+    short = precompute_config(tmp_path, *common, "train.max_steps=2")
+    order = scoring_order(short, counts)
+    first = compute_reference_logps(short, prepared, order)
+    assert len(order["train"]) == 2 * 4 and first.report["rows_needed"] == {"eval": 60, "train": 8}
+    assert first.report["rows_scored"] == 68 < sum(counts.values())
+    covered = scored_positions(first.directory / "train", counts["train"])
+    assert sorted(np.flatnonzero(covered).tolist()) == sorted(order["train"].tolist())
 
-    config, prepared, first = stage_run
-    other = build_tiny_model(tmp_path / "other_reference", seed=1)
-    changed_config = precompute_config(
-        tmp_path / "run", "reference.concurrency=1", f"reference.name_or_path={other}"
-    )
-    changed = compute_reference_logps(changed_config, prepared)
-    assert changed.report["reused"] is False and changed.report["rows_scored"] > 0
-    assert changed.report["cache_key"] != first.report["cache_key"]
-    assert cache.plan_cache(changed_config, prepared).reusable
-    assert cache.plan_cache(config, prepared).reusable
-    base, values = (stage_logps(split_table(run, "train")) for run in (first, changed))
-    assert not torch.allclose(base, values)
-    expected = in_process_logps(str(other), split_table(changed, "train"))
-    torch.testing.assert_close(values, expected, atol=1e-5, rtol=1e-6)  # other batch shapes: a few ulps
+    longer = precompute_config(tmp_path, *common, "train.max_steps=5")
+    more = scoring_order(longer, counts)
+    second = compute_reference_logps(longer, prepared, more)
+    assert second.report["cache_key"] == first.report["cache_key"]
+    assert second.report["rows_reused"] == {"eval": 60, "train": 8}
+    assert second.report["rows_scored"] == 5 * 4 - 8
+    for split, positions in more.items():
+        torch.testing.assert_close(
+            stage_logps(second.values(split), positions), stage_logps(full.values(split), positions),
+            atol=FP32_LOGPS_TOLERANCE, rtol=1e-6,
+        )  # fmt: skip
+    # A position the runs never read was never scored, and asking for it says so.
+    unread = int(np.flatnonzero(~scored_positions(second.directory / "train", counts["train"]))[0])
+    with pytest.raises(ValueError, match="no reference log-probs for 1 of 1 rows"):
+        second.values("train").lookup(np.array([unread]))
 
 
-def test_an_interrupted_write_leaves_no_usable_cache(
-    stage_run: tuple[Config, PreparedData, ReferenceLogps], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_a_stopped_stage_keeps_what_it_wrote_and_the_next_run_scores_the_rest(
+    stage_run: tuple[Config, PreparedData, ReferenceLogps], tmp_path: Path
 ) -> None:
-    _, prepared, first = stage_run
+    """Training ended (or the driver died) before the stage: it stops at the next item, its
+    fragments are whole, a partial fragment of a killed write is never read, and the next run
+    scores exactly the positions that are missing."""
+    _, prepared, full = stage_run
+    config = precompute_config(tmp_path, "reference.concurrency=1", "reference.batch_size=1")
+    stage = build_reference_stage(config, prepared)
+    stage.start()
+    deadline = time.monotonic() + 120
+    while not list((stage.plan.directory / "eval").glob("*.parquet")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stage.stop()
+    stage.wait()
+    assert stage.report["state"] == "stopped"
+    done = stage.report["rows_scored"]
+    assert 0 < done < sum(counts_of(prepared).values())
+    covered = {
+        split: scored_positions(stage.plan.split_dir(split), n) for split, n in counts_of(prepared).items()
+    }
+    assert sum(int(c.sum()) for c in covered.values()) == done
+    # What a hard kill leaves mid-write: a temporary file, never taken for a fragment.
+    (stage.plan.split_dir("train") / ".00000099-deadbeef.tmp").write_bytes(b"PAR1 half a file")
+    again = compute_reference_logps(config, prepared)
+    assert again.report["rows_scored"] == sum(counts_of(prepared).values()) - done
+    for split in ("train", "eval"):
+        torch.testing.assert_close(
+            stage_logps(again.values(split)),
+            stage_logps(full.values(split)),
+            atol=FP32_LOGPS_TOLERANCE,
+            rtol=1e-6,
+        )
+
+
+def test_a_cache_of_another_key_or_rows_is_started_again(
+    stage_run: tuple[Config, PreparedData, ReferenceLogps], tmp_path: Path
+) -> None:
+    _, prepared, _ = stage_run
     config = precompute_config(tmp_path, "reference.concurrency=1")
     plan = cache.plan_cache(config, prepared)
-    tables = {split: split_table(first, split) for split in plan.counts}
-    root = tmp_path / REFERENCE_DIR
-
-    def killed(*args: Any, **kwargs: Any) -> None:
-        raise RuntimeError("killed after the Parquet was written, before the rename")
-
-    # Interrupted between writing and installing: nothing under the key.
-    with monkeypatch.context() as m:
-        m.setattr(cache, "install_directory", killed)
-        with pytest.raises(RuntimeError, match="killed"):
-            cache.write_cache(tables, plan)
-    assert not [p for p in root.iterdir() if not p.name.startswith(".")]
-
-    # What a hard kill leaves: a complete staging directory (never renamed), and a key directory
-    # copied without its manifest. Neither is trusted; both are replaced by a fresh, whole cache.
-    cache.write_cache(tables, plan)
-    assert cache.plan_cache(config, prepared).reusable
-    shutil.copytree(root / plan.key, root / f".tmp-{plan.key}-deadbeef")
-    (root / plan.key / "manifest.json").unlink()
-    assert "has no manifest.json" in str(cache.plan_cache(config, prepared).problem)
-    again = compute_reference_logps(config, prepared)
-    assert again.report["reused"] is False and again.report["rows_scored"] > 0
-    assert (root / plan.key / "manifest.json").is_file()
-    assert [p.name for p in root.iterdir()] == [plan.key]
-    assert cache.plan_cache(config, prepared).reusable
+    cache.open_cache(plan)
+    write_fragment(
+        plan.split_dir("train"), 0, np.array([0, 1]), np.array([-1.0, -2.0]), np.array([-3.0, -4.0])
+    )
+    manifest = json.loads((plan.directory / "manifest.json").read_text())
+    (plan.directory / "manifest.json").write_text(json.dumps(manifest | {"rows": {"train": 1}}))
+    cache.open_cache(plan)  # the manifest does not match: emptied, not trusted
+    assert not scored_positions(plan.split_dir("train"), plan.counts["train"]).any()
+    assert json.loads((plan.directory / "manifest.json").read_text())["rows"] == plan.counts
 
 
-def test_cache_off_scores_every_run_and_writes_nothing(
+def test_cache_off_scores_every_run_and_leaves_nothing(
     stage_run: tuple[Config, PreparedData, ReferenceLogps],
 ) -> None:
-    """Also one pair per batch, the shapes the in-process reference gets here: equal to 1e-5."""
+    """Also one pair per forward, the shapes the in-process reference gets here."""
     _, prepared, cached = stage_run
     config = precompute_config(Path(prepared.output_dir), "reference.cache=false", "reference.batch_size=1")
     result = compute_reference_logps(config, prepared)
-    assert result.cache_dir is None and result.split_dir("train") is None
     assert result.report["reused"] is False and result.report["cache_dir"] is None
+    assert result.report["rows_scored"] == sum(counts_of(prepared).values())
+    assert result.directory.name.startswith(".scratch-")
+    for split in ("train", "eval"):
+        expected = in_process_logps("builtin:tiny", prepared_table(prepared, split), batch_size=1)
+        torch.testing.assert_close(
+            stage_logps(result.values(split)), expected, atol=FP32_LOGPS_TOLERANCE, rtol=0
+        )
+        torch.testing.assert_close(
+            stage_logps(result.values(split)),
+            stage_logps(cached.values(split)),
+            atol=FP32_LOGPS_TOLERANCE,
+            rtol=1e-6,
+        )
+    result.close()
     assert [p.name for p in (Path(prepared.output_dir) / REFERENCE_DIR).iterdir()] == [
         cached.report["cache_key"]
     ]
-    for split in ("train", "eval"):
-        got, want = split_table(result, split), split_table(cached, split)
-        assert got.column("row_id").to_pylist() == want.column("row_id").to_pylist()
-        expected = in_process_logps("builtin:tiny", prepared_table(prepared, split), batch_size=1)
-        torch.testing.assert_close(stage_logps(got), expected, atol=1e-5, rtol=0)
-        torch.testing.assert_close(stage_logps(got), stage_logps(want), atol=1e-5, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# Workers beside the stage.
+
+
+def test_a_waiting_worker_gets_values_as_they_come_and_the_stage_failure_when_none_will(
+    tmp_path: Path,
+) -> None:
+    directory, status = tmp_path / "train", tmp_path / "status.json"
+    write_status(status, "running")
+    values = ReferenceValues(directory, 10, status)
+
+    def score_later() -> None:
+        time.sleep(0.5)
+        write_fragment(directory, 0, np.array([3, 7]), np.array([-3.0, -7.0]), np.array([-30.0, -70.0]))
+
+    thread = threading.Thread(target=score_later)
+    thread.start()
+    got = values.lookup(np.array([7, 3]))
+    thread.join()
+    assert got[REF_COLUMNS[0]].tolist() == [-7.0, -3.0] and got[REF_COLUMNS[1]].tolist() == [-70.0, -30.0]
+    assert values.waited_seconds >= 0.3
+    write_status(status, "failed", "RuntimeError('the actor died')")
+    with pytest.raises(RuntimeError, match="reference stage failed: RuntimeError\\('the actor died'\\)"):
+        values.lookup(np.array([1]))
+    write_status(status, "stopped")
+    with pytest.raises(ValueError, match="no reference log-probs for 1 of 2 rows"):
+        values.lookup(np.array([3, 1]))
+    with pytest.raises(ValueError, match="outside the split's 10 rows"):
+        write_fragment(directory, 1, np.array([10]), np.array([0.0]), np.array([0.0]))
+        values.refresh()
 
 
 def test_the_key_covers_weights_dtype_and_data_but_not_the_loss(tmp_path: Path) -> None:
@@ -276,6 +382,8 @@ def test_the_key_covers_weights_dtype_and_data_but_not_the_loss(tmp_path: Path) 
 
     assert key(base) == key(changed())
     assert key(base) != key(base, "p2")  # other prepared data (data, tokenizer, template, lengths)
+    # The same prepared key written again in another row order: values by position would not fit.
+    assert compute_reference_key(base, "p1", "order-a")[0] != compute_reference_key(base, "p1", "order-b")[0]
     assert key(base) != key(changed("reference.dtype=bfloat16"))
     assert key(base) != key(changed("model.attn_implementation=eager"))
     assert key(base) != key(changed("train.ld_alpha=0.5"))  # LD-DPO weights the stored sums
@@ -348,7 +456,7 @@ def test_ray_training_with_precompute_equals_the_in_loop_reference(tmp_path: Pat
     runs = {
         "model": ("reference.mode=model",),
         # Scored beside training (actors of 0 CPUs fit beside 2 workers on 2 CPUs), the workers
-        # reading the stage's log; then scored before training, the workers reading datasets.
+        # waiting for the values they need; then scored before training.
         "overlapped": ("reference.mode=precompute", "reference.num_cpus=0"),
         "before": ("reference.mode=precompute", "reference.overlap=false"),
     }
@@ -373,11 +481,18 @@ def test_ray_training_with_precompute_equals_the_in_loop_reference(tmp_path: Pat
         assert evals[name] == pytest.approx(evals["model"], abs=10 * BF16_LOSS_TOLERANCE), name
         report = json.loads((tmp_path / name / REPORT_FILE).read_text())
         assert report["key_parts"]["dtype"] == "bfloat16"  # reference.dtype auto: the compute dtype
-        assert report["reused"] is False and report["rows"]["train"] > 0
-        assert report["overlapped"] is (name == "overlapped")
-        # Both leave a complete cache a later run reuses.
+        assert report["reused"] is False and report["overlapped"] is (name == "overlapped")
+        # Only what 4 steps of 2 x 2 pairs and the evaluations read: not the whole train split.
+        assert report["rows_needed"]["train"] == 4 * 2 * 2 < report["rows"]["train"]
+        assert report["rows_needed"]["eval"] == report["rows"]["eval"] // 4 * 4
+        # Both leave a cache that holds what the same run reads again.
         config = train_config(tmp_path / name, *common, *runs[name])
-        assert cache.plan_cache(config, prepare(config)).reusable
+        prepared = prepare(config)
+        assert (
+            build_reference_stage(config, prepared, scoring_order(config, counts_of(prepared))).rows_to_score
+            == 0
+        )
+        assert not list((tmp_path / name / REFERENCE_DIR / report["cache_key"]).glob("status-*"))
     assert not (tmp_path / "model" / REPORT_FILE).exists()
 
 
@@ -394,14 +509,18 @@ def test_lora_precompute_scores_with_the_base_and_run_local_equals_adapter_disab
     result = compute_reference_logps(config, prepared)
     assert result.report["reused"] is True and result.report["cache_key"] == plain.report["cache_key"]
 
-    scored_dir, plain_dir = result.split_dir("train"), prepared.split_dir("train")
-    assert scored_dir is not None and plain_dir is not None
+    train_dir = prepared.split_dir("train")
+    assert train_dir is not None
     runs = {}
-    for mode, data in (("precompute", scored_dir), ("adapter_disabled", plain_dir)):
-        run_local(train_config(tmp_path / mode, *lora, f"reference.mode={mode}"), data)
+    for mode, reference_dir in (("precompute", result.directory), ("adapter_disabled", None)):
+        run_local(
+            train_config(tmp_path / mode, *lora, f"reference.mode={mode}"),
+            train_dir,
+            reference_dir=reference_dir,
+        )
         runs[mode] = losses(tmp_path / mode)
     assert runs["precompute"][0] == pytest.approx(math.log(2), abs=1e-6)
     assert runs["precompute"] == pytest.approx(runs["adapter_disabled"], abs=1e-4)
-    # Without the stage's columns the loop says where they come from.
-    with pytest.raises(ValueError, match="ReferenceLogps.split_dir"):
-        run_local(train_config(tmp_path / "missing", *lora, "reference.mode=precompute"), plain_dir)
+    # Without the stage's values the loop says where they come from.
+    with pytest.raises(ValueError, match="run_local\\(..., reference_dir="):
+        run_local(train_config(tmp_path / "missing", *lora, "reference.mode=precompute"), train_dir)

@@ -1,4 +1,4 @@
-"""Tests for dpo_cluster.train.token_budget: costs and cuts on literal lengths, every worker's share of
+"""Tests for dpo_cluster.batch.token_budget: costs and cuts on literal lengths, every worker's share of
 a step, the config rule, and a one-worker training run whose loss curve equals fixed micro-batches'
 (the 2-worker ZeRO-3 run is in tests/test_train_ray.py)."""
 
@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from dpo_cluster.batch.token_budget import TokenBudget, deal, micro_batch_cost
 from dpo_cluster.config import ConfigError
-from dpo_cluster.train.token_budget import TokenBudget, deal, micro_batch_cost
 from tests.test_packing import ListSource, config_with, run_config, skewed_split, train_rows, worker  # noqa: F401
 
 

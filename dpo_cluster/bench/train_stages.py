@@ -203,7 +203,8 @@ def run_precompute(s: BenchSettings) -> dict[str, Any]:
     actors = reference.report["actors"]
     return {
         "seconds": seconds,
-        "train_dir": str(reference.split_dir("train")),
+        "train_dir": str(prepared.split_dir("train")),
+        "reference_dir": str(reference.directory),
         "report": reference.report,
         "how": f"Ray Data actor pool of {actors['concurrency']} actor(s), {actors['num_cpus']:g} CPUs and "
         f"{actors['num_gpus']:g} GPUs each, {actors['batch_size']} pairs per forward, reference in "
@@ -417,11 +418,12 @@ def run_dpo_cluster(s: BenchSettings, mode: str) -> dict[str, Any]:
 
     started, baseline = time.monotonic(), measure_baseline(s.use_gpu)
     source = "precompute" if mode == "dpo-cluster-fast" else "setup"
-    train_dir = Path(json.loads((Path(s.workdir) / "results" / f"{source}.json").read_text())["train_dir"])
+    stage = json.loads((Path(s.workdir) / "results" / f"{source}.json").read_text())
+    reference_dir = Path(stage["reference_dir"]) if "reference_dir" in stage else None
     output_dir = s.run_dir(mode)
     shutil.rmtree(output_dir, ignore_errors=True)
     config = load_config(None, s.dpo_cluster_overrides(mode, output_dir))
-    summary, _ = run_local(config, train_dir)
+    summary, _ = run_local(config, Path(stage["train_dir"]), reference_dir=reference_dir)
     rows = [row for row in read_jsonl(output_dir / "metrics.jsonl") if "loss" in row]
     steps = []
     for row in rows:

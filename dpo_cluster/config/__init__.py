@@ -104,6 +104,12 @@ class Config:
                 f"train.max_tokens_per_micro_batch: {budget} cannot hold one pair of data.max_length="
                 f"{self.data.max_length} tokens (chosen and rejected); set it to at least {2 * self.data.max_length}"
             )
+        reference_budget = self.reference.max_tokens_per_forward
+        if reference_budget is not None and reference_budget < 2 * self.data.max_length:
+            raise ConfigError(
+                f"reference.max_tokens_per_forward: {reference_budget} cannot hold one pair of "
+                f"data.max_length={self.data.max_length} tokens; set it to at least {2 * self.data.max_length}"
+            )
         self._check_reference()
         if self.deepspeed.offload_params != "none" and self.deepspeed.zero_stage != 3:
             raise ConfigError("deepspeed.offload_params: parameter offload needs deepspeed.zero_stage: 3")

@@ -47,8 +47,17 @@ class ReferenceConfig:
     # The fields below are for mode: precompute only.
     # Reference actors scoring at once (the actor pool's size), >= 1; each holds one reference copy.
     concurrency: int = 1
-    # Pairs per reference forward, >= 1 (each pair is two sequences, so 2 x batch_size rows).
+    # Pairs per reference forward, >= 1 (each pair is two sequences, so 2 x batch_size rows); with
+    # max_tokens_per_forward, the most pairs a forward may hold.
     batch_size: int = 8
+    # Pack each forward's sequences into rows without padding where the reference's attention
+    # supports it (as train.packing does; values unchanged, pad compute saved); else padded rows.
+    packing: bool = True
+    # Token budget of one reference forward (tokens of its input tensor, padding or packed rows
+    # included), >= 2 x data.max_length so any pair fits: pairs are cut by what they cost, not
+    # only by batch_size. null = batch_size pairs per forward. The actors hold no gradients or
+    # optimizer state, so this can be several times train.max_tokens_per_micro_batch.
+    max_tokens_per_forward: int | None = None
     # GPUs per actor, >= 0: 0 scores on CPU; a fraction (0.5) packs several actors on one GPU.
     num_gpus: float = 0.0
     # CPUs per actor, >= 0; fractions allowed. Ray sets the actor's OMP_NUM_THREADS from it (>= 1).
@@ -60,12 +69,15 @@ class ReferenceConfig:
     # values the in-loop reference gives) | float32 | bfloat16 | float16 (float16 needs
     # num_gpus > 0). Stored log-probs are float32.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    # Keep the scored pairs (Parquet) under output_dir/reference_logps/<cache key>/ and reuse them
-    # when a later run has the same key; false scores every run and writes nothing.
+    # Keep the scored values (Parquet fragments by row position) under
+    # output_dir/reference_logps/<cache key>/; a later run with the same key scores only the pairs
+    # it needs that are not there yet. false: values live in a scratch directory removed after
+    # the run.
     cache: bool = True
-    # Score while the workers train (they read pairs as they are scored) where the cluster has
-    # room for the actors beside the training workers; otherwise, or when false, score everything
-    # first. See dpo_cluster.reference.stream.
+    # Score while the workers train (a worker waits for the pairs it needs next) where the cluster
+    # has room for the actors beside the training workers; otherwise, or when false, score first.
+    # Either way only the pairs the run will read are scored (eval first, then train in the order
+    # training reads it). See dpo_cluster.reference.precompute.
     overlap: bool = True
 
     def resolved_mode(self, lora: bool) -> str:
@@ -82,6 +94,10 @@ class ReferenceConfig:
             raise ConfigError(f"reference.concurrency: must be >= 1, got {self.concurrency}")
         if self.batch_size < 1:
             raise ConfigError(f"reference.batch_size: must be >= 1, got {self.batch_size}")
+        if self.max_tokens_per_forward is not None and self.max_tokens_per_forward < 2:
+            raise ConfigError(
+                f"reference.max_tokens_per_forward: must be >= 2, got {self.max_tokens_per_forward}"
+            )
         if self.num_gpus < 0 or self.num_cpus < 0:
             raise ConfigError(
                 f"reference.num_gpus, reference.num_cpus: must be >= 0, got {self.num_gpus}, {self.num_cpus}"

@@ -7,6 +7,7 @@ itself, so that loading a config needs no torch; the tests keep the two equal.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -133,7 +134,7 @@ class TrainConfig:
     # of micro_batch_size pairs each, longest pairs first, so every forward costs about the same
     # memory. The step keeps its micro_batch_size x gradient_accumulation_steps x num_workers pairs
     # and the gradient stays their mean. null = fixed micro-batches. Must hold a pair of
-    # data.max_length tokens (>= 2 x data.max_length). See dpo_cluster.train.token_budget.
+    # data.max_length tokens (>= 2 x data.max_length). See dpo_cluster.batch.token_budget.
     max_tokens_per_micro_batch: int | None = None
     # Passes over the training data.
     num_epochs: float = 1.0
@@ -261,6 +262,16 @@ class TrainConfig:
     def pairs_per_step(self, num_workers: int) -> int:
         """Pairs consumed by one optimizer step over all workers."""
         return self.micro_batch_size * self.gradient_accumulation_steps * num_workers
+
+    def steps_per_epoch(self, num_rows: int, num_workers: int) -> int:
+        """Optimizer steps in one pass: full global batches only (the remainder waits for the next epoch)."""
+        return num_rows // self.pairs_per_step(num_workers)
+
+    def total_steps(self, num_rows: int, num_workers: int) -> int:
+        """Optimizer steps of the run: `max_steps`, else `num_epochs` passes (at least one step)."""
+        if self.max_steps is not None:
+            return self.max_steps
+        return max(1, math.ceil(self.num_epochs * self.steps_per_epoch(num_rows, num_workers)))
 
 
 @dataclass

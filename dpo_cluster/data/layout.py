@@ -3,12 +3,16 @@
 Each kept Parquet file of a split gets an uncompressed Arrow IPC file of one record batch (memory-
 mapped by readers, so fetching a row reads that row's pages and nothing else) and an int32 array
 of its pairs' (prompt, chosen, rejected) token lengths. A training worker holds the lengths of
-every row (12 bytes a pair) to shuffle, group and cut batches, and reads only the rows it owns.
-The files are written by one Ray task per Parquet file, so no split passes through the driver.
+every row (12 bytes a pair) to shuffle, group and cut batches, and reads only the rows it owns
+(`LayoutRows`); the reference actors read the rows they score the same way. Rows are numbered
+files in name order, rows in file order, and an epoch visits them in `epoch_order`. The files are
+written by one Ray task per Parquet file, so no split passes through the driver.
 """
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +24,74 @@ ROWS_DIR = "rows"
 ROWS_SUFFIX = ".arrow"
 LENGTHS_SUFFIX = ".lengths.npy"
 LENGTH_FIELDS = ("prompt_ids", "chosen_ids", "rejected_ids")
+
+
+def epoch_order(num_rows: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
+    """(num_rows,) int64: every row position in an epoch's order, a permutation seeded by
+    (seed, epoch), the same in every process; positions in order when not shuffled."""
+    if not shuffle:
+        return np.arange(num_rows)
+    return np.random.default_rng([seed, epoch]).permutation(num_rows)
+
+
+@dataclass
+class LayoutRows:
+    """The rows of one prepared split (`split_dir` = prepared/{split}), numbered as files in name
+    order, rows in file order, read by position. With a row layout the tables are the memory-mapped
+    Arrow files (nothing read until rows are taken); without one (written by hand, or by an older
+    version) the Parquet files are read into memory whole."""
+
+    split_dir: Path
+    lengths: np.ndarray = field(init=False)  # (num_rows, 3) int32 prompt/chosen/rejected tokens
+    num_rows: int = field(init=False)
+    total_bytes: int = field(init=False)
+    open_seconds: float = field(init=False)
+    bytes_read: int = field(init=False, default=0)
+    rows_read: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        started = time.perf_counter()
+        self.split_dir = Path(self.split_dir)
+        self._tables, lengths = self._open()
+        self.lengths = np.concatenate(lengths) if lengths else np.zeros((0, 3), np.int32)
+        self._starts = np.cumsum([0] + [t.num_rows for t in self._tables])
+        self.num_rows = int(self._starts[-1])
+        self.total_bytes = sum(t.nbytes for t in self._tables)
+        self.open_seconds = time.perf_counter() - started
+
+    def take(self, positions: np.ndarray) -> pa.Table:
+        """The rows at `positions` (any order, repeats allowed), in that order; only their pages
+        are read."""
+        positions = np.asarray(positions, dtype=np.int64)
+        files = np.searchsorted(self._starts, positions, side="right") - 1
+        pieces, where = [], []
+        for f in np.unique(files):
+            mine = np.flatnonzero(files == f)
+            taken = self._tables[f].take(pa.array(positions[mine] - self._starts[f]))
+            self.bytes_read += taken.nbytes
+            pieces.append(taken)
+            where.append(mine)
+        self.rows_read += len(positions)
+        if not pieces:
+            return self._tables[0].slice(0, 0) if self._tables else pa.table({})
+        return pa.concat_tables(pieces).take(pa.array(np.argsort(np.concatenate(where), kind="stable")))
+
+    def _open(self) -> tuple[list[pa.Table], list[np.ndarray]]:
+        parquet = sorted(self.split_dir.glob("*.parquet"))
+        layout = rows_dir(self.split_dir.parent, self.split_dir.name)
+        if not parquet or not has_layout(self.split_dir.parent, self.split_dir.name):
+            table = (
+                pa.concat_tables([pq.read_table(f) for f in parquet]).combine_chunks() if parquet else None
+            )
+            return ([table], [token_lengths(table)]) if table is not None and table.num_rows else ([], [])
+        tables, lengths = [], []
+        for part in parquet:
+            # Zero-copy: the table's buffers are the mapped file, paged in as rows are taken.
+            tables.append(
+                pa.ipc.open_file(pa.memory_map(str(layout / f"{part.stem}{ROWS_SUFFIX}"))).read_all()
+            )
+            lengths.append(np.load(layout / f"{part.stem}{LENGTHS_SUFFIX}"))
+        return tables, lengths
 
 
 def rows_dir(prepared_dir: Path, split: str) -> Path:

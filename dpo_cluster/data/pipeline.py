@@ -91,7 +91,7 @@ class PreparedData:
 
     def datasets(self) -> dict[str, Any]:
         """Ray Datasets of the kept rows per split, columns row_id, prompt_ids, chosen_ids,
-        rejected_ids, notes; ready for `ray.train` `datasets=`."""
+        rejected_ids, notes (read lazily; training reads the row layout instead)."""
         import ray.data
 
         out = {}

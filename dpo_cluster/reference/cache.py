@@ -1,11 +1,12 @@
-"""The cache of scored pairs, output_dir/reference_logps/<key>/<split>/part-00000.parquet.
+"""The cache of reference log-probs: output_dir/reference_logps/<key>/{manifest.json, <split>/*.parquet}.
 
-The key (`compute_reference_key`) covers the prepared data's own key, the reference's identity
-(name or path, revision, a hash of local weight files), 4-bit loading, dtype, attention kernel and
-how a log-prob is formed. The loss type, beta and label smoothing are left out: they act on these
-values and never change them, so a sweep over them reuses one pass. A cache is written to a
-staging directory, checked, sealed with its manifest and renamed into place, so a killed run never
-leaves one that is trusted.
+The key (`compute_reference_key`) covers the prepared data's own key and the order of its rows
+(values are stored by row position), the reference's identity (name or path, revision, a hash of
+local weight files), 4-bit loading, dtype, attention kernel and how a log-prob is formed. The loss
+type, beta and label smoothing are left out: they act on these values and never change them, so a
+sweep over them reuses one pass. Under a key, values are fragments by position
+(`dpo_cluster.reference.values`), each written whole or not at all, so a killed run keeps what it
+scored and a later run that needs more pairs scores only the positions that are missing.
 """
 
 from __future__ import annotations
@@ -24,26 +25,25 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dpo_cluster import __version__
-from dpo_cluster.batch.collate import REF_COLUMNS
 from dpo_cluster.config import Config
+from dpo_cluster.data.layout import ROWS_SUFFIX, has_layout, rows_dir
 from dpo_cluster.data.pipeline import MANIFEST_FILE, SPLITS, PreparedData
 from dpo_cluster.modeling import resolve_name_or_path
-from dpo_cluster.paths import install_directory
 
 logger = logging.getLogger(__name__)
 
 REFERENCE_DIR = "reference_logps"
 REPORT_FILE = "reference_report.json"
 # How each stored value is formed; part of the cache key, so a change here never reuses old values.
-LOGPS_FORM = "sum of completion-token log-probs: dpo_cluster.batch.logps.sequence_logps on collate_pairs"
+LOGPS_FORM = (
+    "sum of completion-token log-probs by prepared row position: dpo_cluster.batch.logps.sequence_logps "
+    "on collate_pairs or pack_pairs"
+)
 # Files whose bytes define a local model's outputs (weights, architecture, adapter).
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 _WEIGHT_NAMES = ("config.json", "adapter_config.json")
-# Rows per Parquet row group and per block handed to training: few, large ones instead of one per
-# reference batch.
-ROWS_PER_BLOCK = 8192
-# The one Parquet file of each split in the cache.
-CACHE_FILE = "part-00000.parquet"
+# The stage's status file under a cache (or scratch) directory, for workers that wait on it.
+STATUS_PREFIX = "status-"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -86,14 +86,39 @@ def reference_identity(config: Config) -> dict[str, Any]:
     return {"name_or_path": name, "revision": revision, "weights_sha256": weights}
 
 
-def compute_reference_key(config: Config, prepared_key: str) -> tuple[str, dict[str, Any]]:
+def row_order_digest(prepared: PreparedData) -> str:
+    """sha256 over each prepared file's name, row count and first and last row ids, in the order
+    rows are numbered: a prepared directory written again (same key, other files) gets another
+    digest, so values stored by position are never read against other rows. Reads two row ids
+    per file (from the memory-mapped layout)."""
+    digest = hashlib.sha256()
+    for split in SPLITS:
+        path = prepared.split_dir(split)
+        for part in sorted(path.glob("*.parquet")) if path is not None else []:
+            if has_layout(prepared.prepared_dir, split):
+                mapped = pa.memory_map(
+                    str(rows_dir(prepared.prepared_dir, split) / f"{part.stem}{ROWS_SUFFIX}")
+                )
+                ids = pa.ipc.open_file(mapped).read_all().column("row_id")
+            else:
+                ids = pq.read_table(part, columns=["row_id"]).column("row_id")
+            ends = [ids[0].as_py(), ids[-1].as_py()] if len(ids) else []
+            digest.update(json.dumps([split, part.name, len(ids), ends]).encode())
+    return digest.hexdigest()
+
+
+def compute_reference_key(
+    config: Config, prepared_key: str, row_order: str = ""
+) -> tuple[str, dict[str, Any]]:
     """(key, the parts it hashes) for the reference log-probs of `config`'s prepared data.
 
     prepared_key: the prepared Parquet's own cache key (data, tokenizer, template, lengths).
+    row_order: `row_order_digest` of the prepared directory.
     """
     parts = {
         "version": __version__,
         "prepared": prepared_key,
+        "row_order": row_order,
         "reference": reference_identity(config),
         "load_in_4bit": config.lora.load_in_4bit,
         "dtype": config.reference.resolved_dtype(config.compute_dtype()),
@@ -106,159 +131,85 @@ def compute_reference_key(config: Config, prepared_key: str) -> tuple[str, dict[
 
 
 # ----------------------------------------------------------------------------------------------
-# The plan: where a run's values live and whether they are there.
+# The plan: where a run's values live.
 
 
 @dataclass(frozen=True)
 class CachePlan:
-    """Where the stage's values for a run live and whether they can be reused (`plan_cache`)."""
+    """Where the stage's values for a run live (`plan_cache`)."""
 
     key: str
     parts: dict[str, Any]
-    counts: dict[str, int]  # rows per non-empty split
+    counts: dict[str, int]  # rows per non-empty prepared split
     root: Path  # output_dir/reference_logps
-    final: Path  # root/<key>
-    problem: str | None  # why the cache cannot be reused; None when it can
+    directory: Path  # root/<key> (cache on), or a scratch directory removed after the run (off)
+    cached: bool  # reference.cache
 
-    @property
-    def reusable(self) -> bool:
-        return self.problem is None
+    def split_dir(self, split: str) -> Path:
+        """The fragment directory of `split`."""
+        return self.directory / split
+
+    def status_file(self, run_id: str) -> Path:
+        return self.directory / f"{STATUS_PREFIX}{run_id}.json"
 
 
 def plan_cache(config: Config, prepared: PreparedData) -> CachePlan:
-    """The cache key of `config`'s reference log-probs of `prepared`, and whether they are cached."""
+    """The cache key of `config`'s reference log-probs of `prepared`, and the directory of its values."""
     counts = {
         split: int(prepared.report["splits"][split]["rows_kept"])
         for split in SPLITS
         if prepared.split_dir(split) is not None
     }
     prepared_key = json.loads((prepared.prepared_dir / MANIFEST_FILE).read_text())["cache_key"]
-    key, parts = compute_reference_key(config, prepared_key)
+    key, parts = compute_reference_key(config, prepared_key, row_order_digest(prepared))
     root = Path(config.output_dir) / REFERENCE_DIR
-    final = root / key
-    problem = _cache_problem(final, key, counts) if config.reference.cache else "reference.cache is false"
-    return CachePlan(key, parts, counts, root, final, problem)
+    cached = config.reference.cache
+    directory = root / key if cached else root / f".scratch-{key}-{uuid.uuid4().hex[:8]}"
+    return CachePlan(key, parts, counts, root, directory, cached)
 
 
-def _cache_problem(final: Path, key: str, counts: dict[str, int]) -> str | None:
-    """Why `final` cannot be reused (a short reason), or None when it can: its manifest (written
-    last, before the atomic rename) names this key and every split has its rows and both columns."""
-    manifest_path = final / MANIFEST_FILE
-    if not final.is_dir():
-        return f"no cache for key {key}"
-    if not manifest_path.is_file():
-        return f"{final} has no {MANIFEST_FILE} (an incomplete write)"
+def open_cache(plan: CachePlan) -> None:
+    """Make `plan.directory` ready for fragments: its manifest names this key and these row counts.
+    A directory whose manifest does not (unreadable, another key: not this cache) is emptied."""
+    manifest_path = plan.directory / MANIFEST_FILE
+    manifest = {"cache_key": plan.key, "rows": plan.counts, "key_parts": plan.parts}
     try:
-        manifest = json.loads(manifest_path.read_text())
+        existing = json.loads(manifest_path.read_text())
     except (OSError, ValueError):
-        return f"{manifest_path} is unreadable"
-    if manifest.get("cache_key") != key or manifest.get("rows") != counts:
-        return f"{manifest_path} does not match this run's key and row counts"
-    for split, rows in counts.items():
-        files = sorted((final / split).glob("*.parquet"))
-        try:
-            metadata = [pq.read_metadata(f) for f in files]
-        except (OSError, pa.ArrowException):
-            return f"{final / split} has an unreadable Parquet file"
-        if sum(m.num_rows for m in metadata) != rows or any(
-            name not in m.schema.names for m in metadata for name in REF_COLUMNS
-        ):
-            return f"{final / split} does not hold {rows} scored rows"
-    return None
-
-
-# ----------------------------------------------------------------------------------------------
-# The prepared order, which training depends on.
-
-
-def prepared_row_ids(prepared: PreparedData, split: str) -> list[Any]:
-    """The row ids of a prepared split in training order: files in name order, rows in file order
-    (the order Ray Data reads them in with preserve_order)."""
-    path = prepared.split_dir(split)
-    files = sorted(path.glob("*.parquet")) if path is not None else []
-    return [row_id for f in files for row_id in pq.read_table(f, columns=["row_id"]).column(0).to_pylist()]
-
-
-def in_prepared_order(prepared: PreparedData, split: str, ds: Any) -> pa.Table:
-    """The rows of `ds` (a scored or cached split) as one table in the prepared split's order
-    (matched by row id; collected in this process, once per split)."""
-    expected = prepared_row_ids(prepared, split)
-    table = pa.concat_tables(list(ds.iter_batches(batch_format="pyarrow", batch_size=None)))
-    row_ids = table.column("row_id").to_pylist()
-    if row_ids != expected:
-        logger.warning(
-            "reference log-probs: the %s split came back reordered; restoring the prepared order", split
-        )
-        position = {row_id: i for i, row_id in enumerate(row_ids)}
-        table = table.take([position[row_id] for row_id in expected])
-    return table
-
-
-# ----------------------------------------------------------------------------------------------
-# Writing: staging, seal, install.
-
-
-def write_cache(tables: dict[str, pa.Table], plan: CachePlan) -> None:
-    """Write the scored splits (in order) into a staging directory, then `seal_cache` it."""
-    staging = new_staging_dir(plan)
-    try:
-        # One file per split written here, in order: Ray Data's writers name files in an order
-        # that need not be the rows' order, and training reads files in name order.
-        for split, table in tables.items():
-            (staging / split).mkdir(parents=True)
-            pq.write_table(table, staging / split / CACHE_FILE, row_group_size=ROWS_PER_BLOCK)
-        seal_cache(staging, plan)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def new_staging_dir(plan: CachePlan) -> Path:
-    """An empty staging directory for `plan`'s cache (a killed run's staging for the same key is
-    removed first)."""
-    plan.root.mkdir(parents=True, exist_ok=True)
-    for leftover in plan.root.glob(f".tmp-{plan.key}-*"):
-        shutil.rmtree(leftover, ignore_errors=True)
-    staging = plan.root / f".tmp-{plan.key}-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
-    return staging
-
-
-def seal_cache(staging: Path, plan: CachePlan) -> None:
-    """Check the complete staging directory, write its manifest, then install it as `plan.final`.
-
-    An unusable directory under the key (an older attempt) is replaced; an identical cache another
-    run installed first is kept. Raises RuntimeError when the staging directory is incomplete.
-    """
-    manifest = {
+        existing = None
+    if existing is not None and {k: existing.get(k) for k in ("cache_key", "rows")} == {
         "cache_key": plan.key,
         "rows": plan.counts,
-        "key_parts": plan.parts,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-    problem = _cache_problem(staging, plan.key, plan.counts)
-    if problem is not None:
-        raise RuntimeError(f"reference stage output is incomplete: {problem}")
-    install_directory(
-        staging, plan.final, is_complete=lambda path: _cache_problem(path, plan.key, plan.counts) is None
-    )
+    }:
+        return
+    if plan.directory.exists():
+        logger.warning(
+            "reference log-probs: %s is not a whole cache of key %s; starting it again",
+            plan.directory,
+            plan.key,
+        )
+        shutil.rmtree(plan.directory, ignore_errors=True)
+    plan.directory.mkdir(parents=True, exist_ok=True)
+    manifest["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    partial = plan.directory / f".{MANIFEST_FILE}.{uuid.uuid4().hex[:8]}"
+    partial.write_text(json.dumps(manifest, indent=2) + "\n")
+    partial.rename(manifest_path)
 
 
-def write_report(config: Config, plan: CachePlan, *, seconds: float, **extra: Any) -> dict[str, Any]:
-    """Write output_dir/reference_report.json for a run of the stage (or its reuse); return it."""
+def write_report(config: Config, plan: CachePlan, **figures: Any) -> dict[str, Any]:
+    """Write output_dir/reference_report.json for a run of the stage; return it."""
     reference = config.reference
     report = {
         "cache_key": plan.key,
-        "reused": plan.reusable,
-        "cache_dir": str(plan.final) if reference.cache else None,
+        "cache_dir": str(plan.directory) if plan.cached else None,
         "rows": plan.counts,
-        "rows_scored": 0 if plan.reusable else sum(plan.counts.values()),
-        "seconds": round(seconds, 3),
-        **extra,
+        **figures,
         "key_parts": plan.parts,
         "actors": {
             "concurrency": reference.concurrency,
             "batch_size": reference.batch_size,
+            "max_tokens_per_forward": reference.max_tokens_per_forward,
+            "packing": reference.packing,
             "num_cpus": reference.num_cpus,
             "num_gpus": reference.num_gpus,
             "accelerator_type": reference.accelerator_type,

@@ -22,8 +22,8 @@ from typing import Any, Protocol
 import torch
 
 from dpo_cluster.batch.packing import INDEX_COLUMN, concat_batches, group_by_length, take_rows
+from dpo_cluster.batch.token_budget import TokenBudget
 from dpo_cluster.train.indexed_source import IndexedPairSource
-from dpo_cluster.train.token_budget import TokenBudget
 
 Batch = dict[str, Any]
 """A micro-batch of pairs as columns: prompt_ids, chosen_ids, rejected_ids (and row_id, ...)."""
@@ -37,27 +37,6 @@ class PairSource(Protocol):
     def iter_batches(self, batch_size: int, epoch: int) -> Iterator[Batch]:
         """Full batches of `batch_size` pairs, in an order fixed by (seed, epoch)."""
         ...
-
-
-@dataclass
-class RayShardPairSource:
-    """Pairs from a Ray Train dataset shard (`ray.train.get_dataset_shard`), unsplit and ordered
-    (see `dpo_cluster.train.run`), shuffled locally with a seed per epoch."""
-
-    shard: Any  # ray.data.DataIterator
-    num_rows: int
-    seed: int
-    shuffle: bool = True
-    shuffle_buffer: int = 4096
-
-    def iter_batches(self, batch_size: int, epoch: int) -> Iterator[Batch]:
-        shuffle = {"local_shuffle_buffer_size": self.shuffle_buffer, "local_shuffle_seed": self.seed + epoch}
-        yield from self.shard.iter_batches(
-            batch_size=batch_size,
-            batch_format="numpy",
-            drop_last=True,
-            **(shuffle if self.shuffle else {}),
-        )
 
 
 Report = Callable[[dict[str, Any], "Path | None", "str | None"], None]

@@ -68,8 +68,11 @@ def run_local(
     *,
     resume_checkpoint: Path | None = None,
     reporter: LocalReporter | None = None,
+    reference_dir: Path | None = None,
 ) -> tuple[dict[str, Any], LocalReporter]:
-    """Train on prepared split directories in this process (world size 1)."""
+    """Train on prepared split directories in this process (world size 1); with
+    `reference.mode: precompute`, `reference_dir` is where the reference stage put its values
+    (`compute_reference_logps(...).directory`, holding a fragment directory per split)."""
     output_dir = Path(config.output_dir)
     reporter = reporter or LocalReporter(
         output_dir / CHECKPOINTS_DIR,
@@ -78,14 +81,18 @@ def run_local(
         config.train.best_mode,
     )
     scratch = Path(tempfile.mkdtemp(prefix="dpo-scratch-"))
+
+    def references(split: str) -> Path | None:
+        return Path(reference_dir) / split if reference_dir is not None else None
+
     resume = resume_checkpoint or (Path(config.train.resume_from) if config.train.resume_from else None)
     ctx = WorkerContext(
         rank=0,
         world_size=1,
         local_rank=0,
         device=torch.device("cuda" if config.scaling.use_gpu else "cpu"),
-        train=IndexedPairSource(train_dir, seed=config.train.seed, shuffle=config.train.shuffle),
-        eval=IndexedPairSource(eval_dir, seed=config.train.seed, shuffle=False) if eval_dir else None,
+        train=IndexedPairSource(train_dir, config.train.seed, config.train.shuffle, references("train")),
+        eval=IndexedPairSource(eval_dir, config.train.seed, False, references("eval")) if eval_dir else None,
         report=reporter,
         resume_checkpoint=lambda: contextlib.nullcontext(resume),
         best_checkpoint=lambda: contextlib.nullcontext(reporter.best()),

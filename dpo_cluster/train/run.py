@@ -1,7 +1,9 @@
 """The Ray Train driver: prepare the data with Ray Data, then `TorchTrainer` runs `train_loop` on
-every worker with DeepSpeed. Workers read the prepared (and, with `reference.mode: precompute`,
-reference-scored) pairs from the object store, unsplit and in one fixed order, so no worker reads
-or tokenizes raw data and any worker count sees the same global batches.
+every worker with DeepSpeed. Workers read the prepared rows by position from their row layout
+(each its own rows, in one seeded global order, so any worker count sees the same global batches),
+and with `reference.mode: precompute` the reference log-probs by position from the reference
+stage's fragments, scored before training or beside it. No split passes through the driver or
+the object store.
 """
 
 from __future__ import annotations
@@ -14,20 +16,23 @@ import signal
 import tempfile
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dpo_cluster.config import Config
 from dpo_cluster.data.process import SPLITS
 from dpo_cluster.modeling import download_hub_models
 from dpo_cluster.plots import CURVES_FILE, plot_training_curves
 from dpo_cluster.train.checkpoint import SUMMARY_FILE
-from dpo_cluster.train.context import PairSource, RayShardPairSource, WorkerContext
+from dpo_cluster.train.context import WorkerContext
 from dpo_cluster.train.indexed_source import IndexedPairSource
 from dpo_cluster.train.loop import FINAL_DIR, train_loop
 from dpo_cluster.train.metrics_log import METRICS_FILE
+
+if TYPE_CHECKING:
+    from dpo_cluster.reference.precompute import ReferenceStage
 
 WORKERS_FILE = "workers.json"
 
@@ -50,21 +55,17 @@ def _worker_entry(loop_config: dict[str, Any]) -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     context = ray.train.get_context()
     _record_placement(Path(config.output_dir), context)
-    # reference_log: a PairLog actor, or None; files: split -> where its rows are read from
-    ctx = _build_worker_context(
-        config, context, loop_config["counts"], loop_config["reference_log"], loop_config["files"]
-    )
+    # files: split -> where its rows (and reference values) are read from
+    ctx = _build_worker_context(config, context, loop_config["files"])
     train_loop(config, ctx)
 
 
-def _build_worker_context(
-    config: Config, context: Any, counts: dict[str, int], reference_log: Any, files: dict[str, SplitFiles]
-) -> WorkerContext:
+def _build_worker_context(config: Config, context: Any, files: dict[str, SplitFiles]) -> WorkerContext:
     """This worker's `WorkerContext` from Ray Train's context (`ray.train.get_context()`)."""
     import torch
 
     local_rank = context.get_local_rank()
-    source = partial(_pair_source, config, counts, reference_log, files)
+    source = partial(_pair_source, config, files)
     train = source("train", shuffle=config.train.shuffle)
     assert train is not None  # a run has training pairs (prepare checks)
     return WorkerContext(
@@ -83,38 +84,27 @@ def _build_worker_context(
 
 @dataclass(frozen=True)
 class SplitFiles:
-    """Where a worker reads one split: the prepared split directory (its row layout), and the
-    cached reference split in the same order where reference log-probs were precomputed."""
+    """Where a worker reads one split: the prepared split directory (its row layout) and, with
+    precomputed reference log-probs, their fragment directory (and the stage's status file while
+    it scores beside training)."""
 
     split_dir: str
+    num_rows: int
     reference_dir: str | None = None
+    reference_status: str | None = None
 
 
 def _pair_source(
-    config: Config,
-    counts: dict[str, int],
-    reference_log: Any,
-    files: dict[str, SplitFiles],
-    split: str,
-    shuffle: bool,
-) -> PairSource | None:
-    """A split's pairs: its rows by position (each worker reads its own), the reference stage's log
-    where it scores beside training, or a dataset shard where reference values live only in the
-    object store (reference.cache off); None for an empty split."""
-    import ray.train
-
-    if counts.get(split, 0) == 0:
+    config: Config, files: dict[str, SplitFiles], split: str, shuffle: bool
+) -> IndexedPairSource | None:
+    """A split's pairs by position (each worker reads its own), with its reference values where
+    they were precomputed; None for an empty split."""
+    where = files.get(split)
+    if where is None or where.num_rows == 0:
         return None
-    seed = config.train.seed
-    if reference_log is not None:  # the reference stage's log, scored beside training
-        from dpo_cluster.reference.stream import LogPairSource
-
-        return LogPairSource(reference_log, split, counts[split], seed, shuffle)
-    if split in files:
-        where = files[split]
-        reference = Path(where.reference_dir) if where.reference_dir else None
-        return IndexedPairSource(Path(where.split_dir), seed, shuffle, reference_dir=reference)
-    return RayShardPairSource(ray.train.get_dataset_shard(split), counts[split], seed, shuffle)
+    reference_dir = Path(where.reference_dir) if where.reference_dir else None
+    status = Path(where.reference_status) if where.reference_status else None
+    return IndexedPairSource(Path(where.split_dir), config.train.seed, shuffle, reference_dir, status)
 
 
 @contextlib.contextmanager
@@ -197,8 +187,8 @@ def run_training(config: Config) -> TrainingResult:
     prepared = prepare(config)  # also joins or starts the Ray cluster
     counts = {split: stats["rows_kept"] for split, stats in prepared.report["splits"].items()}
     _configure_ray_data()
-    stream, datasets, files = _training_data(config, prepared)
-    result = _fit(_build_trainer(config, counts, datasets, files, stream), stream)
+    stage, files = _training_data(config, prepared, counts)
+    result = _fit(_build_trainer(config, counts, files), stage)
     output_dir = Path(config.output_dir)
     metrics_path = output_dir / METRICS_FILE
     if metrics_path.exists():
@@ -226,36 +216,45 @@ def _configure_ray_data() -> None:
     data_context.enable_progress_bars = False
 
 
-def _training_data(config: Config, prepared: Any) -> tuple[Any, dict[str, Any], dict[str, SplitFiles]]:
-    """(the reference stage scoring beside training, or None; the trainer's datasets; the files
-    workers read splits from). Workers read rows by position from files wherever the values are on
-    disk, so no split passes through the driver or the object store."""
+def _training_data(
+    config: Config, prepared: Any, counts: dict[str, int]
+) -> tuple[ReferenceStage | None, dict[str, SplitFiles]]:
+    """(the reference stage, None without precompute; the files workers read each split from).
+
+    With precompute the stage scores the pairs this run reads that the cache lacks, eval first,
+    then train as training reads it: beside training where the cluster holds the actors beside the
+    workers (who then wait for values not scored yet), else before the workers start."""
+    files = {
+        split: SplitFiles(str(prepared.split_dir(split)), counts[split])
+        for split in SPLITS
+        if counts.get(split, 0) and prepared.split_dir(split) is not None
+    }
     if config.reference.resolved_mode(config.lora.enabled) != "precompute":
-        return None, {}, _split_files(prepared, None)
-    from dpo_cluster.reference.precompute import compute_reference_logps
-    from dpo_cluster.reference.stream import start_streamed_reference
+        return None, files
+    from dpo_cluster.reference.precompute import build_reference_stage, overlap_problem
+    from dpo_cluster.reference.schedule import scoring_order
 
-    # The reference actor pool scores beside training, the workers reading its log; or, where it
-    # cannot overlap (or the cache has the values), it scores every pair now and its actors exit
-    # before the workers start.
-    stream, why_not = start_streamed_reference(config, prepared)
-    if stream is not None:
-        return stream, {}, {}
-    logger.info("reference log-probs before training: %s", why_not)
-    reference = compute_reference_logps(config, prepared)
-    if reference.cache_dir is None:  # the values are only in the object store: read as datasets
-        return None, reference.datasets, {}
-    return None, {}, _split_files(prepared, reference)
-
-
-def _split_files(prepared: Any, reference: Any) -> dict[str, SplitFiles]:
-    files = {}
-    for split in SPLITS:
-        split_dir = prepared.split_dir(split)
-        if split_dir is not None:
-            reference_dir = reference.split_dir(split) if reference is not None else None
-            files[split] = SplitFiles(str(split_dir), str(reference_dir) if reference_dir else None)
-    return files
+    order = scoring_order(config, counts)
+    stage = build_reference_stage(config, prepared, order)
+    why_not = overlap_problem(config, stage.rows_to_score)
+    logger.info(
+        "reference log-probs: %d pairs the run reads, %d to score (%s)",
+        sum(stage.needed.values()),
+        stage.rows_to_score,
+        "beside training" if why_not is None else f"before training: {why_not}",
+    )
+    stage.overlapped = why_not is None
+    stage.start()
+    if why_not is not None:
+        try:
+            stage.wait()
+        except BaseException:
+            stage.close()
+            raise
+    status = str(stage.status_file) if why_not is None else None
+    for split, where in files.items():
+        files[split] = replace(where, reference_dir=str(stage.plan.split_dir(split)), reference_status=status)
+    return stage, files
 
 
 def _worker_env(config: Config) -> dict[str, str]:
@@ -274,13 +273,7 @@ def _worker_env(config: Config) -> dict[str, str]:
     return env
 
 
-def _build_trainer(
-    config: Config,
-    counts: dict[str, int],
-    datasets: dict[str, Any],
-    files: dict[str, SplitFiles],
-    stream: Any,
-) -> Any:
+def _build_trainer(config: Config, counts: dict[str, int], files: dict[str, SplitFiles]) -> Any:
     """The `TorchTrainer` running `_worker_entry` on `scaling.num_workers` workers."""
     import ray.data
     import ray.train
@@ -289,12 +282,7 @@ def _build_trainer(
     train, scaling, output_dir = config.train, config.scaling, Path(config.output_dir)
     return TorchTrainer(
         _worker_entry,
-        train_loop_config={
-            "config": config,
-            "counts": counts,
-            "reference_log": stream.log if stream else None,
-            "files": files,
-        },
+        train_loop_config={"config": config, "files": files},
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo", timeout_s=scaling.timeout_s),
         scaling_config=ray.train.ScalingConfig(
             num_workers=scaling.num_workers,
@@ -313,30 +301,26 @@ def _build_trainer(
             ),
             worker_runtime_env={"env_vars": _worker_env(config)},
         ),
-        datasets=datasets,
-        dataset_config=ray.train.DataConfig(
-            datasets_to_split=[],
-            execution_options=ray.data.ExecutionOptions(preserve_order=True),
-        ),
     )
 
 
-def _fit(trainer: Any, stream: Any) -> Any:
-    """`trainer.fit()`; the reference stage beside training is stopped when training fails and
-    closed when it succeeds."""
+def _fit(trainer: Any, stage: ReferenceStage | None) -> Any:
+    """`trainer.fit()`; the reference stage is stopped when training ends, whatever the outcome
+    (what it scored stays in the cache), and its own error raised when it is why training failed."""
     # Ray Train installs its own Ctrl-C handler (abort the run) and leaves it in place: put the
     # caller's back, or a later Ctrl-C (stopping the demo's server, say) would go unheard.
     sigint = signal.getsignal(signal.SIGINT)
     try:
         result = trainer.fit()
     except BaseException:
-        if stream is not None:
-            stream.abort()
-            stream.close()  # the stage's own error, when it is why training failed
+        if stage is not None:
+            stage.close()
+            stage.wait()  # the stage's own error, when it is why training failed
         raise
     finally:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, sigint)
-    if stream is not None:
-        stream.close()  # scored, cached and reported by now: the workers read every block
+    if stage is not None:
+        stage.close()
+        stage.wait()
     return result

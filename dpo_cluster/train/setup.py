@@ -24,6 +24,7 @@ from dpo_cluster.batch.fused_head import allow_grad_in_place
 from dpo_cluster.batch.hidden_logps import find_output_head
 from dpo_cluster.batch.logps import MicroBatch, sequence_logps
 from dpo_cluster.batch.packing import PackingRoute, pack_pairs, packing_route
+from dpo_cluster.batch.token_budget import TokenBudget
 from dpo_cluster.config import Config, TrainConfig
 from dpo_cluster.modeling import load_policy, load_reference, load_tokenizer, reference_context
 from dpo_cluster.train.checkpoint import drop_tied_frozen_weights, trainable_only
@@ -32,20 +33,6 @@ from dpo_cluster.train.cpu_adam import load_cpu_adam
 from dpo_cluster.train.deepspeed_config import build_deepspeed_config
 from dpo_cluster.train.forward import LossSettings, build_loss_settings
 from dpo_cluster.train.schedule import build_lr_scheduler
-from dpo_cluster.train.token_budget import TokenBudget
-
-
-def steps_per_epoch(config: Config, num_rows: int, world_size: int) -> int:
-    """Optimizer steps in one pass: full global batches only (the remainder waits for the next epoch)."""
-    return num_rows // config.train.pairs_per_step(world_size)
-
-
-def total_steps(config: Config, num_rows: int, world_size: int) -> int:
-    """Optimizer steps of the run: `train.max_steps`, else `train.num_epochs` passes (at least one step)."""
-    per_epoch = steps_per_epoch(config, num_rows, world_size)
-    if config.train.max_steps is not None:
-        return config.train.max_steps
-    return max(1, math.ceil(config.train.num_epochs * per_epoch))
 
 
 def init_process_group(ctx: WorkerContext, backend: str, timeout_s: int = 1800) -> None:
@@ -120,8 +107,8 @@ def _precomputed_logps(batch: MicroBatch, mode: str) -> tuple[torch.Tensor, torc
     # before training; from here on it is the same as precomputed.
     if batch.ref_chosen_logps is None or batch.ref_rejected_logps is None:
         where = (
-            "run_training adds them; with run_local pass the reference stage's split "
-            "directories (ReferenceLogps.split_dir)"
+            "run_training adds them; with run_local pass the reference stage's values: "
+            "run_local(..., reference_dir=compute_reference_logps(...).directory)"
             if mode == "precompute"
             else "add them to the data"
         )
@@ -266,14 +253,14 @@ def build_setup(config: Config, ctx: WorkerContext) -> TrainSetup:
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if use_gpu else "cpu")  # read when deepspeed imports
     init_process_group(ctx, "nccl" if use_gpu else "gloo", config.scaling.timeout_s)
     seed_everything(train.seed)
-    per_epoch = steps_per_epoch(config, ctx.train.num_rows, ctx.world_size)
+    per_epoch = train.steps_per_epoch(ctx.train.num_rows, ctx.world_size)
     if per_epoch == 0:
         raise ValueError(
             f"{ctx.train.num_rows} training pairs are fewer than one global batch "
             f"({train.pairs_per_step(ctx.world_size)} = train.micro_batch_size x gradient_accumulation_steps "
             "x scaling.num_workers)"
         )
-    steps = total_steps(config, ctx.train.num_rows, ctx.world_size)
+    steps = train.total_steps(ctx.train.num_rows, ctx.world_size)
     tokenizer = load_tokenizer(config.tokenizer_path(), trust_remote_code=config.model.trust_remote_code)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     precision = config.deepspeed.resolved_precision(use_gpu)
