@@ -321,6 +321,7 @@ def _fit(trainer: Any, stage: ReferenceStage | None) -> Any:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, sigint)
     if stage is not None:
-        stage.close()
-        stage.wait()
+        stage.close()  # the pairs training read were all scored; extra ones need not be
+        if stage.error is not None:
+            logger.warning("reference stage failed after training had its values: %s", stage.error)
     return result
