@@ -397,6 +397,12 @@ def format_report(report: dict) -> str:
         lines.append(f"{split:<6} {stats['rows_in']:>8} {stats['rows_kept']:>8} {dropped:>8}  {reasons}")
     for role, source in report.get("sources", {}).items():
         lines.append(f"{role} source: {source['source']} (format: {source['format']})")
+        for entry in source.get("mix", []):  # several sources, or a weight: each one's share
+            reasons = ", ".join(f"{r}={n}" for r, n in entry["dropped"].items()) or "-"
+            lines.append(
+                f"  {entry['key']:<14} weight {entry['weight']:<6g} rows_in {entry['rows_in']:>8} kept "
+                f"{entry['rows_kept']:>8} (copies {entry['copies']})  {entry['source']} ({entry['format']})  {reasons}"
+            )
     return "\n".join(lines)
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from dpo_cluster.cli import format_report
 from dpo_cluster.data.samples import SAMPLE_FILE, generate_title_pairs, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
@@ -158,3 +159,46 @@ def test_job_entrypoint_runs_the_cli(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 2
     assert "unknown config key train.betta (did you mean train.beta?)" in result.stderr
+
+
+def test_the_printed_report_has_each_mixed_source_s_share() -> None:
+    report = {
+        "splits": {
+            "train": {"rows_in": 30, "rows_kept": 27, "dropped": {"empty_chosen": 2, "not_sampled": 1}}
+        },
+        "sources": {
+            "train": {
+                "source": "a.jsonl, b.jsonl",
+                "format": "standard",
+                "mix": [
+                    {
+                        "key": "data.train[0]",
+                        "source": "a.jsonl",
+                        "format": "standard",
+                        "weight": 1.5,
+                        "rows_in": 20,
+                        "rows_kept": 19,
+                        "dropped": {"empty_chosen": 1},
+                        "copies": 5,
+                    },
+                    {
+                        "key": "data.train[1]",
+                        "source": "b.jsonl",
+                        "format": "standard",
+                        "weight": 0.5,
+                        "rows_in": 10,
+                        "rows_kept": 8,
+                        "dropped": {"empty_chosen": 1, "not_sampled": 1},
+                        "copies": 0,
+                    },
+                ],  # fmt: skip
+            }
+        },
+    }
+    lines = format_report(report).splitlines()
+    first, second = (
+        next(line for line in lines if key in line) for key in ("data.train[0]", "data.train[1]")
+    )
+    assert "weight 1.5" in first and "rows_in       20" in first and "kept       19 (copies 5)" in first
+    assert "a.jsonl (standard)" in first and first.endswith("empty_chosen=1")
+    assert "weight 0.5" in second and second.endswith("empty_chosen=1, not_sampled=1")
