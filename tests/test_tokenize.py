@@ -147,6 +147,29 @@ def test_mixed_batch_keeps_order_and_matches_single_rows(tokenizer: PreTrainedTo
     assert batched == [tokenize_one(tokenizer, pair) for pair in pairs]
 
 
+@pytest.mark.parametrize("add_special_tokens", [True, False])
+def test_direct_backend_encoding_equals_the_tokenizer_call(
+    tiny_bos_tokenizer_dir: Path, tmp_path: Path, add_special_tokens: bool
+) -> None:
+    """`_encode` hands all texts but the first to the Rust backend; the ids are the tokenizer
+    call's, even when tokenizer.json carries truncation and padding that a call switches off."""
+    import json
+    import shutil
+
+    shutil.copytree(tiny_bos_tokenizer_dir, tmp_path / "tok")
+    config = json.loads((tmp_path / "tok" / "tokenizer.json").read_text())
+    config["truncation"] = {"direction": "Right", "max_length": 3, "strategy": "LongestFirst", "stride": 0}
+    config["padding"] = {"strategy": "BatchLongest", "direction": "Right", "pad_to_multiple_of": 8,
+                         "pad_id": 0, "pad_type_id": 0, "pad_token": "<|endoftext|>"}  # fmt: skip
+    (tmp_path / "tok" / "tokenizer.json").write_text(json.dumps(config))
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    texts = ["Question: What is 3 plus 4?", "你好，世界！", "", "The cat sat down on the mat.", "🙂👍"]
+    got = PairTokenizer(tokenizer, TokenizeSpec())._encode(texts, add_special_tokens)
+    assert got == tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
+    assert max(map(len, got)) > 3 and len({len(ids) for ids in got}) > 1  # neither cut nor padded
+    assert (got[0][0] == tokenizer.bos_token_id) is add_special_tokens
+
+
 # --- parity with TRL -------------------------------------------------------------------------------
 
 STANDARD_ROWS = [

@@ -87,16 +87,33 @@ class PairTokenizer:
         for add_special_tokens, batch in texts.items():
             if not batch:
                 continue
-            ids = self.tokenizer(
+            ids = self._encode(batch, add_special_tokens)
+            for k, index in enumerate(owners[add_special_tokens]):
+                prompt_ids, full_chosen, full_rejected = ids[3 * k : 3 * k + 3]
+                results[index] = self._fit(split_pair(prompt_ids, full_chosen, full_rejected))
+        return results  # type: ignore[return-value]  # every slot is filled above
+
+    def _encode(self, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+        """The ids `tokenizer(texts, add_special_tokens=...)["input_ids"]` gives. With a Rust
+        (fast) tokenizer, all texts but the first go straight to its `encode_batch`: transformers'
+        conversion of every encoding into a dict of lists was an eighth of the time of a pair. The
+        first goes through transformers, which sets the backend's truncation, padding and special-
+        token handling as a plain call has them, so the direct call encodes alike (tested equal)."""
+
+        def encode(batch: list[str]) -> list[list[int]]:
+            return self.tokenizer(
                 batch,
                 add_special_tokens=add_special_tokens,
                 return_attention_mask=False,
                 return_token_type_ids=False,
             )["input_ids"]
-            for k, index in enumerate(owners[add_special_tokens]):
-                prompt_ids, full_chosen, full_rejected = ids[3 * k : 3 * k + 3]
-                results[index] = self._fit(split_pair(prompt_ids, full_chosen, full_rejected))
-        return results  # type: ignore[return-value]  # every slot is filled above
+
+        backend = getattr(self.tokenizer, "_tokenizer", None)
+        if backend is None or not hasattr(backend, "encode_batch"):
+            return encode(texts)
+        first = encode(texts[:1])
+        rest = backend.encode_batch(texts[1:], add_special_tokens=add_special_tokens)
+        return first + [encoding.ids for encoding in rest]
 
     def _render(self, pair: Pair) -> tuple[str, str, str]:
         """(prompt, prompt + chosen, prompt + rejected) as the text the tokenizer encodes."""
