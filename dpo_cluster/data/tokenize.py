@@ -74,11 +74,9 @@ class PairTokenizer:
         # `tokenizer(text)`, rendered chat does not (the template writes them).
         texts: dict[bool, list[str]] = {True: [], False: []}
         owners: dict[bool, list[int]] = {True: [], False: []}
-        for index, pair in enumerate(pairs):
-            try:
-                rendered = self._render(pair)
-            except DropRow as drop:
-                results[index] = drop
+        for index, (pair, rendered) in enumerate(zip(pairs, self._render_all(pairs))):
+            if isinstance(rendered, DropRow):
+                results[index] = rendered
                 continue
             add_special_tokens = not pair.conversational
             texts[add_special_tokens].extend(rendered)
@@ -115,6 +113,37 @@ class PairTokenizer:
         rest = backend.encode_batch(texts[1:], add_special_tokens=add_special_tokens)
         return first + [encoding.ids for encoding in rest]
 
+    def _render_all(self, pairs: list[Pair]) -> list[tuple[str, str, str] | DropRow]:
+        """`_render` of every pair, the conversational ones in two batched template calls (one per
+        add_generation_prompt), which spares the per-call set-up of `apply_chat_template` (a
+        sixth of the rendering time; the template renders each conversation alike). Where a
+        batch fails, its pairs are rendered one by one so the failure drops only its own row."""
+        rendered: list[tuple[str, str, str] | DropRow | None] = [None] * len(pairs)
+        chats = [i for i, pair in enumerate(pairs) if pair.conversational]
+        if chats:
+            try:
+                prompts = self._apply_template([pairs[i].prompt for i in chats], add_generation_prompt=True)
+                fulls = self._apply_template(
+                    [
+                        pairs[i].prompt + answer
+                        for i in chats
+                        for answer in (pairs[i].chosen, pairs[i].rejected)
+                    ],
+                    add_generation_prompt=False,
+                )
+            except DropRow:
+                pass  # some row's template failed: all are rendered one by one below
+            else:
+                for k, i in enumerate(chats):
+                    rendered[i] = (prompts[k], fulls[2 * k], fulls[2 * k + 1])
+        for i, pair in enumerate(pairs):
+            if rendered[i] is None:
+                try:
+                    rendered[i] = self._render(pair)
+                except DropRow as drop:
+                    rendered[i] = drop
+        return rendered  # type: ignore[return-value]  # every slot is filled above
+
     def _render(self, pair: Pair) -> tuple[str, str, str]:
         """(prompt, prompt + chosen, prompt + rejected) as the text the tokenizer encodes."""
         if not pair.conversational:
@@ -130,7 +159,8 @@ class PairTokenizer:
             self._apply_template(pair.prompt + pair.rejected, add_generation_prompt=False),
         )
 
-    def _apply_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
+    def _apply_template(self, messages: list[Any], add_generation_prompt: bool) -> Any:
+        """One conversation (a list of messages) -> its text; a list of conversations -> their texts."""
         try:
             return self.tokenizer.apply_chat_template(
                 messages,
