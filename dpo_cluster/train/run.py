@@ -51,8 +51,6 @@ def _worker_entry(loop_config: dict[str, Any]) -> None:
     import ray.train
 
     config: Config = loop_config["config"]
-    # Iterating the materialized splits logs a line per pass at INFO; keep warnings and errors.
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
     context = ray.train.get_context()
     _record_placement(Path(config.output_dir), context)
     # files: split -> where its rows (and reference values) are read from
@@ -186,7 +184,6 @@ def run_training(config: Config) -> TrainingResult:
     download_hub_models(config)  # once here, not once per worker inside a collective's timeout
     prepared = prepare(config)  # also joins or starts the Ray cluster
     counts = {split: stats["rows_kept"] for split, stats in prepared.report["splits"].items()}
-    _configure_ray_data()
     stage, files = _training_data(config, prepared, counts)
     result = _fit(_build_trainer(config, counts, files), stage)
     output_dir = Path(config.output_dir)
@@ -201,19 +198,6 @@ def run_training(config: Config) -> TrainingResult:
         metrics=json.loads(summary.read_text()) if summary.is_file() else dict(result.metrics or {}),
         checkpoint_dir=Path(checkpoint.path) if checkpoint is not None else None,
     )
-
-
-def _configure_ray_data() -> None:
-    """Ray Data settings the training datasets are made with (a dataset keeps the context it was
-    made with)."""
-    import ray.data
-
-    data_context = ray.data.DataContext.get_current()
-    # A fixed order: runs repeat, and worker counts are interchangeable.
-    data_context.execution_options.preserve_order = True
-    # Workers iterate these every epoch and evaluation; per-iteration progress bars would flood the
-    # log. The loop's own bar shows progress.
-    data_context.enable_progress_bars = False
 
 
 def _training_data(
@@ -275,7 +259,6 @@ def _worker_env(config: Config) -> dict[str, str]:
 
 def _build_trainer(config: Config, counts: dict[str, int], files: dict[str, SplitFiles]) -> Any:
     """The `TorchTrainer` running `_worker_entry` on `scaling.num_workers` workers."""
-    import ray.data
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
