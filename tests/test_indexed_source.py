@@ -123,14 +123,14 @@ def test_each_worker_reads_its_share_and_steps_do_not_depend_on_the_worker_count
     four, quad = _epoch_row_ids(prepared, world=4, accumulation=1, **kwargs)
     assert one == two == four and len(one) > 3
     used = sum(len(step) for step in one)
-    assert alone.rows_read == used
+    assert alone.rows.rows_read == used
     # Each worker read its own rows only: shares add up to the rows used, none read twice.
-    assert sum(s.rows_read for s in pair) == used and sum(s.rows_read for s in quad) == used
+    assert sum(s.rows.rows_read for s in pair) == used and sum(s.rows.rows_read for s in quad) == used
     if "token_budget" not in kwargs:  # a budget deals uneven micro-batches; fixed ones split evenly
-        assert [s.rows_read for s in quad] == [used // 4] * 4
+        assert [s.rows.rows_read for s in quad] == [used // 4] * 4
     for sources in (pair, quad):
-        share = [s.bytes_read / s.total_bytes for s in sources]
-        assert sum(share) == pytest.approx(alone.bytes_read / alone.total_bytes, rel=0.05)
+        share = [s.rows.bytes_read / s.rows.total_bytes for s in sources]
+        assert sum(share) == pytest.approx(alone.rows.bytes_read / alone.rows.total_bytes, rel=0.05)
         assert max(share) < 1.6 / len(sources)
 
 
@@ -151,11 +151,11 @@ def test_a_resume_mid_epoch_starts_at_its_position_and_reads_nothing_before(
     ]
     assert steps == whole[start:]
     # Nothing of the first steps was fetched: the rows read are exactly the later steps' rows.
-    assert sum(s.rows_read for s in sources) == sum(len(step) for step in whole[start:])
+    assert sum(s.rows.rows_read for s in sources) == sum(len(step) for step in whole[start:])
 
 
 def test_index_batches_carry_no_token_ids(prepared: PreparedData) -> None:
     source = _source(prepared)
     batch = next(source.index_batches(MICRO, 0))
     assert set(batch) == {INDEX_COLUMN, "prompt_length", "chosen_length", "rejected_length"}
-    assert source.rows_read == 0 and source.bytes_read == 0
+    assert source.rows.rows_read == 0 and source.rows.bytes_read == 0

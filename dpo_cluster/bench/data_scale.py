@@ -176,12 +176,12 @@ def _read_epoch(split_dir: str, rank: int, world_size: int) -> dict[str, Any]:
     return {
         "rank": rank,
         "num_rows": source.num_rows,
-        "open_seconds": source.open_seconds,
+        "open_seconds": source.rows.open_seconds,
         "epoch_seconds": time.perf_counter() - started,
-        "rows_read": source.rows_read,
-        "bytes_read": source.bytes_read,
-        "total_bytes": source.total_bytes,
-        "fraction_read": source.bytes_read / source.total_bytes if source.total_bytes else 0.0,
+        "rows_read": source.rows.rows_read,
+        "bytes_read": source.rows.bytes_read,
+        "total_bytes": source.rows.total_bytes,
+        "fraction_read": source.rows.bytes_read / source.rows.total_bytes if source.rows.total_bytes else 0.0,
         "peak_rss_bytes": peak_rss_bytes(),
     }
 

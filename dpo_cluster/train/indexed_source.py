@@ -57,23 +57,6 @@ class IndexedPairSource:
     def num_rows(self) -> int:
         return self.rows.num_rows
 
-    # Read counters (the scale benchmark and tests report them).
-    @property
-    def bytes_read(self) -> int:
-        return self.rows.bytes_read
-
-    @property
-    def rows_read(self) -> int:
-        return self.rows.rows_read
-
-    @property
-    def total_bytes(self) -> int:
-        return self.rows.total_bytes
-
-    @property
-    def open_seconds(self) -> float:
-        return self.rows.open_seconds
-
     # -----------------------------------------------------------------------------------------
     # What the training loop calls
 
