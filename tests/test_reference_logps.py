@@ -259,12 +259,15 @@ def test_a_short_run_scores_what_it_reads_and_a_longer_one_only_the_rest(
 
 
 def test_a_stopped_stage_keeps_what_it_wrote_and_the_next_run_scores_the_rest(
-    stage_run: tuple[Config, PreparedData, ReferenceLogps], tmp_path: Path
+    stage_run: tuple[Config, PreparedData, ReferenceLogps], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Training ended (or the driver died) before the stage: it stops at the next item, its
     fragments are whole, a partial fragment of a killed write is never read, and the next run
     scores exactly the positions that are missing."""
     _, prepared, full = stage_run
+    # A fragment per scored item, and items of one-pair forwards (16 pairs, about 0.6 s each here):
+    # the first fragment is there long before the last of the 25 items is scored.
+    monkeypatch.setattr(precompute, "FLUSH_SECONDS", 0.0)
     config = precompute_config(tmp_path, "reference.concurrency=1", "reference.batch_size=1")
     stage = build_reference_stage(config, prepared)
     stage.start()
@@ -281,8 +284,9 @@ def test_a_stopped_stage_keeps_what_it_wrote_and_the_next_run_scores_the_rest(
     }
     assert sum(int(c.sum()) for c in covered.values()) == done
     # What a hard kill leaves mid-write: a temporary file, never taken for a fragment.
+    stage.plan.split_dir("train").mkdir(exist_ok=True)
     (stage.plan.split_dir("train") / ".00000099-deadbeef.tmp").write_bytes(b"PAR1 half a file")
-    again = compute_reference_logps(config, prepared)
+    again = compute_reference_logps(precompute_config(tmp_path, "reference.concurrency=1"), prepared)
     assert again.report["rows_scored"] == sum(counts_of(prepared).values()) - done
     for split in ("train", "eval"):
         torch.testing.assert_close(
@@ -313,18 +317,18 @@ def test_a_cache_of_another_key_or_rows_is_started_again(
 def test_cache_off_scores_every_run_and_leaves_nothing(
     stage_run: tuple[Config, PreparedData, ReferenceLogps],
 ) -> None:
-    """Also one pair per forward, the shapes the in-process reference gets here."""
+    """Also unpacked, one pair per forward: the shapes the in-process reference gets here, so the
+    values agree to 1e-5 (float32 noise of the actor's other threads), not only to packing's ulps."""
     _, prepared, cached = stage_run
-    config = precompute_config(Path(prepared.output_dir), "reference.cache=false", "reference.batch_size=1")
+    config = precompute_config(Path(prepared.output_dir), "reference.cache=false", "reference.batch_size=1",
+                               "reference.packing=false")  # fmt: skip
     result = compute_reference_logps(config, prepared)
     assert result.report["reused"] is False and result.report["cache_dir"] is None
     assert result.report["rows_scored"] == sum(counts_of(prepared).values())
     assert result.directory.name.startswith(".scratch-")
     for split in ("train", "eval"):
         expected = in_process_logps("builtin:tiny", prepared_table(prepared, split), batch_size=1)
-        torch.testing.assert_close(
-            stage_logps(result.values(split)), expected, atol=FP32_LOGPS_TOLERANCE, rtol=0
-        )
+        torch.testing.assert_close(stage_logps(result.values(split)), expected, atol=1e-5, rtol=0)
         torch.testing.assert_close(
             stage_logps(result.values(split)),
             stage_logps(cached.values(split)),
@@ -448,7 +452,9 @@ def test_config_accepts_hub_ids_gpu_fractions_and_lora_base() -> None:
 
 def test_ray_training_with_precompute_equals_the_in_loop_reference(tmp_path: Path, ray_local: None) -> None:
     """In bf16, as GPU runs train: the actors (model.dtype auto), the in-loop copy and the engine's
-    policy all compute in bf16, so each starts at ln 2 and the precomputed runs follow the in-loop one."""
+    policy all compute in bf16, so each starts at ln 2 and the run whose workers wait for the stage
+    beside them follows the in-loop one. (Scored before training, the workers read the same values
+    without waiting: test_a_stage_that_cannot_overlap_is_done_before_the_workers_start.)"""
     from dpo_cluster.train.run import run_training
 
     common = ("train.micro_batch_size=2", "scaling.num_workers=2", "train.shuffle=false", "train.max_steps=4",
@@ -456,9 +462,8 @@ def test_ray_training_with_precompute_equals_the_in_loop_reference(tmp_path: Pat
     runs = {
         "model": ("reference.mode=model",),
         # Scored beside training (actors of 0 CPUs fit beside 2 workers on 2 CPUs), the workers
-        # waiting for the values they need; then scored before training.
+        # waiting for the values they need.
         "overlapped": ("reference.mode=precompute", "reference.num_cpus=0"),
-        "before": ("reference.mode=precompute", "reference.overlap=false"),
     }
     for name, overrides in runs.items():
         run_training(train_config(tmp_path / name, *common, *overrides))
@@ -467,7 +472,7 @@ def test_ray_training_with_precompute_equals_the_in_loop_reference(tmp_path: Pat
     evals = {
         name: [r["eval_loss"] for r in metrics_rows(tmp_path / name) if "eval_loss" in r] for name in runs
     }
-    for name in ("overlapped", "before"):
+    for name in ("overlapped",):
         stage = losses(tmp_path / name)
         assert len(stage) == 4
         # bf16 rounds a sequence's log-prob sum differently for other batch shapes (the actors
@@ -481,11 +486,11 @@ def test_ray_training_with_precompute_equals_the_in_loop_reference(tmp_path: Pat
         assert evals[name] == pytest.approx(evals["model"], abs=10 * BF16_LOSS_TOLERANCE), name
         report = json.loads((tmp_path / name / REPORT_FILE).read_text())
         assert report["key_parts"]["dtype"] == "bfloat16"  # reference.dtype auto: the compute dtype
-        assert report["reused"] is False and report["overlapped"] is (name == "overlapped")
+        assert report["reused"] is False and report["overlapped"] is True
         # Only what 4 steps of 2 x 2 pairs and the evaluations read: not the whole train split.
         assert report["rows_needed"]["train"] == 4 * 2 * 2 < report["rows"]["train"]
         assert report["rows_needed"]["eval"] == report["rows"]["eval"] // 4 * 4
-        # Both leave a cache that holds what the same run reads again.
+        # It leaves a cache that holds what the same run reads again.
         config = train_config(tmp_path / name, *common, *runs[name])
         prepared = prepare(config)
         assert (
@@ -494,6 +499,35 @@ def test_ray_training_with_precompute_equals_the_in_loop_reference(tmp_path: Pat
         )
         assert not list((tmp_path / name / REFERENCE_DIR / report["cache_key"]).glob("status-*"))
     assert not (tmp_path / "model" / REPORT_FILE).exists()
+
+
+def test_a_stage_that_cannot_overlap_is_done_before_the_workers_start(
+    stage_run: tuple[Config, PreparedData, ReferenceLogps],
+) -> None:
+    """The driver's choice for `reference.overlap: false` (or no room beside the workers): the stage
+    scores the run's pairs and ends before the trainer is built, and the workers' files name no
+    status to wait on, so every value a worker looks up is there."""
+    from dpo_cluster.train.run import _pair_source, _training_data
+
+    _, prepared, _ = stage_run
+    # Another dtype: another key, so this run scores rather than finds everything cached.
+    config = precompute_config(Path(prepared.output_dir), "reference.overlap=false", "reference.dtype=bfloat16",
+                               "train.max_steps=2", "train.eval_strategy=steps")  # fmt: skip
+    counts = counts_of(prepared)
+    stage, files = _training_data(config, prepared, counts)
+    try:
+        assert stage is not None and stage.report["state"] == "done" and stage.report["overlapped"] is False
+        assert stage.report["rows_scored"] == sum(stage.needed.values()) == 60 + 2 * 4
+        assert all(where.reference_status is None for where in files.values())
+        order = scoring_order(config, counts)
+        for split, positions in order.items():
+            source = _pair_source(config, files, split, shuffle=False)
+            assert source is not None and source.reference is not None
+            got = source.take(positions)  # no waiting: nothing to wait on
+            assert np.isfinite(got[REF_COLUMNS[0]]).all() and (got[REF_COLUMNS[1]] < 0).all()
+    finally:
+        if stage is not None:
+            stage.close()
 
 
 def test_lora_precompute_scores_with_the_base_and_run_local_equals_adapter_disabled(

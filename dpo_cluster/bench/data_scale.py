@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dpo_cluster.bench.proc_memory import RayMemorySampler, peak_rss_bytes
+from dpo_cluster.bench.proc_memory import RayMemorySampler, peak_rss_bytes, single_process_env
 from dpo_cluster.data.samples import generate_title_pairs
 
 SCALE_ROWS = 1_000_000
@@ -62,7 +62,7 @@ def run_scale_benchmark(
     tokenizer_dir = str(tokenizer_dir or resolve_name_or_path("builtin:tiny"))
     ensure_ray()
     ray_cpus = int(ray.cluster_resources().get("CPU", 1))
-    child_env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
+    child_env = single_process_env(dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address))
     result: dict[str, Any] = {
         "mode": "scale",
         "rows": rows,

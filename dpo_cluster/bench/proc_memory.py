@@ -1,5 +1,6 @@
-"""Peak memory for the benchmarks: a process's own high-water RSS, and a sampler thread that follows
-Ray's worker processes and object store on this machine while something runs.
+"""Peak memory for the benchmarks: a process's own high-water RSS, a sampler thread that follows
+Ray's worker processes and object store on this machine while something runs, and the environment
+of a child measured as one process of its own.
 
 The peak is VmHWM from /proc, not `getrusage().ru_maxrss`: Linux carries ru_maxrss over fork and
 exec, so a child started from a large parent reports at least the parent's peak, whereas VmHWM
@@ -140,3 +141,13 @@ class RayMemorySampler:
             return get_memory_info_reply(state, *self._raylet, timeout_seconds=5).store_stats
         except Exception:  # a busy or restarting raylet: skip this sample, keep the run going
             return None
+
+
+# torch.distributed's rendezvous variables. A caller that trained in-process (`run_local` sets them)
+# would send a child's TRL (accelerate) and DeepSpeed to that caller's rendezvous.
+DISTRIBUTED_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+
+
+def single_process_env(env: dict[str, str]) -> dict[str, str]:
+    """`env` for a child measured as one process of its own: without `DISTRIBUTED_ENV`."""
+    return {name: value for name, value in env.items() if name not in DISTRIBUTED_ENV}

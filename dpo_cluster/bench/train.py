@@ -30,6 +30,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from dpo_cluster.bench.proc_memory import single_process_env
 from dpo_cluster.bench.train_report import format_table, summarize
 from dpo_cluster.bench.train_settings import (
     MODES,
@@ -117,12 +118,8 @@ def run_stage(stage: str, s: BenchSettings) -> StageRun:
     log.parent.mkdir(parents=True, exist_ok=True)
     result_path.parent.mkdir(parents=True, exist_ok=True)
     result_path.unlink(missing_ok=True)
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", RAY_DATA_USAGE_DISABLED="1")
+    env = single_process_env(dict(os.environ, TOKENIZERS_PARALLELISM="false", RAY_DATA_USAGE_DISABLED="1"))
     env.pop("RAY_ADDRESS", None)  # the Ray stages start a local instance: this machine is measured
-    # Each stage is a single process of its own: torch.distributed variables of a caller that
-    # trained in-process would send TRL (accelerate) and DeepSpeed to that caller's rendezvous.
-    for name in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
-        env.pop(name, None)
     command = [sys.executable, "-m", "dpo_cluster.bench.train_stages", stage]
     command += [str(workdir / "settings.json"), str(result_path)]
     print(f"[bench train] {stage}: running (log: {log})", flush=True)
