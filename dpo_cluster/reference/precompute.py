@@ -81,11 +81,9 @@ class ReferenceStage:
     def status_file(self) -> Path:
         return self.plan.status_file(self.run_id)
 
-    def values(self, split: str, waiting: bool = False) -> ReferenceValues:
-        """A split's values, as a worker reads them; `waiting`: wait for positions still to come."""
-        return ReferenceValues(
-            self.plan.split_dir(split), self.plan.counts[split], self.status_file if waiting else None
-        )
+    def values(self, split: str) -> ReferenceValues:
+        """A split's values as scored so far, read by position (no waiting: see `status_file`)."""
+        return ReferenceValues(self.plan.split_dir(split), self.plan.counts[split])
 
     def start(self) -> ReferenceStage:
         write_status(self.status_file, "running")
