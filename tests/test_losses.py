@@ -336,7 +336,7 @@ def test_alpha_divergence_limit_is_reverse_kl() -> None:
 VOCAB_SIZE = 100
 
 
-def _tiny_model(seed: int) -> Any:
+def build_tiny_policy(seed: int) -> Any:
     from transformers import Qwen2ForCausalLM
 
     torch.manual_seed(seed)
@@ -357,6 +357,10 @@ def _tiny_model(seed: int) -> Any:
 
 @pytest.fixture(scope="module")
 def word_tokenizer() -> Any:
+    return build_word_tokenizer()
+
+
+def build_word_tokenizer() -> Any:
     """A word-level tokenizer over "w0".."w59" (ids 3..62) with pad 0 and eos 1."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -371,6 +375,11 @@ def word_tokenizer() -> Any:
 
 @pytest.fixture(scope="module")
 def pairs() -> Any:
+    return build_pairs()
+
+
+def build_pairs() -> Any:
+    """Six prompt/chosen/rejected rows in the word tokenizer's words, as a `datasets.Dataset`."""
     from datasets import Dataset
 
     # Lengths vary on both sides (chosen longer, rejected longer, equal) so that padding, the
@@ -397,8 +406,8 @@ def _build_trainer(tokenizer: Any, pairs: Any, tmp_path: Any, config: dict[str, 
         **config,
     )
     trainer = DPOTrainer(
-        model=_tiny_model(0),
-        ref_model=_tiny_model(1),
+        model=build_tiny_policy(0),
+        ref_model=build_tiny_policy(1),
         args=args,
         train_dataset=pairs,
         processing_class=tokenizer,
@@ -582,7 +591,7 @@ def test_first_step_ln2_matches_trl(word_tokenizer: Any, pairs: Any, tmp_path: A
     """Reference = a copy of the policy: TRL and we both give exactly ln 2, zero rewards, 0 accuracy."""
     from trl import DPOConfig, DPOTrainer
 
-    policy = _tiny_model(0)
+    policy = build_tiny_policy(0)
     args = DPOConfig(
         output_dir=str(tmp_path), use_cpu=True, report_to=[], bf16=False, gradient_checkpointing=False
     )

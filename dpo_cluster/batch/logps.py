@@ -7,6 +7,7 @@ share this one path and score a pair the same way whatever its layout.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +42,8 @@ class SequenceScores:
     lengths: completion token counts (the shifted completion mask per sequence).
     wpo_log_weights: WPO log-weights (mean aligned token log-prob, `compute_wpo_token_logps`), no
         gradient; None unless asked for.
+    prompt_logps / prompt_lengths: summed log-probs (with gradient) and counts of the prompt tokens
+        of every sequence (its first token has no prediction); None unless asked for (ORPO's NLL).
     """
 
     logps: torch.Tensor
@@ -48,6 +51,8 @@ class SequenceScores:
     logit_sums: torch.Tensor
     lengths: torch.Tensor
     wpo_log_weights: torch.Tensor | None = None
+    prompt_logps: torch.Tensor | None = None
+    prompt_lengths: torch.Tensor | None = None
 
 
 @dataclass
@@ -110,6 +115,19 @@ def _values_from_hidden(
     return _TokenValues(place(values.logps), place(values.mean_logits), wpo, to_sequences(label_mask))
 
 
+def with_prompts_scored(batch: MicroBatch) -> MicroBatch:
+    """A copy of `batch` whose completion mask also covers every prompt token: `-> MicroBatch`,
+    same layout; a forward over it scores every real token after each sequence's first."""
+    if isinstance(batch, PackedBatch):
+        mask = torch.zeros_like(batch.completion_mask)
+        for row, start, length in zip(
+            batch.seq_rows.tolist(), batch.seq_starts.tolist(), batch.seq_lengths.tolist()
+        ):
+            mask[row, start : start + length] = 1
+        return dataclasses.replace(batch, completion_mask=mask)
+    return dataclasses.replace(batch, completion_mask=batch.attention_mask.clone())
+
+
 def compute_sequence_scores(
     forward: Callable[..., Any],
     batch: MicroBatch,
@@ -118,6 +136,7 @@ def compute_sequence_scores(
     wpo_weights: bool = False,
     chunk_size: int = 0,
     model: object | None = None,
+    prompt_logps: bool = False,
 ) -> SequenceScores:
     """One forward over the 2B chosen + rejected sequences -> `SequenceScores` ((2B,) each).
 
@@ -129,15 +148,31 @@ def compute_sequence_scores(
     `chunk_size` > 0 (`train.logps_chunk_size`): log-probs from the final hidden states, that many
     completion tokens per head call, no (N, L, V) logits (`hidden_logps`); `model` is the module
     holding the head (default: `forward` itself). 0: from the model's full logits.
+    `prompt_logps`: the same forward also scores the prompt tokens (`SequenceScores.prompt_logps`);
+    every completion value is the same as without it.
     """
     if chunk_size < 0:
         raise ValueError(f"chunk_size must be >= 0 (0: full logits), got {chunk_size}")
+    scored = with_prompts_scored(batch) if prompt_logps else batch
     if chunk_size:
         values = _values_from_hidden(
-            forward, batch, wpo_weights, chunk_size, forward if model is None else model
+            forward, scored, wpo_weights, chunk_size, forward if model is None else model
         )
     else:
-        values = _values_from_logits(forward, batch, wpo_weights)
+        values = _values_from_logits(forward, scored, wpo_weights)
+    prompt_sums = prompt_lengths = None
+    if prompt_logps:
+        _, _, completion_mask, to_sequences = _model_inputs(batch)
+        completion_mask = to_sequences(completion_mask)
+        prompt_mask = values.mask - completion_mask
+        prompt_sums = (values.logps * prompt_mask).sum(dim=1)
+        prompt_lengths = prompt_mask.sum(dim=1)
+        values = _TokenValues(
+            values.logps * completion_mask,
+            values.mean_logits * completion_mask,
+            None if values.wpo_logps is None else values.wpo_logps * completion_mask,
+            completion_mask,
+        )
     lengths = values.mask.sum(dim=1)
     plain_logps = values.logps.sum(dim=1)
     logps = plain_logps
@@ -153,7 +188,9 @@ def compute_sequence_scores(
     if values.wpo_logps is not None:
         wpo_log_weights = values.wpo_logps.sum(dim=1) / lengths.clamp(min=1)  # WPO eq. 2: mean over tokens
     logit_sums = values.mean_logits.sum(dim=1)
-    return SequenceScores(logps, plain_logps, logit_sums, lengths, wpo_log_weights)
+    return SequenceScores(
+        logps, plain_logps, logit_sums, lengths, wpo_log_weights, prompt_sums, prompt_lengths
+    )
 
 
 def sequence_logps(

@@ -132,8 +132,21 @@ class Config:
                 "lora.load_in_4bit: QLoRA needs CUDA GPUs (scaling.use_gpu: true); on CPU use plain LoRA"
             )
 
+    def reference_mode(self) -> str:
+        """reference.mode with `auto` resolved: none for a reference-free train.loss_type, else
+        adapter_disabled with LoRA and model without."""
+        return self.reference.resolved_mode(self.lora.enabled, self.train.reference_free())
+
     def _check_reference(self) -> None:
-        mode = self.reference.resolved_mode(self.lora.enabled)
+        mode = self.reference_mode()
+        if (mode == "none") != self.train.reference_free():
+            free = self.train.reference_free()
+            needs = "needs no reference" if free else "needs a reference"
+            fix = "reference.mode: none (or auto)" if free else "another reference.mode"
+            raise ConfigError(
+                f"reference.mode: {self.reference.mode} (resolved: {mode}) does not fit train.loss_type "
+                f"{', '.join(self.train.loss_type)}, which {needs}; set {fix}"
+            )
         if mode == "adapter_disabled" and not self.lora.enabled:
             raise ConfigError("reference.mode: adapter_disabled needs lora.enabled: true")
         if self.reference.name_or_path is not None and mode not in ("model", "precompute"):

@@ -38,8 +38,10 @@ class ReferenceConfig:
     # adapter_disabled (the LoRA policy with its adapter switched off: no second copy) |
     # precompute (a Ray Data actor pool of the reference scores every train and eval pair, beside
     # training or before it, cached under output_dir/reference_logps/; the workers load none) |
-    # precomputed (ref_chosen_logps / ref_rejected_logps columns in the data: none loaded).
-    mode: Literal["auto", "model", "adapter_disabled", "precompute", "precomputed"] = "auto"
+    # precomputed (ref_chosen_logps / ref_rejected_logps columns in the data: none loaded) |
+    # none (no reference at all: nothing loaded, scored or cached; only for the reference-free
+    # train.loss_type cpo, simpo, orpo, for which auto resolves to none and every other mode is refused).
+    mode: Literal["auto", "model", "adapter_disabled", "precompute", "precomputed", "none"] = "auto"
     # A different reference model (mode: model or precompute): hub id or local directory.
     # null = the policy's starting weights (model.name_or_path at model.revision; with LoRA the
     # base model without the adapter, which is what the LoRA policy starts as).
@@ -80,8 +82,12 @@ class ReferenceConfig:
     # training reads it). See dpo_cluster.reference.precompute.
     overlap: bool = True
 
-    def resolved_mode(self, lora: bool) -> str:
+    def resolved_mode(self, lora: bool, reference_free: bool = False) -> str:
+        """The mode `auto` stands for: none for a reference-free loss, else adapter_disabled with
+        LoRA and model without; any other mode as set."""
         if self.mode == "auto":
+            if reference_free:
+                return "none"
             return "adapter_disabled" if lora else "model"
         return self.mode
 

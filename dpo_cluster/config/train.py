@@ -33,6 +33,11 @@ LOSS_TYPES: tuple[str, ...] = (
     "sigmoid_norm",
 )
 
+# The reference-free loss types (`dpo_cluster.losses.REFERENCE_FREE_LOSS_FUNCTIONS`): they read no
+# reference log-probs, so they go with `reference.mode: none` (what `auto` resolves to for them),
+# and each combines only with sft.
+REFERENCE_FREE_LOSS_TYPES: tuple[str, ...] = ("cpo", "simpo", "orpo")
+
 # The divergences `dpo_cluster.losses` implements.
 F_DIVERGENCE_TYPES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 # Loss types with an f-divergence form (`losses.F_DIVERGENCE_LOSS_TYPES`), and those that sort
@@ -65,14 +70,25 @@ class DeepSpeedConfig:
 
 @dataclass
 class TrainConfig:
-    # DPO loss type(s); a list combines several with train.loss_weights. See dpo_cluster.losses.
+    # Loss type(s); a list combines several with train.loss_weights. See dpo_cluster.losses.
+    # DPO family (needs a reference): sigmoid hinge ipo exo_pair nca_pair robust bco_pair sppo_hard
+    # aot aot_unpaired apo_zero apo_down discopop sft sigmoid_norm. Reference-free (reference.mode
+    # none; each alone or with sft): cpo (CPO: sigmoid on summed log-probs + cpo_alpha x NLL),
+    # simpo (SimPO: length-averaged log-probs, margin simpo_gamma), orpo (ORPO: NLL + beta x odds-ratio
+    # term). TRL's CPO-SimPO (cpo_alpha > 0) is [simpo, sft] with loss_weights [1, cpo_alpha].
     loss_type: list[str] = field(default_factory=lambda: ["sigmoid"])
     # One weight per loss type. null = 1.0 each.
     loss_weights: list[float] | None = None
-    # Temperature of the implicit reward beta * log(pi/pi_ref) (Rafailov et al. 2023). > 0.
+    # Temperature of the implicit reward beta * log(pi/pi_ref) (Rafailov et al. 2023). > 0. For cpo
+    # and simpo the temperature of the policy's own scores (SimPO's paper uses 2 to 10); for orpo
+    # the paper's lambda, the weight of the odds-ratio term (TRL's ORPOConfig.beta too).
     beta: float = 0.1
-    # Label smoothing (conservative DPO) for robust, exo_pair, aot, aot_unpaired; in [0, 0.5).
+    # Label smoothing (conservative DPO) for robust, exo_pair, aot, aot_unpaired, cpo, simpo; in [0, 0.5).
     label_smoothing: float = 0.0
+    # SimPO's target reward margin gamma (reward units, i.e. beta x per-token log-prob), >= 0.
+    simpo_gamma: float = 0.5
+    # Weight of cpo's NLL (behaviour cloning) term on the chosen answers, >= 0 (0: no NLL term).
+    cpo_alpha: float = 1.0
     # Divergence behind the implicit reward's log-ratio (f-DPO, Wang et al. 2023): reverse_kl (DPO) |
     # forward_kl | js_divergence | alpha_divergence. Used by sigmoid, hinge, ipo, exo_pair, robust,
     # discopop (TRL's f_divergence_type).
@@ -176,9 +192,11 @@ class TrainConfig:
             raise ConfigError(f"train.beta: must be > 0, got {self.beta}")
         if not self.loss_type:
             raise ConfigError("train.loss_type: at least one loss type is required")
+        valid = LOSS_TYPES + REFERENCE_FREE_LOSS_TYPES
         for name in self.loss_type:
-            if name not in LOSS_TYPES:
-                raise ConfigError(f"train.loss_type: unknown loss {name!r}; valid: {', '.join(LOSS_TYPES)}")
+            if name not in valid:
+                raise ConfigError(f"train.loss_type: unknown loss {name!r}; valid: {', '.join(valid)}")
+        self._check_reference_free()
         if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
             raise ConfigError(
                 f"train.loss_weights: {len(self.loss_weights)} weights for {len(self.loss_type)} loss types"
@@ -208,12 +226,34 @@ class TrainConfig:
             )
         if self.discopop_tau <= 0:
             raise ConfigError(f"train.discopop_tau: must be > 0, got {self.discopop_tau}")
+        if self.simpo_gamma < 0:
+            raise ConfigError(f"train.simpo_gamma: must be >= 0, got {self.simpo_gamma}")
+        if self.cpo_alpha < 0:
+            raise ConfigError(f"train.cpo_alpha: must be >= 0, got {self.cpo_alpha}")
         if self.ld_alpha is not None and not 0.0 <= self.ld_alpha <= 1.0:
             raise ConfigError(f"train.ld_alpha: must be in [0, 1] or null, got {self.ld_alpha}")
         if self.logps_chunk_size < 0:
             raise ConfigError(
                 f"train.logps_chunk_size: must be >= 0 (0: from full logits), got {self.logps_chunk_size}"
             )
+
+    def reference_free(self) -> bool:
+        """Whether the loss reads no reference log-probs (it holds cpo, simpo or orpo)."""
+        return any(name in REFERENCE_FREE_LOSS_TYPES for name in self.loss_type)
+
+    def _check_reference_free(self) -> None:
+        free = [name for name in self.loss_type if name in REFERENCE_FREE_LOSS_TYPES]
+        if not free:
+            return
+        others = [name for name in self.loss_type if name not in REFERENCE_FREE_LOSS_TYPES and name != "sft"]
+        if len(free) > 1 or others:
+            raise ConfigError(
+                f"train.loss_type: the reference-free {free[0]} combines only with sft (its rewards are "
+                f"the policy's own scores, not log-ratios against a reference); got {', '.join(self.loss_type)}"
+            )
+        for name, on in (("use_weighting", self.use_weighting), ("ld_alpha", self.ld_alpha is not None)):
+            if on:
+                raise ConfigError(f"train.{name}: not used by the reference-free train.loss_type {free[0]}")
 
     def _check_optimization(self, num_workers: int) -> None:
         for name in ("learning_rate", "num_epochs"):

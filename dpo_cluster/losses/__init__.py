@@ -1,11 +1,18 @@
 """Preference-optimisation losses over per-pair sequence log-probs: pure tensor math.
 
-`functions` holds one function per TRL 1.16 loss type (per-pair losses, nothing reduced);
-`combine` weighs several of them into the batch objective and computes the implicit rewards. The
+`functions` holds one function per TRL 1.16 DPO loss type (per-pair losses, nothing reduced),
+`reference_free` CPO, SimPO and ORPO (no reference model); `combine` weighs several of them into
+the batch objective and computes the implicit rewards. The
 training loop reduces over the batch and across workers, so the math stays testable on literals.
 """
 
-from dpo_cluster.losses.combine import compute_dpo_loss, compute_rewards
+from dpo_cluster.losses.combine import (
+    PAIRED_LOSS_FUNCTIONS,
+    compute_dpo_loss,
+    compute_reported_logps,
+    compute_rewards,
+    is_reference_free,
+)
 from dpo_cluster.losses.functions import (
     BATCH_SORTED_LOSS_TYPES,
     F_DIVERGENCE_LOSS_TYPES,
@@ -29,29 +36,50 @@ from dpo_cluster.losses.functions import (
     sigmoid_norm_loss,
     sppo_hard_loss,
 )
+from dpo_cluster.losses.reference_free import (
+    LENGTH_AVERAGED_LOSS_TYPES,
+    REFERENCE_FREE_LOSS_FUNCTIONS,
+    compute_average_logps,
+    compute_log_odds,
+    compute_orpo_nll,
+    cpo_loss,
+    orpo_loss,
+    simpo_loss,
+)
 
 __all__ = [
     "BATCH_SORTED_LOSS_TYPES",
     "F_DIVERGENCE_LOSS_TYPES",
     "F_DIVERGENCE_TYPES",
+    "LENGTH_AVERAGED_LOSS_TYPES",
     "LOSS_FUNCTIONS",
+    "PAIRED_LOSS_FUNCTIONS",
+    "REFERENCE_FREE_LOSS_FUNCTIONS",
     "PreferenceLogps",
     "aot_loss",
     "aot_unpaired_loss",
     "apo_down_loss",
     "apo_zero_loss",
     "bco_pair_loss",
+    "compute_average_logps",
     "compute_dpo_loss",
     "compute_f_divergence_scores",
+    "compute_log_odds",
+    "compute_orpo_nll",
+    "compute_reported_logps",
     "compute_rewards",
+    "cpo_loss",
     "discopop_loss",
     "exo_pair_loss",
     "hinge_loss",
     "ipo_loss",
+    "is_reference_free",
     "nca_pair_loss",
+    "orpo_loss",
     "robust_loss",
     "sft_loss",
     "sigmoid_loss",
     "sigmoid_norm_loss",
+    "simpo_loss",
     "sppo_hard_loss",
 ]

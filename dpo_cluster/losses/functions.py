@@ -31,7 +31,8 @@ class PreferenceLogps:
     policy_chosen_logps / policy_rejected_logps: summed completion log-probs log pi(y|x) under the
         policy (with gradient). Under LD-DPO these are the length-desensitised sums
         (`dpo_cluster.logprobs.compute_ld_sequence_logps`).
-    ref_chosen_logps / ref_rejected_logps: the same under the frozen reference model (no gradient).
+    ref_chosen_logps / ref_rejected_logps: the same under the frozen reference model (no gradient);
+        None for the reference-free losses (`dpo_cluster.losses.reference_free`), which never read them.
     chosen_lengths / rejected_lengths: number of scored completion tokens (the shifted completion
         mask summed per row). Needed by the length-normalised losses (ipo, sigmoid_norm), by sft and
         by the `logits/*` metrics; None otherwise. TRL counts the unshifted completion mask for ipo
@@ -39,15 +40,20 @@ class PreferenceLogps:
     policy_chosen_unweighted_logps: plain summed chosen log-probs for the sft term when LD-DPO
         weighting makes `policy_chosen_logps` differ from the plain sum (TRL's sft term always uses
         the unweighted token log-probs). None means `policy_chosen_logps`.
+    chosen_prompt_logps / chosen_prompt_lengths: summed policy log-probs and counts of the chosen
+        sequences' prompt tokens, for ORPO's NLL, which covers the whole chosen sequence (TRL's,
+        after the ORPO authors' code); None elsewhere.
     """
 
     policy_chosen_logps: torch.Tensor
     policy_rejected_logps: torch.Tensor
-    ref_chosen_logps: torch.Tensor
-    ref_rejected_logps: torch.Tensor
+    ref_chosen_logps: torch.Tensor | None
+    ref_rejected_logps: torch.Tensor | None
     chosen_lengths: torch.Tensor | None = None
     rejected_lengths: torch.Tensor | None = None
     policy_chosen_unweighted_logps: torch.Tensor | None = None
+    chosen_prompt_logps: torch.Tensor | None = None
+    chosen_prompt_lengths: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         size = self.policy_chosen_logps.shape
@@ -65,15 +71,22 @@ class PreferenceLogps:
     @property
     def chosen_logratios(self) -> torch.Tensor:
         """r_c = log pi(y_c|x) - log pi_ref(y_c|x), (B,)."""
-        return self.policy_chosen_logps - self.ref_chosen_logps
+        return self.policy_chosen_logps - self._reference("ref_chosen_logps")
 
     @property
     def rejected_logratios(self) -> torch.Tensor:
         """r_r = log pi(y_r|x) - log pi_ref(y_r|x), (B,)."""
-        return self.policy_rejected_logps - self.ref_rejected_logps
+        return self.policy_rejected_logps - self._reference("ref_rejected_logps")
+
+    def _reference(self, name: str) -> torch.Tensor:
+        value = getattr(self, name)
+        if value is None:
+            raise ValueError(f"this loss needs reference log-probs, but PreferenceLogps.{name} is None")
+        return value
 
 
-def _require_lengths(batch: PreferenceLogps, loss_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+def require_lengths(batch: PreferenceLogps, loss_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen_lengths, rejected_lengths), or ValueError naming the loss that needs them."""
     if batch.chosen_lengths is None or batch.rejected_lengths is None:
         raise ValueError(
             f"the {loss_name!r} loss needs chosen_lengths and rejected_lengths in PreferenceLogps"
@@ -175,7 +188,7 @@ def ipo_loss(
     The per-token averaging keeps the squared target comparable across answer lengths; TRL adopted it
     with the paper's authors (lengths clamped to at least 1).
     """
-    chosen_lengths, rejected_lengths = _require_lengths(batch, "ipo")
+    chosen_lengths, rejected_lengths = require_lengths(batch, "ipo")
     chosen_scores, rejected_scores = _scores(batch, f_divergence_type, f_alpha_divergence_coef)
     chosen_avg = chosen_scores / chosen_lengths.to(chosen_scores.dtype).clamp(min=1.0)
     rejected_avg = rejected_scores / rejected_lengths.to(rejected_scores.dtype).clamp(min=1.0)
@@ -355,7 +368,7 @@ def sft_loss(batch: PreferenceLogps) -> torch.Tensor:
     `policy_chosen_unweighted_logps` when set (LD-DPO). The token count is clamped to at least 1
     (TRL would return NaN for a batch without chosen tokens).
     """
-    chosen_lengths, _ = _require_lengths(batch, "sft")
+    chosen_lengths, _ = require_lengths(batch, "sft")
     logps = batch.policy_chosen_logps
     if batch.policy_chosen_unweighted_logps is not None:
         logps = batch.policy_chosen_unweighted_logps
@@ -377,7 +390,7 @@ def sigmoid_norm_loss(
     Meng et al. 2024, here kept relative to the reference):
         loss = -log sigma(beta * (r_c / |y_c| - r_r / |y_r|)),  lengths clamped to at least 1.
     """
-    chosen_lengths, rejected_lengths = _require_lengths(batch, "sigmoid_norm")
+    chosen_lengths, rejected_lengths = require_lengths(batch, "sigmoid_norm")
     chosen_scores, rejected_scores = _scores(batch, f_divergence_type, f_alpha_divergence_coef)
     chosen_avg = chosen_scores / chosen_lengths.to(chosen_scores.dtype).clamp(min=1.0)
     rejected_avg = rejected_scores / rejected_lengths.to(rejected_scores.dtype).clamp(min=1.0)

@@ -83,7 +83,7 @@ def disable_dropout(model: torch.nn.Module) -> None:
 class ReferenceSource:
     """Where a micro-batch's reference log-probs come from, per `reference.mode`: a separate frozen
     model ("model"), the policy with its LoRA adapter off ("adapter_disabled"), or columns the data
-    already carries ("precompute", "precomputed")."""
+    already carries ("precompute", "precomputed"); nowhere for a reference-free loss ("none")."""
 
     mode: str
     policy: torch.nn.Module  # the engine's module
@@ -93,6 +93,10 @@ class ReferenceSource:
 
     def compute_logps(self, batch: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Reference log-probs of the batch's B pairs -> (chosen (B,), rejected (B,)), without grad."""
+        if self.mode == "none":
+            raise ValueError(
+                "reference.mode is none: the loss must be reference-free and ask for no reference"
+            )
         if self.mode in ("precompute", "precomputed"):
             return _precomputed_logps(batch, self.mode)
         n = batch.num_pairs
@@ -273,10 +277,14 @@ def build_setup(config: Config, ctx: WorkerContext) -> TrainSetup:
     with zero3_loading(ds_config):
         policy = load_policy(config.policy_model(), config.lora)
         # None unless mode is model: adapter_disabled reuses the policy, precompute / precomputed
-        # read the reference log-probs from the data, so those workers hold no second model. The
+        # read the reference log-probs from the data, none has no reference, so those workers hold
+        # no second model. The
         # copy loads in the policy's compute dtype (DeepSpeed casts only the engine's module), so
         # at step one both compute the same log-probs and the loss is ln 2.
-        reference = load_reference(config.reference_model(), config.reference, config.lora)
+        mode = config.reference_mode()
+        reference = None
+        if mode == "model":
+            reference = load_reference(config.reference_model(), config.reference, config.lora)
     if train.disable_dropout:
         for model in (policy, reference):
             if model is not None:
@@ -294,7 +302,7 @@ def build_setup(config: Config, ctx: WorkerContext) -> TrainSetup:
         engine=engine,
         scheduler=scheduler,
         reference=ReferenceSource(
-            config.reference.resolved_mode(config.lora.enabled),
+            mode,
             engine.module,
             reference,
             train.ld_alpha,
