@@ -1,6 +1,6 @@
 """The `dpo-cluster` command line: one subcommand per program, each a thin call into the library.
 
-    dpo-cluster {prepare,train,eval,serve} --config PATH [dotted.key=value ...]
+    dpo-cluster {prepare,train,rounds,eval,serve} --config PATH [dotted.key=value ...]
     dpo-cluster demo
     dpo-cluster bench {data,serve,train,gpu} [flags]
 
@@ -43,6 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="DPO on Ray Train + DeepSpeed (prepares the data first)")
     _add_config_args(p)
     p.set_defaults(run=cmd_train)
+
+    p = sub.add_parser(
+        "rounds",
+        help="on-policy rounds: the policy samples, a judge picks, DPO trains the next policy, again",
+    )
+    _add_config_args(p)
+    p.set_defaults(run=cmd_rounds)
 
     _add_serve_parser(sub)
     _add_eval_parser(sub)
@@ -300,6 +307,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     curves = result.final_dir.parent / "training_curves.png"
     if curves.exists():
         print(f"curves: {curves}")
+    return 0
+
+
+def cmd_rounds(args: argparse.Namespace) -> int:
+    from dpo_cluster.rounds.run import run_rounds
+    from dpo_cluster.rounds.summary import SUMMARY_FILE, format_rounds
+
+    config = load_config(args.config, args.overrides)
+    summary = run_rounds(config)
+    print(format_rounds(summary))
+    print(f"\nsummary: {config.output_dir}/{SUMMARY_FILE}")
+    print(f"plot:    {summary['plot']}")
+    print(f"serve every round side by side: dpo-cluster serve --config {summary['serve_config']}")
     return 0
 
 

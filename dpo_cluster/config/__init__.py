@@ -18,6 +18,7 @@ from dpo_cluster.config.evaluation import JUDGE_RULES, EvalConfig
 from dpo_cluster.config.loader import ConfigError, build_dataclass, valid_keys
 from dpo_cluster.config.model_data import DataConfig, ModelConfig, SourceConfig
 from dpo_cluster.config.reference import LoraConfig, ReferenceConfig
+from dpo_cluster.config.rounds import RoundsConfig
 from dpo_cluster.config.serve import ServeConfig
 from dpo_cluster.config.train import (
     F_DIVERGENCE_TYPES,
@@ -39,6 +40,7 @@ __all__ = [
     "LoraConfig",
     "ModelConfig",
     "ReferenceConfig",
+    "RoundsConfig",
     "ScalingConfig",
     "ServeConfig",
     "SourceConfig",
@@ -63,6 +65,7 @@ class Config:
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     evaluation: EvalConfig = field(default_factory=EvalConfig)
+    rounds: RoundsConfig = field(default_factory=RoundsConfig)
 
     def check(self) -> None:
         if not self.output_dir:
@@ -73,6 +76,7 @@ class Config:
         self.train.check(self.scaling.num_workers)
         self.serve.check()
         self.evaluation.check()
+        self.rounds.check()
         self._check_cross_sections()
 
     def check_serving(self) -> None:
@@ -149,6 +153,8 @@ class Config:
             )
         if mode == "adapter_disabled" and not self.lora.enabled:
             raise ConfigError("reference.mode: adapter_disabled needs lora.enabled: true")
+        if self.train.sync_ref_model:
+            self._check_sync_ref_model(mode)
         if self.reference.name_or_path is not None and mode not in ("model", "precompute"):
             raise ConfigError(
                 f"reference.name_or_path: only used with reference.mode: model or precompute (mode is {mode})"
@@ -166,6 +172,29 @@ class Config:
             raise ConfigError(
                 "reference.num_gpus: precompute with lora.load_in_4bit loads the 4-bit base on the "
                 "actors' GPUs; set reference.num_gpus > 0"
+            )
+
+    def _check_sync_ref_model(self, mode: str) -> None:
+        why = {
+            "precompute": "its reference log-probs are scored once from the starting weights, so a "
+            "reference that moves during training would make them stale",
+            "precomputed": "the data's reference log-probs come from a fixed reference, so a reference "
+            "that moves during training would make them stale",
+            "adapter_disabled": "with LoRA the reference is the policy with its adapter off, not a "
+            "model of its own to update (set reference.mode: model to hold a frozen copy)",
+            "none": "the loss has no reference",
+        }.get(mode)
+        if why is not None:
+            raise ConfigError(f"train.sync_ref_model: cannot be used with reference.mode {mode}: {why}")
+        if self.lora.enabled:
+            raise ConfigError(
+                "train.sync_ref_model: not supported with lora.enabled (the policy's weights are the "
+                "frozen base plus an adapter, not a model the reference can be mixed with)"
+            )
+        if self.deepspeed.zero_stage == 3:
+            raise ConfigError(
+                "train.sync_ref_model: not supported with deepspeed.zero_stage 3 (the reference is "
+                "sharded across workers); use zero_stage 0-2"
             )
 
     def tokenizer_path(self) -> str:

@@ -89,6 +89,15 @@ class TrainConfig:
     simpo_gamma: float = 0.5
     # Weight of cpo's NLL (behaviour cloning) term on the chosen answers, >= 0 (0: no NLL term).
     cpo_alpha: float = 1.0
+    # TR-DPO (Gorbatovski et al. 2024): move the in-loop reference toward the policy every
+    # ref_model_sync_steps optimizer steps, ref = alpha * policy + (1 - alpha) * ref (TRL's
+    # sync_ref_model). Needs reference.mode model (a frozen copy; not precompute, precomputed,
+    # adapter_disabled or none) and deepspeed.zero_stage 0-2. Checkpoints then hold the reference too.
+    sync_ref_model: bool = False
+    # The alpha of the soft update, in (0, 1]; 1 copies the policy.
+    ref_model_mixup_alpha: float = 0.6
+    # Optimizer steps between updates (the paper's tau), >= 1.
+    ref_model_sync_steps: int = 512
     # Divergence behind the implicit reward's log-ratio (f-DPO, Wang et al. 2023): reverse_kl (DPO) |
     # forward_kl | js_divergence | alpha_divergence. Used by sigmoid, hinge, ipo, exo_pair, robust,
     # discopop (TRL's f_divergence_type).
@@ -230,6 +239,7 @@ class TrainConfig:
             raise ConfigError(f"train.simpo_gamma: must be >= 0, got {self.simpo_gamma}")
         if self.cpo_alpha < 0:
             raise ConfigError(f"train.cpo_alpha: must be >= 0, got {self.cpo_alpha}")
+        self._check_sync_ref_model()
         if self.ld_alpha is not None and not 0.0 <= self.ld_alpha <= 1.0:
             raise ConfigError(f"train.ld_alpha: must be in [0, 1] or null, got {self.ld_alpha}")
         if self.logps_chunk_size < 0:
@@ -254,6 +264,18 @@ class TrainConfig:
         for name, on in (("use_weighting", self.use_weighting), ("ld_alpha", self.ld_alpha is not None)):
             if on:
                 raise ConfigError(f"train.{name}: not used by the reference-free train.loss_type {free[0]}")
+
+    def _check_sync_ref_model(self) -> None:
+        defaults = TrainConfig()
+        for name in ("ref_model_mixup_alpha", "ref_model_sync_steps"):
+            if not self.sync_ref_model and getattr(self, name) != getattr(defaults, name):
+                raise ConfigError(f"train.{name}: set, but train.sync_ref_model is false")
+        if not 0.0 < self.ref_model_mixup_alpha <= 1.0:
+            raise ConfigError(
+                f"train.ref_model_mixup_alpha: must be in (0, 1], got {self.ref_model_mixup_alpha}"
+            )
+        if self.ref_model_sync_steps < 1:
+            raise ConfigError(f"train.ref_model_sync_steps: must be >= 1, got {self.ref_model_sync_steps}")
 
     def _check_optimization(self, num_workers: int) -> None:
         for name in ("learning_rate", "num_epochs"):

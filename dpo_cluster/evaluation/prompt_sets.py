@@ -116,25 +116,32 @@ def _source_rows(source: SourceConfig) -> Iterator[tuple[str, bytes]]:
 
 
 def eval_split_prompts(config: Config, prepared: PreparedData, limit: int) -> list[Prompt]:
-    """The first `limit` distinct prompts of the kept rows of the eval split that `prepared` holds
-    (prepared from `config`). Raises DataError when the eval split is empty.
+    """The first `limit` distinct prompts of the kept rows of the eval split (`split_prompts`)."""
+    return split_prompts(config, prepared, "eval", limit)
+
+
+def split_prompts(config: Config, prepared: PreparedData, split: str, limit: int) -> list[Prompt]:
+    """The first `limit` distinct prompts of the kept rows of `split` ("train" or "eval") that
+    `prepared` holds (prepared from `config`). Raises DataError when the split is empty.
 
     They are read back from the data source (matched by row id, normalized as the pipeline
     normalized them) rather than decoded from token ids, so they keep their chat structure and
     render exactly as a request to the serve app would.
     """
-    split_dir = prepared.split_dir("eval")
+    split_dir = prepared.split_dir(split)
     if split_dir is None:
-        raise DataError(
-            "the eval split is empty: no prompts to evaluate on (hold out rows with data.eval or "
-            "data.eval_fraction, or set evaluation.prompts)"
+        fix = (
+            "hold out rows with data.eval or data.eval_fraction, or set evaluation.prompts"
+            if split == "eval"
+            else "check data.train and its data_report.json, or set rounds.prompts"
         )
+        raise DataError(f"the {split} split is empty: no prompts to take ({fix})")
     kept = {
         row_id
         for f in sorted(split_dir.glob("*.parquet"))
         for row_id in pq.read_table(f, columns=["row_id"]).column("row_id").to_pylist()
     }
-    role = "eval" if config.data.eval is not None else "train"
+    role = "eval" if split == "eval" and config.data.eval is not None else "train"
     listed = config.data.sources(role)
     reported = prepared.report["sources"][role]
     # One format per source: the mix lists them in source order; a single source has its own.
@@ -157,7 +164,7 @@ def eval_split_prompts(config: Config, prepared: PreparedData, limit: int) -> li
     if not prompts:
         names = ", ".join(source.describe() for _, source in listed)
         raise DataError(
-            f"none of the {len(kept)} eval rows in {split_dir} were found in {names} "
+            f"none of the {len(kept)} {split} rows in {split_dir} were found in {names} "
             "(was it changed or moved after it was prepared?)"
         )
     return list(prompts.values())

@@ -47,7 +47,9 @@ def generate_side_by_side_vllm(
         disable=not progress,
     ) as bar:
         for weights, names, requests in plan:
-            for request, result in zip(requests, _run_engine(weights, names, requests, engine, bar.update)):
+            for request, result in zip(
+                requests, run_vllm_requests(weights, names, requests, engine, bar.update)
+            ):
                 texts[request.model].append(result.text)
     return [
         SideBySide(index, prompt, texts[BASE][k], texts[TUNED][k])
@@ -55,7 +57,7 @@ def generate_side_by_side_vllm(
     ]
 
 
-def _run_engine(
+def run_vllm_requests(
     weights: str,
     names: dict[str, str | None],
     requests: list[GenerationRequest],

@@ -23,6 +23,7 @@ from dpo_cluster.train.checkpoint import export_final, load_state, merge_final, 
 from dpo_cluster.train.context import Batch, WorkerContext
 from dpo_cluster.train.forward import SUM_KEYS, compute_micro_batch, sums_to_metrics
 from dpo_cluster.train.metrics_log import MetricsLog
+from dpo_cluster.train.ref_sync import load_reference_weights, save_reference, sync_due, sync_reference
 from dpo_cluster.train.setup import BatchLayout, TrainSetup, build_setup
 
 FINAL_DIR = "final"
@@ -111,12 +112,16 @@ def train_loop(config: Config, ctx: WorkerContext) -> dict[str, Any]:
             state = LoopState.from_client_state(
                 load_state(setup.engine, resume, rank=ctx.rank, config=config)
             )
+            if config.train.sync_ref_model:
+                load_reference_weights(setup.reference.model, resume)
     log = MetricsLog(Path(config.output_dir), total_steps=setup.steps, initial_step=state.step,
-                     enabled=ctx.is_main)  # fmt: skip
+                     enabled=ctx.is_main, config=config)  # fmt: skip
     window = MetricWindow()
     try:
         for step, micro_batches in _step_batches(setup, ctx, state.step):
             sums, state.grad_norm = _run_step(setup, micro_batches, step)
+            if sync_due(config.train, step):  # TR-DPO: after the optimizer step, as TRL's callback
+                sync_reference(setup.engine.module, setup.reference.model, config.train.ref_model_mixup_alpha)
             window.add(_all_reduce(sums, setup.device))
             state.step = step
             log.advance()
@@ -247,6 +252,8 @@ def _save_and_report(
     step = state.step
     staging = Path(tempfile.mkdtemp(prefix=f"ckpt-{step:07d}-", dir=ctx.scratch_dir))
     save_state(setup.engine, staging, rank=ctx.rank, config=setup.config, client_state=state.client_state())
+    if setup.config.train.sync_ref_model:
+        save_reference(setup.reference.model, staging, ctx.rank)
     ctx.report(metrics | state.last_eval | {"step": step}, staging, f"step-{step:07d}")
 
 

@@ -1,0 +1,1 @@
+"""On-policy preference rounds: sample from the current policy, judge, pair, train, evaluate, again."""
