@@ -115,7 +115,7 @@ def train_loop(config: Config, ctx: WorkerContext) -> dict[str, Any]:
             if config.train.sync_ref_model:
                 load_reference_weights(setup.reference.model, resume)
     log = MetricsLog(Path(config.output_dir), total_steps=setup.steps, initial_step=state.step,
-                     enabled=ctx.is_main, config=config)  # fmt: skip
+                     enabled=ctx.is_main)  # fmt: skip
     window = MetricWindow()
     try:
         for step, micro_batches in _step_batches(setup, ctx, state.step):
