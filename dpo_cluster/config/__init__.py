@@ -20,6 +20,7 @@ from dpo_cluster.config.model_data import DataConfig, ModelConfig, SourceConfig
 from dpo_cluster.config.reference import LoraConfig, ReferenceConfig
 from dpo_cluster.config.rounds import RoundsConfig
 from dpo_cluster.config.serve import ServeConfig
+from dpo_cluster.config.tracking import MlflowConfig, TrackingConfig, WandbConfig
 from dpo_cluster.config.train import (
     F_DIVERGENCE_TYPES,
     LOSS_TYPES,
@@ -38,13 +39,16 @@ __all__ = [
     "DeepSpeedConfig",
     "EvalConfig",
     "LoraConfig",
+    "MlflowConfig",
     "ModelConfig",
     "ReferenceConfig",
     "RoundsConfig",
     "ScalingConfig",
     "ServeConfig",
     "SourceConfig",
+    "TrackingConfig",
     "TrainConfig",
+    "WandbConfig",
     "apply_override",
     "build_dataclass",
     "load_config",
@@ -65,6 +69,8 @@ class Config:
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     evaluation: EvalConfig = field(default_factory=EvalConfig)
+    # Experiment tracking (MLflow, Weights & Biases): off by default.
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     rounds: RoundsConfig = field(default_factory=RoundsConfig)
 
     def check(self) -> None:
@@ -76,6 +82,7 @@ class Config:
         self.train.check(self.scaling.num_workers)
         self.serve.check()
         self.evaluation.check()
+        self.tracking.check()
         self.rounds.check()
         self._check_cross_sections()
 
@@ -253,6 +260,7 @@ class Config:
             reference=dataclasses.replace(self.reference, name_or_path=existing(self.reference.name_or_path)),
             train=dataclasses.replace(self.train, resume_from=existing(self.train.resume_from)),
             scaling=dataclasses.replace(self.scaling, storage_path=always(self.scaling.storage_path)),
+            tracking=self.tracking.with_absolute_paths(),
         )
 
     def to_dict(self) -> dict[str, Any]:
