@@ -115,7 +115,7 @@ def train_loop(config: Config, ctx: WorkerContext) -> dict[str, Any]:
             if config.train.sync_ref_model:
                 load_reference_weights(setup.reference.model, resume)
     log = MetricsLog(Path(config.output_dir), total_steps=setup.steps, initial_step=state.step,
-                     enabled=ctx.is_main)  # fmt: skip
+                     enabled=ctx.is_main, config=config)  # fmt: skip
     window = MetricWindow()
     try:
         for step, micro_batches in _step_batches(setup, ctx, state.step):
@@ -128,7 +128,9 @@ def train_loop(config: Config, ctx: WorkerContext) -> dict[str, Any]:
             _log_evaluate_save(setup, ctx, state, window, log)
     finally:
         log.close()
-    return _finish(setup, ctx, state)
+    summary = _finish(setup, ctx, state)
+    log.finish(Path(config.output_dir) / FINAL_DIR)  # trackers record final/, then end their runs
+    return summary
 
 
 def _log_layout(layout: BatchLayout, packing: bool, ctx: WorkerContext) -> None:

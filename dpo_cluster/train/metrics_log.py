@@ -1,7 +1,9 @@
 """Where logged metrics go on the main worker: `output_dir/metrics.jsonl` (one JSON object per
 logged step, TRL's metric names, eval rows prefixed `eval_`), TensorBoard event files under
-`output_dir/tensorboard/`, and a progress bar with ETA. Other workers write nothing. Each row
-carries `monotonic_time`, when it was logged, so that step times can be measured from outside."""
+`output_dir/tensorboard/`, a progress bar with ETA, and, where `tracking` turns them on, MLflow and
+W&B runs (`dpo_cluster.train.tracking`: the same names and steps, the config, final/'s location).
+Other workers write nothing. Each row carries `monotonic_time`, when it was logged, so that step
+times can be measured from outside."""
 
 from __future__ import annotations
 
@@ -9,7 +11,12 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from dpo_cluster.train.tracking import Tracker, call_each, start_trackers, tracked_metrics
+
+if TYPE_CHECKING:
+    from dpo_cluster.config import Config
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -19,10 +26,22 @@ MONOTONIC_KEY = "monotonic_time"
 
 
 class MetricsLog:
-    def __init__(self, output_dir: Path, *, total_steps: int, initial_step: int, enabled: bool) -> None:
+    def __init__(
+        self,
+        output_dir: Path,
+        *,
+        total_steps: int,
+        initial_step: int,
+        enabled: bool,
+        config: Config | None = None,
+    ) -> None:
+        """`config`: the run's, whose `tracking` section says which trackers to log to (none without)."""
         self.enabled = enabled
         self._bar = None
         self._writer = None
+        self._trackers: list[Tracker] = []
+        self._total_steps = total_steps
+        self._last_step = initial_step
         if not enabled:
             return
         from tqdm.auto import tqdm
@@ -40,6 +59,8 @@ class MetricsLog:
         except ImportError:  # tensorboard is optional; metrics.jsonl has everything
             self._writer = None
         self._bar = tqdm(total=total_steps, initial=initial_step, desc="DPO", unit="step", dynamic_ncols=True)
+        if config is not None and (config.tracking.mlflow.enabled or config.tracking.wandb.enabled):
+            self._trackers = start_trackers(config, initial_step)
 
     def _drop_rows_after(self, step: int) -> None:
         """A run resumed from step N re-does the steps after N: drop their stale rows."""
@@ -68,6 +89,9 @@ class MetricsLog:
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         step = int(metrics["step"])
+        self._last_step = step
+        if self._trackers:
+            call_each(self._trackers, "log", tracked_metrics(metrics), step)
         if self._writer is not None:
             for key, value in metrics.items():
                 if key not in ("step",) and isinstance(value, (int, float)):
@@ -78,7 +102,18 @@ class MetricsLog:
             self._bar.set_postfix({k: f"{v:.4f}" for k, v in shown.items()}, refresh=False)
 
     def close(self) -> None:
+        """Close the progress bar and TensorBoard. Trackers stay open for `finish` when the last
+        step was logged (the loop logs it always); a run that stopped before it ends them as failed."""
         if self._bar is not None:
             self._bar.close()
         if self._writer is not None:
             self._writer.close()
+        if self._trackers and self._last_step < self._total_steps:
+            call_each(self._trackers, "fail")
+            self._trackers = []
+
+    def finish(self, final_dir: Path) -> None:
+        """After final/ is written: record its location in the trackers and end their runs."""
+        if self._trackers:
+            call_each(self._trackers, "finish", final_dir)
+            self._trackers = []
