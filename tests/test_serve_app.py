@@ -564,6 +564,120 @@ def test_export_is_training_data_for_the_next_round(client: Client, served: dict
 
 
 # ---------------------------------------------------------------------------------------------
+# The judges of preference rounds, over this app
+
+
+KEY_ENV = "DPO_CLUSTER_TEST_ROUNDS_KEY"
+JUDGED_PROMPTS: list[Any] = ["Write a title about sourdough bread", [{"role": "user", "content": "hello"}]]
+JUDGED_TEXTS = {
+    (0, 0): "Bread Basics",
+    (0, 1): "A loaf",
+    (0, 2): "Sourdough at home",
+    (1, 0): "hi",
+    (1, 1): "hey",
+}
+
+
+def test_llm_judge_asks_both_orders_of_the_served_model_and_reports_unclear_replies(
+    client: Client, served: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dpo_cluster.config import RoundsConfig
+    from dpo_cluster.rounds.comparisons import candidate_pairs
+    from dpo_cluster.rounds.http_json import JudgeHTTPError
+    from dpo_cluster.rounds.llm_judge import LLMJudge, decide, prompt_text, read_choice
+
+    monkeypatch.setenv(KEY_ENV, API_KEY)
+    settings = RoundsConfig(
+        judge="llm_judge",
+        judge_url=served["url"] + "/v1",
+        judge_model="tuned",
+        judge_max_tokens=4,
+        api_key_env=KEY_ENV,
+        judge_template="{prompt} A: {answer_a} B: {answer_b} Better:",  # this app takes 64 prompt tokens
+    )
+    pairs = candidate_pairs({0: [0, 1, 2], 1: [0, 1]})
+    comparisons = LLMJudge(settings).compare(pairs, JUDGED_PROMPTS, JUDGED_TEXTS)
+    assert [(c.prompt_index, c.first, c.second) for c in comparisons] == pairs
+    template = settings.judge_prompt_template()
+    for c in comparisons:
+        a, b = JUDGED_TEXTS[(c.prompt_index, c.first)], JUDGED_TEXTS[(c.prompt_index, c.second)]
+        question = prompt_text(JUDGED_PROMPTS[c.prompt_index])
+        # Both orders were asked: each reply is the served model's greedy answer to that order.
+        expected = [
+            chat(client, "tuned", template.format(prompt=question, answer_a=x, answer_b=y), max_tokens=4)
+            for x, y in ((a, b), (b, a))
+        ]
+        assert c.detail["replies"] == [e["choices"][0]["message"]["content"] for e in expected]
+        side, reason = decide(*(read_choice(r) for r in c.detail["replies"]))
+        assert c.winner == {"first": c.first, "second": c.second}.get(side or "")
+        assert c.tie_reason == reason
+        if None in [read_choice(r) for r in c.detail["replies"]]:
+            assert (c.winner, c.tie_reason) == (None, "judge_named_neither")
+    monkeypatch.setenv(KEY_ENV, "wrong-key")
+    with pytest.raises(JudgeHTTPError, match="HTTP 401"):
+        LLMJudge(settings).ask("q", "a", "b")
+
+
+def test_arena_judge_posts_blind_pairs_and_reads_votes_cast_over_http(
+    client: Client, served: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from dpo_cluster.config import RoundsConfig
+    from dpo_cluster.rounds.arena_judge import ArenaJudge, candidate_label
+    from dpo_cluster.rounds.comparisons import candidate_pairs
+
+    monkeypatch.setenv(KEY_ENV, API_KEY)
+    settings = RoundsConfig(judge="arena", arena_url=served["url"], arena_deadline_s=8, api_key_env=KEY_ENV)
+    pairs = candidate_pairs({0: [0, 1, 2], 1: [0, 1]})  # 4 pairs: A, B, tie, and one nobody votes on
+    votes = ["A", "B", "tie"]
+    seen: list[dict[str, Any]] = []
+
+    def voter() -> None:
+        while len(seen) < len(votes):
+            shown = client.get("/v1/arena/queue/next").json()
+            if shown["battle_id"] is None or (seen and shown["battle_id"] == seen[-1]["battle_id"]):
+                time.sleep(0.2)
+                continue
+            assert "models" not in shown  # blind until the vote
+            winner = votes[len(seen)]
+            voted = client.post(f"/v1/arena/battles/{shown['battle_id']}/vote", {"winner": winner})
+            assert voted.status_code == 200, voted.text
+            seen.append(shown | {"winner": winner, "models": voted.json()["models"]})
+
+    thread = threading.Thread(target=voter)
+    thread.start()
+    battles_file = served["root"] / "arena_battles.json"
+    comparisons = ArenaJudge(settings, battles_file).compare(pairs, JUDGED_PROMPTS, JUDGED_TEXTS)
+    thread.join(timeout=30)
+    assert len(seen) == 3
+    for c, shown in zip(comparisons, seen):
+        if shown["winner"] == "tie":
+            assert (c.winner, c.tie_reason) == (None, "voted_tie")
+            continue
+        label = shown["models"][shown["winner"]]
+        assert c.winner in (c.first, c.second) and label == "queued:" + candidate_label(
+            c.prompt_index, c.winner
+        )
+        assert shown["answers"][shown["winner"]] == JUDGED_TEXTS[(c.prompt_index, c.winner)]
+    assert (comparisons[3].winner, comparisons[3].tie_reason) == (None, "no_vote_by_deadline")
+    # The candidates are not served models: the leaderboard leaves them out; the export keeps them.
+    board = client.get("/v1/arena/leaderboard", key=None).json()
+    assert not [name for name in board["counts"] if name.startswith("queued:")]
+    exported = [json.loads(line) for line in client.get("/v1/arena/export").text.splitlines()]
+    assert {seen[0]["battle_id"], seen[1]["battle_id"]} <= {r["battle_id"] for r in exported}
+    # Resumed with the same battles file: the pairs are not posted again.
+    before = client.get("/healthz").json()["arena"]["battles"]
+    settings.arena_deadline_s = 0.5
+    again = ArenaJudge(settings, battles_file).compare(pairs, JUDGED_PROMPTS, JUDGED_TEXTS)
+    assert client.get("/healthz").json()["arena"]["battles"] == before
+    assert [c.winner for c in again[:3]] == [c.winner for c in comparisons[:3]]
+    # A malformed pair is a 400 naming the problem.
+    bad = client.post("/v1/arena/queue", {"prompt": "p", "answers": {"x": "1", "y": "2", "z": "3"}})
+    assert bad.status_code == 400 and "exactly two answers" in bad.json()["error"]["message"]
+
+
+# ---------------------------------------------------------------------------------------------
 # Load
 
 

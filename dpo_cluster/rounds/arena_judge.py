@@ -18,6 +18,7 @@ from dpo_cluster.config.rounds import RoundsConfig
 from dpo_cluster.evaluation.judges import Prompt
 from dpo_cluster.rounds.comparisons import NO_VOTE_BY_DEADLINE, VOTED_BOTH_BAD, VOTED_TIE, Comparison
 from dpo_cluster.rounds.http_json import api_key, request_json
+from dpo_cluster.serving.arena_battles import QUEUED_PREFIX
 
 POLL_S = 1.0
 _TIES = {"tie": VOTED_TIE, "both_bad": VOTED_BOTH_BAD}
@@ -98,6 +99,6 @@ class ArenaJudge:
         detail = {"battle_id": battle_id, "vote": state["winner"]}
         if state["winner"] in _TIES:
             return Comparison(index, first, second, None, _TIES[state["winner"]], detail)
-        winner_label = state["models"][state["winner"]]
+        winner_label = state["models"][state["winner"]].removeprefix(QUEUED_PREFIX)
         winner = first if winner_label == candidate_label(index, first) else second
         return Comparison(index, first, second, winner, None, detail)

@@ -3,8 +3,8 @@
 Routes: `GET /healthz`, `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions`
 (`openai_routes`), `POST /v1/compare`, `GET /arena`, `POST /v1/arena/battles`,
 `POST /v1/arena/battles/{id}/turns`, `POST /v1/arena/battles/{id}/vote`,
-`GET /v1/arena/leaderboard`, `GET /v1/arena/export`
-(`arena_routes`); errors as `api_errors` describes. The API key, when one is set, guards whole
+`GET /v1/arena/leaderboard`, `GET /v1/arena/export` (`arena_routes`), `POST /v1/arena/queue`,
+`GET /v1/arena/queue/next`, `GET /v1/arena/battles/{id}` (`arena_queue`); errors as `api_errors` describes. The API key, when one is set, guards whole
 routers (generation, compare, battles, votes, export), so a new route on a guarded router cannot
 be left open by mistake; health, the model list, the arena page and the leaderboard stay public.
 """
@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse
 
 from dpo_cluster.serving.api_errors import error_response, install_error_handlers
 from dpo_cluster.serving.api_inputs import build_key_check
+from dpo_cluster.serving.arena_queue import build_arena_queue_router
 from dpo_cluster.serving.arena_routes import build_arena_page_router, build_arena_router, build_compare_router
 from dpo_cluster.serving.arena_store import ArenaStore
 from dpo_cluster.serving.gateway import Gateway
@@ -39,6 +40,7 @@ def build_api(gateway: Gateway, store: ArenaStore, *, api_key: str | None, max_b
     api.include_router(build_openai_router(gateway, max_body_bytes=max_body_bytes), dependencies=guard)
     api.include_router(build_compare_router(gateway, max_body_bytes=max_body_bytes), dependencies=guard)
     api.include_router(build_arena_router(gateway, store, max_body_bytes=max_body_bytes), dependencies=guard)
+    api.include_router(build_arena_queue_router(store, max_body_bytes=max_body_bytes), dependencies=guard)
     return api
 
 

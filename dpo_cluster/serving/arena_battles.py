@@ -22,6 +22,10 @@ from typing import Any
 
 WINNERS: tuple[str, ...] = ("A", "B", "tie", "both_bad")
 SIDES: tuple[str, str] = ("A", "B")
+# A queued battle's "models" are labels of two answers someone posted (a preference round's
+# candidates, `POST /v1/arena/queue`), spelled with this prefix so that the leaderboard, which
+# rates served models, leaves them out.
+QUEUED_PREFIX = "queued:"
 
 # FastChat's battle-log spelling of each verdict.
 FASTCHAT_WINNERS: dict[str, str] = {

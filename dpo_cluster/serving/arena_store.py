@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from dpo_cluster.serving.arena_battles import (
+    QUEUED_PREFIX,
     WINNERS,
     AlreadyVoted,
     Battle,
@@ -238,14 +239,31 @@ class ArenaStore:
         in one snapshot (see `arena_leaderboard.compute_leaderboard` for the keys)."""
         with self._transaction("DEFERRED") as conn:
             totals = self._counts(conn)
+            # Queued battles compare answers of one model (a round's candidates), not models.
             names = [
-                r[0] for r in conn.execute("SELECT model_a FROM battles UNION SELECT model_b FROM battles")
+                r[0]
+                for r in conn.execute(
+                    "SELECT model_a FROM battles WHERE model_a NOT LIKE ?1 "
+                    "UNION SELECT model_b FROM battles WHERE model_b NOT LIKE ?1",
+                    (QUEUED_PREFIX + "%",),
+                )
             ]
             votes = conn.execute(
                 "SELECT b.model_a, b.model_b, v.winner FROM votes v JOIN battles b ON b.id = v.battle_id "
-                "ORDER BY v.seq"
+                "WHERE b.model_a NOT LIKE ? ORDER BY v.seq",
+                (QUEUED_PREFIX + "%",),
             ).fetchall()
         return compute_leaderboard(totals, names, votes)
+
+    def next_queued(self) -> Battle | None:
+        """The oldest battle posted to the queue (`QUEUED_PREFIX` models) that has no vote yet."""
+        with self._transaction("DEFERRED") as conn:
+            row = conn.execute(
+                "SELECT b.id FROM battles b LEFT JOIN votes v ON v.battle_id = b.id "
+                "WHERE v.battle_id IS NULL AND b.model_a LIKE ? ORDER BY b.created_at, b.id LIMIT 1",
+                (QUEUED_PREFIX + "%",),
+            ).fetchone()
+            return None if row is None else self._read_battle(conn, row[0])
 
     def export_dpo(self) -> Iterator[dict[str, Any]]:
         """One preference pair per decisive vote (A or B), in vote order (rows as

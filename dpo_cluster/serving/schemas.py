@@ -164,3 +164,26 @@ class VoteRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     winner: Literal["A", "B", "tie", "both_bad"]
+
+
+class QueuedPairRequest(BaseModel):
+    """`POST /v1/arena/queue`: two answers already written (a preference round's candidates) to one
+    prompt, put before voters as a blind battle. `answers` maps a label of each answer (returned
+    with the vote, never shown before it) to its text."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: Text | None = None
+    messages: list[Message] | None = Field(default=None, min_length=1)
+    answers: dict[Text, Text]
+
+    @model_validator(mode="after")
+    def _check(self) -> QueuedPairRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'prompt' (text) or 'messages' (a chat)")
+        if len(self.answers) != 2 or not all(label.strip() for label in self.answers):
+            raise ValueError("answers: expected exactly two answers under two non-empty labels")
+        return self
+
+    def message_dicts(self) -> list[dict[str, str]] | None:
+        return None if self.messages is None else [m.model_dump() for m in self.messages]
