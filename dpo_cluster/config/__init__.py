@@ -162,6 +162,12 @@ class Config:
             raise ConfigError("reference.mode: adapter_disabled needs lora.enabled: true")
         if self.train.sync_ref_model:
             self._check_sync_ref_model(mode)
+        if self.train.unpaired() and mode in ("precompute", "precomputed"):
+            raise ConfigError(
+                f"reference.mode: {mode} cannot serve train.loss_type kto: its KL estimate scores each "
+                "prompt with another example's completion of the same micro-batch, pairs no stored "
+                "log-prob covers; use reference.mode model or adapter_disabled"
+            )
         if self.reference.name_or_path is not None and mode not in ("model", "precompute"):
             raise ConfigError(
                 f"reference.name_or_path: only used with reference.mode: model or precompute (mode is {mode})"

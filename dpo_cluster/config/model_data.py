@@ -21,7 +21,14 @@ GGUF_SUFFIX = ".gguf"
 
 # Row formats, as `data.format` and a source's own `format` name them (`specs.FORMATS` plus auto).
 DataFormat = Literal[
-    "auto", "standard", "standard_implicit", "conversational", "conversational_implicit", "sharegpt"
+    "auto",
+    "standard",
+    "standard_implicit",
+    "conversational",
+    "conversational_implicit",
+    "sharegpt",
+    "unpaired",
+    "unpaired_conversational",
 ]
 
 
@@ -139,10 +146,11 @@ class DataConfig:
     # train rows are held out instead.
     eval: SourceConfig | list[SourceConfig] | None = None
     # Row format: auto (detected per source from its first rows) | standard | standard_implicit |
-    # conversational | conversational_implicit | sharegpt. A source's own `format` overrides it.
+    # conversational | conversational_implicit | sharegpt | unpaired | unpaired_conversational
+    # (prompt, completion, bool label: for train.loss_type kto). A source's own `format` overrides it.
     format: DataFormat = "auto"
     # Canonical field -> column name in the data. Canonical fields: prompt, chosen, rejected,
-    # system, conversations. E.g. {prompt: question, chosen: response_j, rejected: response_k}.
+    # system, conversations, completion, label. E.g. {prompt: question, chosen: response_j, rejected: response_k}.
     # A source's own `columns` replaces it for that source.
     columns: dict[str, str] = field(default_factory=dict)
     # Python format string building a standard prompt from columns, e.g.

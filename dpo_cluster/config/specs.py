@@ -21,16 +21,31 @@ from pathlib import Path
 # - conversational_implicit: chosen / rejected are whole conversations; the prompt is their longest
 #   common prefix of messages (TRL's extract_prompt);
 # - sharegpt: LLaMA-Factory's layout, conversations of {from, value}, one chosen / rejected message
-#   and an optional system string.
+#   and an optional system string;
+# - unpaired: TRL's unpaired preference rows (KTO): string prompt and completion, a bool label
+#   (true: desirable); unpaired_conversational: the same with a message-list prompt and completion.
 FORMATS: tuple[str, ...] = (
     "standard",
     "standard_implicit",
     "conversational",
     "conversational_implicit",
     "sharegpt",
+    "unpaired",
+    "unpaired_conversational",
 )
 
-CANONICAL_FIELDS: tuple[str, ...] = ("prompt", "chosen", "rejected", "system", "conversations")
+# The formats whose rows are single labelled completions, not pairs.
+UNPAIRED_FORMATS: tuple[str, ...] = ("unpaired", "unpaired_conversational")
+
+CANONICAL_FIELDS: tuple[str, ...] = (
+    "prompt",
+    "chosen",
+    "rejected",
+    "system",
+    "conversations",
+    "completion",
+    "label",
+)
 
 TRUNCATION_MODES = ("keep_end", "keep_start")
 PROMPT_OVERFLOW = ("drop", "truncate")

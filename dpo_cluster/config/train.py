@@ -38,6 +38,10 @@ LOSS_TYPES: tuple[str, ...] = (
 # and each combines only with sft.
 REFERENCE_FREE_LOSS_TYPES: tuple[str, ...] = ("cpo", "simpo", "orpo")
 
+# The loss types over unpaired examples (`dpo_cluster.losses.kto`): each row is one completion
+# with a label (data.format unpaired, or pairs split into a desirable and an undesirable example).
+UNPAIRED_LOSS_TYPES: tuple[str, ...] = ("kto",)
+
 # The divergences `dpo_cluster.losses` implements.
 F_DIVERGENCE_TYPES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 # Loss types with an f-divergence form (`losses.F_DIVERGENCE_LOSS_TYPES`), and those that sort
@@ -76,6 +80,8 @@ class TrainConfig:
     # none; each alone or with sft): cpo (CPO: sigmoid on summed log-probs + cpo_alpha x NLL),
     # simpo (SimPO: length-averaged log-probs, margin simpo_gamma), orpo (ORPO: NLL + beta x odds-ratio
     # term). TRL's CPO-SimPO (cpo_alpha > 0) is [simpo, sft] with loss_weights [1, cpo_alpha].
+    # Unpaired (needs a reference in the loop; alone): kto (KTO over labelled completions, with the
+    # KL reference point estimated from mismatched prompt/completion pairs of each micro-batch).
     loss_type: list[str] = field(default_factory=lambda: ["sigmoid"])
     # One weight per loss type. null = 1.0 each.
     loss_weights: list[float] | None = None
@@ -89,6 +95,10 @@ class TrainConfig:
     simpo_gamma: float = 0.5
     # Weight of cpo's NLL (behaviour cloning) term on the chosen answers, >= 0 (0: no NLL term).
     cpo_alpha: float = 1.0
+    # KTO's weights of the desirable (lambda_D) and undesirable (lambda_U) examples' losses, > 0.
+    # With unbalanced data the paper (eq. 8) keeps lambda_D n_D / (lambda_U n_U) in [1, 4/3].
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
     # TR-DPO (Gorbatovski et al. 2024): move the in-loop reference toward the policy every
     # ref_model_sync_steps optimizer steps, ref = alpha * policy + (1 - alpha) * ref (TRL's
     # sync_ref_model). Needs reference.mode model (a frozen copy; not precompute, precomputed,
@@ -201,11 +211,12 @@ class TrainConfig:
             raise ConfigError(f"train.beta: must be > 0, got {self.beta}")
         if not self.loss_type:
             raise ConfigError("train.loss_type: at least one loss type is required")
-        valid = LOSS_TYPES + REFERENCE_FREE_LOSS_TYPES
+        valid = LOSS_TYPES + REFERENCE_FREE_LOSS_TYPES + UNPAIRED_LOSS_TYPES
         for name in self.loss_type:
             if name not in valid:
                 raise ConfigError(f"train.loss_type: unknown loss {name!r}; valid: {', '.join(valid)}")
         self._check_reference_free()
+        self._check_unpaired()
         if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
             raise ConfigError(
                 f"train.loss_weights: {len(self.loss_weights)} weights for {len(self.loss_type)} loss types"
@@ -264,6 +275,34 @@ class TrainConfig:
         for name, on in (("use_weighting", self.use_weighting), ("ld_alpha", self.ld_alpha is not None)):
             if on:
                 raise ConfigError(f"train.{name}: not used by the reference-free train.loss_type {free[0]}")
+
+    def unpaired(self) -> bool:
+        """Whether the loss trains on labelled completions rather than pairs (kto)."""
+        return any(name in UNPAIRED_LOSS_TYPES for name in self.loss_type)
+
+    def _check_unpaired(self) -> None:
+        for name in ("desirable_weight", "undesirable_weight"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"train.{name}: must be > 0, got {getattr(self, name)}")
+        if not self.unpaired():
+            return
+        if len(self.loss_type) > 1:
+            raise ConfigError(
+                f"train.loss_type: kto trains on unpaired examples and combines with no other loss; "
+                f"got {', '.join(self.loss_type)}"
+            )
+        for name, on in (
+            ("use_weighting", self.use_weighting),
+            ("ld_alpha", self.ld_alpha is not None),
+            ("max_tokens_per_micro_batch", self.max_tokens_per_micro_batch is not None),
+        ):
+            if on:
+                raise ConfigError(f"train.{name}: not supported with train.loss_type kto")
+        if self.micro_batch_size < 2:
+            raise ConfigError(
+                "train.micro_batch_size: kto needs >= 2 (its KL estimate pairs each prompt with "
+                f"another example's completion of the same micro-batch), got {self.micro_batch_size}"
+            )
 
     def _check_sync_ref_model(self) -> None:
         defaults = TrainConfig()

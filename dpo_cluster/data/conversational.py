@@ -1,4 +1,5 @@
-"""The message formats: conversational, conversational_implicit and sharegpt rows -> `Pair`.
+"""The message formats: conversational, conversational_implicit, sharegpt and unpaired_conversational
+rows -> `Pair`.
 
 They share one message parser, so every format keeps only "role" and "content" of a message and
 rejects the same malformed lists (unknown role, system message after the first) the same way.
@@ -15,6 +16,7 @@ from dpo_cluster.data.row_fields import (
     column_name,
     is_blank,
     require_field,
+    require_label,
     shared_prefix_length,
     short_repr,
     system_text,
@@ -184,6 +186,24 @@ def normalize_conversational_implicit(row: Mapping[Any, Any], spec: FormatSpec) 
     prompt, chosen, rejected = chosen_all[:shared], chosen_all[shared:], rejected_all[shared:]
     prompt_name = f"{names[1]}[:{shared}]"  # the prompt is the shared head of the conversations
     return _finish_conversational(prompt, chosen, rejected, system, (prompt_name, names[1], names[2]))
+
+
+def normalize_unpaired_conversational(row: Mapping[Any, Any], spec: FormatSpec) -> Pair:
+    """TRL's conversational unpaired row: prompt messages, completion message(s), a bool label."""
+    prompt_name, completion_name = column_name("prompt", spec), column_name("completion", spec)
+    prompt = _parse_messages(require_field(row, "prompt", spec), prompt_name)
+    _check_prompt_messages(prompt, prompt_name)
+    completion = _completion(require_field(row, "completion", spec), completion_name, _parse_messages)
+    label = require_label(row, spec)
+    if not any(m["role"] != "system" and not is_blank(m["content"]) for m in prompt):
+        raise DropRow("empty_prompt", f"field '{prompt_name}': no non-empty user or tool message")
+    if label and all(is_blank(m["content"]) for m in completion if m["role"] == "assistant"):
+        # As an empty chosen answer: training toward saying nothing is a defect, avoiding it is not.
+        raise DropRow("empty_chosen", f"field '{completion_name}': the desirable completion is empty")
+    system = system_text(row, spec)
+    if system is not None and prompt[0]["role"] != "system":
+        prompt = [{"role": "system", "content": system}, *prompt]
+    return Pair(prompt, completion, completion, conversational=True, label=label)
 
 
 def _parse_sharegpt_messages(value: Any, name: str) -> list[Message]:

@@ -18,12 +18,14 @@ from dpo_cluster.data.conversational import (
     normalize_conversational,
     normalize_conversational_implicit,
     normalize_sharegpt,
+    normalize_unpaired_conversational,
 )
 from dpo_cluster.data.records import DataError, DropRow, Pair
 from dpo_cluster.data.row_fields import (
     column_name,
     field_value,
     is_blank,
+    require_label,
     require_text,
     shared_prefix_length,
     system_text,
@@ -61,7 +63,7 @@ def detect_format(rows: Sequence[Any], spec: FormatSpec, source: str) -> str:
         raise DataError(
             f"{source}: cannot tell the preference-data format ({seen}). Set data.format to one of "
             f"{', '.join(FORMATS)} and/or data.columns to map your columns onto "
-            f"prompt/chosen/rejected (e.g. data.columns.chosen=response_j)."
+            f"prompt/chosen/rejected or prompt/completion/label (e.g. data.columns.chosen=response_j)."
         )
     return best
 
@@ -104,6 +106,9 @@ def _is_message_list(value: Any) -> bool:
 
 def _classify(row: Mapping[Any, Any], spec: FormatSpec) -> str | None:
     """The format one row looks like, or None. Mirrors what each normalizer accepts."""
+    unpaired = _classify_unpaired(row, spec)
+    if unpaired is not None:
+        return unpaired
     chosen = field_value(row, "chosen", spec)
     rejected = field_value(row, "rejected", spec)
     if chosen is None or rejected is None:
@@ -125,6 +130,20 @@ def _classify(row: Mapping[Any, Any], spec: FormatSpec) -> str | None:
             return "standard"
         if prompt is None:
             return "standard_implicit"
+    return None
+
+
+def _classify_unpaired(row: Mapping[Any, Any], spec: FormatSpec) -> str | None:
+    """unpaired / unpaired_conversational (TRL's unpaired preference rows), or None: a completion
+    and a bool label (0 / 1 too), beside a string or message-list prompt."""
+    completion, label = field_value(row, "completion", spec), field_value(row, "label", spec)
+    if completion is None or not (isinstance(label, bool) or label in (0, 1)):
+        return None
+    prompt = field_value(row, "prompt", spec)
+    if _is_message_list(prompt) and (_is_message_list(completion) or isinstance(completion, str)):
+        return "unpaired_conversational"
+    if isinstance(completion, str) and (isinstance(prompt, str) or spec.prompt_template is not None):
+        return "unpaired"
     return None
 
 
@@ -219,12 +238,34 @@ def _normalize_standard_implicit(row: Mapping[Any, Any], spec: FormatSpec) -> Pa
     return Pair(_with_system(prompt, system), chosen, rejected, conversational=False)
 
 
+def _normalize_unpaired(row: Mapping[Any, Any], spec: FormatSpec) -> Pair:
+    """TRL's standard unpaired row: prompt (or data.prompt_template), completion, bool label."""
+    if spec.prompt_template is None:
+        prompt = require_text(row, "prompt", spec)
+        prompt_blank = is_blank(prompt)
+    else:
+        prompt, prompt_blank = _render_template(row, spec, spec.prompt_template)
+    completion = require_text(row, "completion", spec)
+    label = require_label(row, spec)
+    system = system_text(row, spec)
+    if prompt_blank:
+        raise DropRow("empty_prompt", f"field '{column_name('prompt', spec)}': the prompt is empty")
+    if label and is_blank(completion):
+        # As an empty chosen answer: training toward saying nothing is a defect, avoiding it is not.
+        raise DropRow(
+            "empty_chosen", f"field '{column_name('completion', spec)}': the desirable completion is empty"
+        )
+    return Pair(_with_system(prompt, system), completion, completion, conversational=False, label=label)
+
+
 _NORMALIZERS: dict[str, Callable[[Mapping[Any, Any], FormatSpec], Pair]] = {
     "standard": _normalize_standard,
     "standard_implicit": _normalize_standard_implicit,
     "conversational": normalize_conversational,
     "conversational_implicit": normalize_conversational_implicit,
     "sharegpt": normalize_sharegpt,
+    "unpaired": _normalize_unpaired,
+    "unpaired_conversational": normalize_unpaired_conversational,
 }
 
 

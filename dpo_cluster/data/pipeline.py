@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from dpo_cluster.config import Config, DataConfig, SourceConfig
+from dpo_cluster.config.specs import UNPAIRED_FORMATS
 from dpo_cluster.data import sources
 from dpo_cluster.data.accounting import (
     QUARANTINE_FILE,
@@ -142,6 +143,7 @@ def prepare(config: Config) -> PreparedData:
         for position, (key, source) in enumerate(data.sources(role))
     ]
     formats = [detect_format(s.sample, data.format_spec(s.config), s.config.describe()) for s in planned]
+    _check_formats_fit_loss(config, planned, formats)
     key = compute_cache_key(
         config, _by_role(data, planned, formats), _by_role(data, planned, _fingerprints(planned)), tok_fp
     )
@@ -167,6 +169,20 @@ def prepare(config: Config) -> PreparedData:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return PreparedData(output_dir, report, cache_hit=False)
+
+
+def _check_formats_fit_loss(config: Config, planned: list[_Source], formats: list[str]) -> None:
+    """Unpaired rows (prompt, completion, label) train only an unpaired loss (kto); pairs train any
+    loss, kto taking each pair as a desirable and an undesirable example."""
+    if config.train.unpaired():
+        return
+    for source, fmt in zip(planned, formats):
+        if fmt in UNPAIRED_FORMATS:
+            raise DataError(
+                f"{source.key} ({source.config.describe()}): format {fmt} holds single labelled "
+                f"completions, not pairs; train.loss_type {', '.join(config.train.loss_type)} needs "
+                "pairs (train.loss_type: [kto] trains on these rows)"
+            )
 
 
 def _build_dataset(planned: list[_Source], formats: list[str], ref: TokenizerRef, data: DataConfig) -> Any:

@@ -84,12 +84,17 @@ class Pair:
     chosen: Text
     rejected: Text
     conversational: bool
+    # An unpaired row (formats unpaired, unpaired_conversational): True desirable, False not; its
+    # completion is in both `chosen` and `rejected`, and tokenization keeps it on the label's side
+    # only. None for a pair.
+    label: bool | None = None
 
 
 @dataclass
 class TokenizedPair:
     """Token ids of one pair. Sequences fed to the model are prompt_ids + chosen_ids and
-    prompt_ids + rejected_ids; only completion tokens carry labels."""
+    prompt_ids + rejected_ids; only completion tokens carry labels. An unpaired row keeps its
+    completion on one side (chosen_ids when desirable, rejected_ids when not), the other empty."""
 
     prompt_ids: list[int]
     chosen_ids: list[int]

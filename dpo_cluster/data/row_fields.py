@@ -41,6 +41,19 @@ def require_text(row: Mapping[Any, Any], canonical: str, spec: FormatSpec) -> st
     return value
 
 
+def require_label(row: Mapping[Any, Any], spec: FormatSpec) -> bool:
+    """An unpaired row's label: a JSON bool, or 0 / 1 as tables often store it."""
+    value = require_field(row, "label", spec)
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise DropRow(
+        "wrong_type",
+        f"field '{column_name('label', spec)}': expected true/false (or 0/1), got {short_repr(str(value))}",
+    )
+
+
 def system_text(row: Mapping[Any, Any], spec: FormatSpec) -> str | None:
     """System text from the row's system column if non-blank, else `spec.system_prompt`."""
     value = field_value(row, "system", spec)

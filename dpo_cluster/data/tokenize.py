@@ -88,7 +88,8 @@ class PairTokenizer:
             ids = self._encode(batch, add_special_tokens)
             for k, index in enumerate(owners[add_special_tokens]):
                 prompt_ids, full_chosen, full_rejected = ids[3 * k : 3 * k + 3]
-                results[index] = self._fit(split_pair(prompt_ids, full_chosen, full_rejected))
+                split = split_pair(prompt_ids, full_chosen, full_rejected)
+                results[index] = self._fit(split, pairs[index].label)
         return results  # type: ignore[return-value]  # every slot is filled above
 
     def _encode(self, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
@@ -174,8 +175,9 @@ class PairTokenizer:
         except Exception as error:
             raise DropRow("template_error", f"{type(error).__name__}: {error}") from error
 
-    def _fit(self, pair: TokenizedPair) -> TokenizedPair | DropRow:
-        """Apply the length policy of `self.spec` to a split pair."""
+    def _fit(self, pair: TokenizedPair, label: bool | None = None) -> TokenizedPair | DropRow:
+        """Apply the length policy of `self.spec` to a split pair; an unpaired row (`label` not
+        None, its completion on both sides) keeps it on its label's side only."""
         spec = self.spec
         budget = spec.prompt_budget
         prompt_ids = pair.prompt_ids
@@ -198,6 +200,11 @@ class PairTokenizer:
             # Keep the start of each answer: it is what the prompt conditions most directly.
             chosen_ids, rejected_ids = chosen_ids[:room], rejected_ids[:room]
             pair.notes.add("truncated_completion")
+        if label is not None:
+            completion_ids = chosen_ids if label else rejected_ids
+            return TokenizedPair(
+                prompt_ids, completion_ids if label else [], [] if label else completion_ids, pair.notes
+            )
         if chosen_ids == rejected_ids:
             if "truncated_completion" in pair.notes:
                 return DropRow(

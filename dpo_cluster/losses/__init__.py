@@ -1,8 +1,8 @@
 """Preference-optimisation losses over per-pair sequence log-probs: pure tensor math.
 
 `functions` holds one function per TRL 1.16 DPO loss type (per-pair losses, nothing reduced),
-`reference_free` CPO, SimPO and ORPO (no reference model); `combine` weighs several of them into
-the batch objective and computes the implicit rewards. The
+`reference_free` CPO, SimPO and ORPO (no reference model), `kto` KTO over unpaired examples;
+`combine` weighs several pair losses into the batch objective and computes the implicit rewards. The
 training loop reduces over the batch and across workers, so the math stays testable on literals.
 """
 
@@ -36,6 +36,7 @@ from dpo_cluster.losses.functions import (
     sigmoid_norm_loss,
     sppo_hard_loss,
 )
+from dpo_cluster.losses.kto import UnpairedLogps, clamp_kl, estimate_kl, kto_loss
 from dpo_cluster.losses.reference_free import (
     LENGTH_AVERAGED_LOSS_TYPES,
     REFERENCE_FREE_LOSS_FUNCTIONS,
@@ -56,8 +57,10 @@ __all__ = [
     "PAIRED_LOSS_FUNCTIONS",
     "REFERENCE_FREE_LOSS_FUNCTIONS",
     "PreferenceLogps",
+    "UnpairedLogps",
     "aot_loss",
     "aot_unpaired_loss",
+    "clamp_kl",
     "apo_down_loss",
     "apo_zero_loss",
     "bco_pair_loss",
@@ -70,10 +73,12 @@ __all__ = [
     "compute_rewards",
     "cpo_loss",
     "discopop_loss",
+    "estimate_kl",
     "exo_pair_loss",
     "hinge_loss",
     "ipo_loss",
     "is_reference_free",
+    "kto_loss",
     "nca_pair_loss",
     "orpo_loss",
     "robust_loss",

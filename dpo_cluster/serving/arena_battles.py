@@ -282,6 +282,43 @@ def build_dpo_row(battle: Battle) -> dict[str, Any]:
     return row
 
 
+def build_kto_rows(battle: Battle) -> list[dict[str, Any]]:
+    """The unpaired rows of a vote (TRL's unpaired preference format, for KTO).
+
+    A decisive vote gives the winner's continuation as a desirable row (label true) and the
+    loser's as an undesirable one (label false), except that a winner that said nothing gives no
+    row (an empty desirable completion is a defect the pipeline drops). "both_bad" says something
+    about each answer on its own, so it gives two undesirable rows; "tie" only says neither was
+    better, nothing about either alone, so it gives none. Rows: {"prompt", "completion", "label"},
+    conversational for a chat battle (the messages before the first answer; that side's whole
+    continuation), strings for a text one, plus "battle_id", "model" and "voted_at".
+    """
+    assert battle.winner in WINNERS and battle.voted_at is not None
+    if battle.winner == "tie":
+        return []
+    labels = {side: side == battle.winner for side in SIDES}
+    rows = []
+    for side in SIDES:
+        if labels[side] and battle.said_nothing(side):
+            continue
+        if battle.messages is not None:
+            prompt: Any = battle.context()
+            completion: Any = battle.continuation(side)
+        else:
+            prompt, completion = battle.prompt, battle.answers[side]
+        rows.append(
+            {
+                "prompt": prompt,
+                "completion": completion,
+                "label": labels[side],
+                "battle_id": battle.id,
+                "model": battle.models[side],
+                "voted_at": battle.voted_at,
+            }
+        )
+    return rows
+
+
 def build_fastchat_row(battle: Battle) -> dict[str, Any]:
     """A voted battle as a row of FastChat's Chatbot Arena battle log.
 

@@ -50,7 +50,7 @@ from dpo_cluster.serving.prompts import PromptError
 from dpo_cluster.serving.schemas import BattleRequest, OnePrompt, Sampling, TurnRequest, VoteRequest
 
 ARENA_PAGE = resources.files("dpo_cluster.serving").joinpath("arena.html")
-EXPORT_FORMATS = ("dpo", "fastchat")
+EXPORT_FORMATS = ("dpo", "kto", "fastchat")
 
 
 def build_compare_router(gateway: Gateway, *, max_body_bytes: int) -> APIRouter:
@@ -141,9 +141,8 @@ def build_arena_router(gateway: Gateway, store: ArenaStore, *, max_body_bytes: i
     async def export(format: str = "dpo") -> StreamingResponse:
         if format not in EXPORT_FORMATS:
             raise ApiError(400, f"format: one of {', '.join(EXPORT_FORMATS)}, got {format!r}", param="format")
-        rows = await asyncio.to_thread(
-            lambda: list(store.export_dpo() if format == "dpo" else store.export_fastchat())
-        )
+        exporters = {"dpo": store.export_dpo, "kto": store.export_kto, "fastchat": store.export_fastchat}
+        rows = await asyncio.to_thread(lambda: list(exporters[format]()))
         lines = (json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
         return StreamingResponse(
             lines,

@@ -38,6 +38,7 @@ from dpo_cluster.serving.arena_battles import (
     TurnRefused,
     build_dpo_row,
     build_fastchat_row,
+    build_kto_rows,
     check_can_continue,
     check_followup,
     check_new_battle,
@@ -277,6 +278,13 @@ class ArenaStore:
         for battle in self._voted_battles(decisive_only=True):
             if not battle.said_nothing(battle.winner):
                 yield build_dpo_row(battle)
+
+    def export_kto(self) -> Iterator[dict[str, Any]]:
+        """Every vote's unpaired rows for KTO, in vote order (`arena_battles.build_kto_rows`: a
+        decisive vote a desirable and an undesirable row, both_bad two undesirable ones, a tie
+        none)."""
+        for battle in self._voted_battles(decisive_only=False):
+            yield from build_kto_rows(battle)
 
     def export_fastchat(self) -> Iterator[dict[str, Any]]:
         """Every vote as a row of FastChat's Chatbot Arena battle log, in vote order (rows as

@@ -5,106 +5,40 @@ micro-batches and all-reduce them over workers and still get exact batch means, 
 micro-batch sizes; `padded_tokens` counts the pad entries the forward computed, for either layout.
 A reference-free loss (cpo, simpo, orpo) asks for no reference log-probs at all. Metrics only some
 objectives have (`nll_loss`, `log_odds_ratio`, `log_odds_chosen`) are logged where their count is
-non-zero.
+non-zero. Unpaired (KTO) micro-batches have their own forward (`forward_unpaired`) and metrics.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
 from dpo_cluster.batch.logps import MicroBatch, SequenceScores, compute_sequence_scores
-from dpo_cluster.config import TrainConfig
+from dpo_cluster.batch.unpaired import UnpairedBatch
 from dpo_cluster.losses import (
     PreferenceLogps,
     compute_dpo_loss,
     compute_log_odds,
     compute_orpo_nll,
     compute_reported_logps,
-    is_reference_free,
+)
+from dpo_cluster.train.forward_unpaired import compute_unpaired_micro_batch, unpaired_metrics
+from dpo_cluster.train.loss_settings import (
+    SUM_KEYS,
+    LossSettings,
+    MicroBatchResult,
+    build_loss_settings,
 )
 
-# Order of the entries of `MicroBatchResult.sums`; the loop all-reduces them as one tensor.
-SUM_KEYS = (
-    "pairs",
-    "loss",
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/accuracies",
-    "rewards/margins",
-    "logps/chosen",
-    "logps/rejected",
-    "logits/chosen",
-    "logits/rejected",
-    "chosen_tokens",
-    "rejected_tokens",
-    "tokens",
-    "padded_tokens",
-    "micro_batches",
-    "nll_loss",  # summed NLL of the chosen tokens, where the objective has an NLL term
-    "nll_tokens",  # their count (0 without an NLL term)
-    "log_odds_ratio",  # orpo: summed log sigma(log_odds)
-    "log_odds_chosen",  # orpo: summed log_odds
-    "odds_pairs",  # orpo: pairs counted in the two above
-)
-
-# Loss types whose objective holds the NLL of the chosen answers (`nll_loss` is logged for them).
-_NLL_LOSS_TYPES = ("sft", "cpo", "orpo")
-
-
-@dataclass
-class LossSettings:
-    """The loss options of the `train` config section (TRL's `DPOConfig` names and meanings)."""
-
-    loss_types: list[str]
-    loss_weights: list[float] | None
-    beta: float
-    label_smoothing: float
-    f_divergence_type: str = "reverse_kl"
-    f_alpha_divergence_coef: float = 0.5
-    discopop_tau: float = 0.05
-    use_weighting: bool = False  # WPO pair weights from the policy's own logits
-    ld_alpha: float | None = None  # LD-DPO weight of the longer answer's tail; None = off
-    logps_chunk_size: int = 0  # completion tokens per output-head call; 0 = from full logits
-    simpo_gamma: float = 0.5  # SimPO's target reward margin
-    cpo_alpha: float = 1.0  # weight of CPO's NLL term
-
-    @property
-    def reference_free(self) -> bool:
-        """No reference log-probs are read (cpo, simpo, orpo)."""
-        return is_reference_free(self.loss_types)
-
-    @property
-    def has_nll(self) -> bool:
-        return any(name in _NLL_LOSS_TYPES for name in self.loss_types) and not (
-            self.loss_types == ["cpo"] and self.cpo_alpha == 0
-        )
-
-
-def build_loss_settings(train: TrainConfig) -> LossSettings:
-    """The loss options of the `train` config section, as the forward takes them."""
-    return LossSettings(
-        loss_types=train.loss_type,
-        loss_weights=train.loss_weights,
-        beta=train.beta,
-        label_smoothing=train.label_smoothing,
-        f_divergence_type=train.f_divergence_type,
-        f_alpha_divergence_coef=train.f_alpha_divergence_coef,
-        discopop_tau=train.discopop_tau,
-        use_weighting=train.use_weighting,
-        ld_alpha=train.ld_alpha,
-        logps_chunk_size=train.logps_chunk_size,
-        simpo_gamma=train.simpo_gamma,
-        cpo_alpha=train.cpo_alpha,
-    )
-
-
-@dataclass
-class MicroBatchResult:
-    loss: torch.Tensor  # scalar: mean over the micro-batch's pairs, with gradient
-    sums: torch.Tensor  # (len(SUM_KEYS),) float64, detached
+__all__ = [
+    "SUM_KEYS",
+    "LossSettings",
+    "MicroBatchResult",
+    "build_loss_settings",
+    "compute_micro_batch",
+    "sums_to_metrics",
+]
 
 
 def _pair_logps(
@@ -134,7 +68,7 @@ def _pair_logps(
 def compute_micro_batch(
     policy_forward: Callable[..., object],
     reference_logps: Callable[[MicroBatch], tuple[torch.Tensor, torch.Tensor]],
-    batch: MicroBatch,
+    batch: MicroBatch | UnpairedBatch,
     settings: LossSettings,
 ) -> MicroBatchResult:
     """Preference loss and metric sums of one micro-batch (padded or packed).
@@ -142,8 +76,11 @@ def compute_micro_batch(
     `reference_logps(batch)` gives the (B,) chosen and rejected reference log-probs, LD-DPO weighted
     when `settings.ld_alpha` is set (`sequence_logps(..., ld_alpha=...)`); it is not called for a
     reference-free loss. The policy's forward also yields the WPO pair weights
-    exp(log w_c + log w_r) when `settings.use_weighting` is set.
+    exp(log w_c + log w_r) when `settings.use_weighting` is set. An `UnpairedBatch` (KTO) goes to
+    `forward_unpaired`.
     """
+    if isinstance(batch, UnpairedBatch):
+        return compute_unpaired_micro_batch(policy_forward, reference_logps, batch, settings)
     n = batch.num_pairs
     scores = compute_sequence_scores(
         policy_forward,
@@ -222,6 +159,8 @@ def _objective_sums(
 def sums_to_metrics(sums: torch.Tensor, prefix: str = "") -> dict[str, float]:
     """Reduced sums -> TRL-named means (loss and rewards per pair, logits per token)."""
     s = dict(zip(SUM_KEYS, sums.tolist()))
+    if s["kl_batches"] > 0:
+        return {f"{prefix}{k}": v for k, v in unpaired_metrics(s).items()}
     pairs = max(s["pairs"], 1.0)
     metrics = {
         "loss": s["loss"] / pairs,

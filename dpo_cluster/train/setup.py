@@ -25,6 +25,7 @@ from dpo_cluster.batch.hidden_logps import find_output_head
 from dpo_cluster.batch.logps import MicroBatch, sequence_logps
 from dpo_cluster.batch.packing import PackingRoute, pack_pairs, packing_route
 from dpo_cluster.batch.token_budget import TokenBudget
+from dpo_cluster.batch.unpaired import UnpairedBatch, build_unpaired_batch
 from dpo_cluster.config import Config, TrainConfig
 from dpo_cluster.modeling import load_policy, load_reference, load_tokenizer, reference_context
 from dpo_cluster.train.checkpoint import drop_tied_frozen_weights, trainable_only
@@ -135,16 +136,26 @@ class BatchLayout:
     budget: TokenBudget | None
     pad_id: int
     row_tokens: int | None  # train.packing_row_tokens
+    unpaired_max_length: int | None = None  # kto: data.max_length, the KL sequences' limit; else None
 
-    def build_batch(self, raw: Batch) -> MicroBatch:
-        """A micro-batch of B pairs as columns -> padded rows (2B, T) or packed rows (R, L)."""
+    def build_batch(self, raw: Batch) -> MicroBatch | UnpairedBatch:
+        """A micro-batch of B pairs as columns -> padded rows (2B, T) or packed rows (R, L); for an
+        unpaired loss, its examples and their KL sequences (`dpo_cluster.batch.unpaired`)."""
+        if self.unpaired_max_length is not None:
+            return build_unpaired_batch(raw, self.unpaired_max_length, self._collate)
+        return self._collate(raw)
+
+    def _collate(self, raw: Batch) -> MicroBatch:
         if self.route is None:
             return collate_pairs(raw, self.pad_id)
         return pack_pairs(raw, self.pad_id, row_tokens=self.row_tokens, varlen=self.route == "varlen")
 
 
-def build_layout(train: TrainConfig, policy: Any, reference: Any, pad_id: int) -> BatchLayout:
-    """The layout of `train.packing`, `train.group_by_length` and the token budget for these models."""
+def build_layout(
+    train: TrainConfig, policy: Any, reference: Any, pad_id: int, max_length: int | None = None
+) -> BatchLayout:
+    """The layout of `train.packing`, `train.group_by_length` and the token budget for these models;
+    `max_length` (data.max_length) is needed for an unpaired loss (kto)."""
     group_window = train.length_group_window if train.group_by_length else None
     route, note = packing_route(policy, reference) if train.packing else (None, "")
     if train.packing and route is None:
@@ -153,7 +164,14 @@ def build_layout(train: TrainConfig, policy: Any, reference: Any, pad_id: int) -
     if train.max_tokens_per_micro_batch is not None:
         # The same pairs per step, cut into forwards by what they cost in this layout.
         budget = TokenBudget(train.max_tokens_per_micro_batch, route or "padded", train.packing_row_tokens)
-    return BatchLayout(route, note, group_window, budget, pad_id, train.packing_row_tokens)
+    unpaired_max_length = None
+    if train.unpaired():
+        if max_length is None:
+            raise ValueError("build_layout: an unpaired loss needs max_length (data.max_length)")
+        unpaired_max_length = max_length
+    return BatchLayout(
+        route, note, group_window, budget, pad_id, train.packing_row_tokens, unpaired_max_length
+    )
 
 
 @contextlib.contextmanager
@@ -308,7 +326,7 @@ def build_setup(config: Config, ctx: WorkerContext) -> TrainSetup:
             train.ld_alpha,
             train.logps_chunk_size,
         ),
-        layout=build_layout(train, engine.module, reference, pad_id),
+        layout=build_layout(train, engine.module, reference, pad_id, config.data.max_length),
         settings=build_loss_settings(train),
         precision=precision,
         steps=steps,
