@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 import torch
 
-from dpo_cluster.batch.collate import collate_pairs
+from dpo_cluster.batch.collate import collate_sequences
 from dpo_cluster.batch.logps import MicroBatch, sequence_logps
-from dpo_cluster.batch.packing import pack_pairs
+from dpo_cluster.batch.packing import pack_sequences
 from dpo_cluster.batch.unpaired import UnpairedBatch, build_examples, build_unpaired_batch
 from dpo_cluster.config import ConfigError, TrainConfig, load_config
 from dpo_cluster.config.specs import FormatSpec, TokenizeSpec
@@ -105,11 +105,14 @@ def test_examples_and_kl_rotation() -> None:
     columns, labels = build_examples(rows, max_length=4)
     assert labels == [True, True, False, False]
     assert columns["prompt_ids"] == [[1], [2], [1], [3]]
-    assert columns["chosen_ids"] == [[10, 11], [20], [12, 13, 14, 15], [30]]
-    assert columns["rejected_ids"] == [[30], [10, 11], [20], [12, 13, 14]]
-    batch = build_unpaired_batch(rows, 4, lambda c: collate_pairs(c, 0))
+    assert columns["completion_ids"] == [[10, 11], [20], [12, 13, 14, 15], [30]]
+    assert columns["kl_completion_ids"] == [[30], [10, 11], [20], [12, 13, 14]]
+    batch = build_unpaired_batch(rows, 4, lambda p, c: collate_sequences(p, c, 0))
     assert batch.num_examples == 4 and batch.num_pairs == 3
-    assert batch.sequences.input_ids.shape[0] == 8
+    assert batch.examples.input_ids.tolist() == [[1, 10, 11, 0, 0], [2, 20, 0, 0, 0], [1, 12, 13, 14, 15],
+                                                 [3, 30, 0, 0, 0]]  # fmt: skip
+    assert batch.kl.input_ids.tolist() == [[1, 30, 0, 0], [2, 10, 11, 0], [1, 20, 0, 0], [3, 12, 13, 14]]
+    assert batch.num_tokens == 12 + 11 and batch.num_entries == 20 + 16
     with pytest.raises(ValueError, match="at least two examples"):
         build_examples({"prompt_ids": [[1]], "chosen_ids": [[2]], "rejected_ids": [[]]}, max_length=4)
     with pytest.raises(ValueError, match="neither"):
@@ -272,7 +275,10 @@ def _check_against_trl(trainer: Any, rows: dict[str, Any], train: TrainConfig) -
     train.check(num_workers=1)
     settings = build_loss_settings(train)
     pad = trainer.processing_class.pad_token_id
-    layouts = {"padded": lambda c: collate_pairs(c, pad), "packed": lambda c: pack_pairs(c, pad)}
+    layouts = {
+        "padded": lambda p, c: collate_sequences(p, c, pad),
+        "packed": lambda p, c: pack_sequences(p, c, pad),
+    }
     metrics: dict[str, float] = {}
     for layout, collate in layouts.items():
         batch = build_unpaired_batch(rows, 64, collate)

@@ -8,7 +8,7 @@ those of TRL 1.16's `DataCollatorForPreference`, so log-probs and losses match i
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -94,30 +94,39 @@ def collate_pairs(
     if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
         raise ValueError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
     prompts, chosen, rejected = read_pair_sequences(batch)
-    num_pairs = len(prompts)
+    padded = collate_sequences(prompts * 2, chosen + rejected, pad_token_id, pad_to_multiple_of)
+    ref_chosen_logps, ref_rejected_logps = read_ref_logps(batch, len(prompts))
+    return dataclasses.replace(
+        padded, ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps
+    )
 
-    prompt_lengths = np.array([len(p) for p in prompts] * 2, dtype=np.int64)
-    completions = chosen + rejected
+
+def collate_sequences(
+    prompts: Sequence[np.ndarray],
+    completions: Sequence[np.ndarray],
+    pad_token_id: int,
+    pad_to_multiple_of: int | None = None,
+) -> PreferenceBatch:
+    """N prompt + completion sequences (int64 1-D arrays) -> N padded rows (N, T), as
+    `collate_pairs` pads them; no reference values. Any N >= 1: its `num_pairs` only means pairs
+    when the rows are a pair batch's (unpaired batches use it for their examples, `batch.unpaired`)."""
+    prompt_lengths = np.array([len(p) for p in prompts], dtype=np.int64)
     total_lengths = prompt_lengths + np.array([len(c) for c in completions], dtype=np.int64)
     max_length = int(total_lengths.max())
     if pad_to_multiple_of is not None and max_length % pad_to_multiple_of:
         max_length += pad_to_multiple_of - max_length % pad_to_multiple_of
 
-    input_ids = np.full((2 * num_pairs, max_length), pad_token_id, dtype=np.int64)
-    for row, (prompt, completion) in enumerate(zip(prompts * 2, completions)):
+    input_ids = np.full((len(prompts), max_length), pad_token_id, dtype=np.int64)
+    for row, (prompt, completion) in enumerate(zip(prompts, completions)):
         input_ids[row, : len(prompt)] = prompt
         input_ids[row, len(prompt) : len(prompt) + len(completion)] = completion
     positions = np.arange(max_length)[None, :]
     attention_mask = positions < total_lengths[:, None]
     completion_mask = attention_mask & (positions >= prompt_lengths[:, None])
-
-    ref_chosen_logps, ref_rejected_logps = read_ref_logps(batch, num_pairs)
     return PreferenceBatch(
         input_ids=torch.from_numpy(input_ids),
         attention_mask=torch.from_numpy(attention_mask.astype(np.int64)),
         completion_mask=torch.from_numpy(completion_mask.astype(np.int64)),
-        ref_chosen_logps=ref_chosen_logps,
-        ref_rejected_logps=ref_rejected_logps,
     )
 
 

@@ -7,6 +7,7 @@ many pad tokens the policy and reference forwards pay for, which on skewed lengt
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import itertools
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -166,9 +167,27 @@ def pack_pairs(
     L is the fullest row's length, so no row ends in a column of padding only.
     """
     prompts, chosen, rejected = read_pair_sequences(batch)
-    num_pairs = len(prompts)
-    sequences = [np.concatenate([p, c]) for p, c in zip(prompts * 2, chosen + rejected)]
-    prompt_lengths = [len(p) for p in prompts * 2]
+    packed = pack_sequences(
+        prompts * 2, chosen + rejected, pad_token_id, row_tokens=row_tokens, varlen=varlen
+    )
+    ref_chosen_logps, ref_rejected_logps = read_ref_logps(batch, len(prompts))
+    return dataclasses.replace(
+        packed, ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps
+    )
+
+
+def pack_sequences(
+    prompts: Sequence[np.ndarray],
+    completions: Sequence[np.ndarray],
+    pad_token_id: int,
+    *,
+    row_tokens: int | None = None,
+    varlen: bool = False,
+) -> PackedBatch:
+    """N prompt + completion sequences (int64 1-D arrays) -> packed rows, as `pack_pairs` packs
+    them; no reference values. Sequence s of the result is sequence s of the input."""
+    sequences = [np.concatenate([p, c]) for p, c in zip(prompts, completions)]
+    prompt_lengths = [len(p) for p in prompts]
     lengths = [len(s) for s in sequences]
     rows = plan_rows(lengths, row_capacity(lengths, row_tokens, varlen))
     width = max(max(sum(lengths[s] for s in row) for row in rows), 1)
@@ -196,7 +215,6 @@ def pack_pairs(
     kept = [n for n in segments if n > 0]
     if varlen:
         cu_seqlens = torch.tensor(np.concatenate([[0], np.cumsum(kept)]), dtype=torch.int32)
-    ref_chosen_logps, ref_rejected_logps = read_ref_logps(batch, num_pairs)
     return PackedBatch(
         input_ids=torch.from_numpy(input_ids),
         position_ids=torch.from_numpy(position_ids),
@@ -206,8 +224,6 @@ def pack_pairs(
         seq_lengths=torch.tensor(lengths, dtype=torch.int64),
         cu_seqlens=cu_seqlens,
         max_seqlen=max(kept, default=0),
-        ref_chosen_logps=ref_chosen_logps,
-        ref_rejected_logps=ref_rejected_logps,
     )
 
 

@@ -9,35 +9,40 @@ undesirable, as TRL's `unpair_preference_dataset` splits pairs.
 A micro-batch's examples are every row's chosen side, in row order, then every row's rejected
 side (TRL's unpairing order), and example i's KL sequence is its prompt with example i - 1's
 completion (the first takes the last's), TRL's rotation within a batch: mismatched pairs whose
-completions are the batch's own. They travel as the 2E sequences of an ordinary pair micro-batch,
-targets where chosen answers go and KL sequences where rejected ones go, so collation, packing and
-per-sequence log-probs are the pair path's. A KL sequence longer than `max_length` loses the end
-of its completion, as TRL's collator cuts it.
+completions are the batch's own. Examples and KL sequences are two micro-batches of E sequences
+each, padded or packed as pairs' are (`collate_sequences`, `pack_sequences`), so the policy can
+score the KL sequences without gradient. A KL sequence longer than `max_length` loses the end of
+its completion, as TRL's collator cuts it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from dpo_cluster.batch.collate import read_pair_sequences
 from dpo_cluster.batch.logps import MicroBatch
+
+CollateSequences = Callable[[Sequence[np.ndarray], Sequence[np.ndarray]], MicroBatch]
+"""(prompts, completions) -> one micro-batch of those sequences, padded or packed."""
 
 
 @dataclass
 class UnpairedBatch:
     """E labelled examples of `num_rows` prepared rows.
 
-    sequences: the 2E sequences (example i's prompt + completion at i, its KL sequence at E + i),
-        padded or packed.
+    examples: example i's prompt + completion as sequence i (E sequences), padded or packed.
+    kl: example i's KL sequence (its prompt + example i - 1's completion) as sequence i.
     labels: (E,) bool, True for desirable.
     num_rows: rows of the split behind the examples (what the loop weighs micro-batches by).
     """
 
-    sequences: MicroBatch
+    examples: MicroBatch
+    kl: MicroBatch
     labels: torch.Tensor
     num_rows: int
 
@@ -50,15 +55,27 @@ class UnpairedBatch:
         """The rows behind the batch: a micro-batch's share of an optimizer step, as for pairs."""
         return self.num_rows
 
+    @property
+    def num_tokens(self) -> int:
+        """Real tokens of the examples and KL sequences, padding excluded."""
+        return self.examples.num_tokens + self.kl.num_tokens
+
+    @property
+    def num_entries(self) -> int:
+        """Entries of the input tensors the forwards compute, padding or packed tails included."""
+        return self.examples.input_ids.numel() + self.kl.input_ids.numel()
+
     def to(self, device: torch.device | str) -> UnpairedBatch:
-        return UnpairedBatch(self.sequences.to(device), self.labels.to(device), self.num_rows)
+        return UnpairedBatch(
+            self.examples.to(device), self.kl.to(device), self.labels.to(device), self.num_rows
+        )
 
 
 def build_examples(
     batch: Mapping[str, Any], max_length: int
 ) -> tuple[dict[str, list[list[int]]], list[bool]]:
-    """Rows (prompt_ids, chosen_ids, rejected_ids columns) -> the columns of the examples' 2E
-    sequences (prompt_ids, chosen_ids = completions, rejected_ids = KL completions) and the labels.
+    """Rows (prompt_ids, chosen_ids, rejected_ids columns) -> the examples' columns (prompt_ids,
+    completion_ids, kl_completion_ids: E lists each) and their labels.
 
     Raises ValueError for a row with neither side, and for fewer than two examples (the KL
     estimate needs another example's completion)."""
@@ -78,17 +95,27 @@ def build_examples(
     completions = [completion.tolist() for _, completion in examples]
     shifted = completions[-1:] + completions[:-1]
     kl_completions = [kl[: max(0, max_length - len(p))] for p, kl in zip(example_prompts, shifted)]
-    columns = {"prompt_ids": example_prompts, "chosen_ids": completions, "rejected_ids": kl_completions}
+    columns = {
+        "prompt_ids": example_prompts,
+        "completion_ids": completions,
+        "kl_completion_ids": kl_completions,
+    }
     return columns, [True] * len(desirable) + [False] * len(undesirable)
 
 
 def build_unpaired_batch(
-    batch: Mapping[str, Any], max_length: int, collate: Callable[[Mapping[str, Any]], MicroBatch]
+    batch: Mapping[str, Any], max_length: int, collate: CollateSequences
 ) -> UnpairedBatch:
-    """Rows -> an `UnpairedBatch` whose sequences `collate` (padded or packed) builds."""
+    """Rows -> an `UnpairedBatch` whose two micro-batches `collate` (padded or packed) builds."""
     columns, labels = build_examples(batch, max_length)
+
+    def arrays(name: str) -> list[np.ndarray]:
+        return [np.asarray(ids, dtype=np.int64) for ids in columns[name]]
+
+    prompts = arrays("prompt_ids")
     return UnpairedBatch(
-        collate(columns),
+        collate(prompts, arrays("completion_ids")),
+        collate(prompts, arrays("kl_completion_ids")),
         torch.tensor(labels, dtype=torch.bool),
         len(batch["prompt_ids"]),
     )

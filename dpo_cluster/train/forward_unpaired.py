@@ -1,9 +1,9 @@
 """One unpaired (KTO) micro-batch: log-probs of the examples and of their KL sequences, the loss,
 and metric sums under TRL 1.16's KTOTrainer names.
 
-The policy and the reference each score the 2E sequences in one forward (examples, then their KL
-sequences). The KL estimate is detached, averaged over workers (TRL gathers it over processes),
-then clamped at 0. Metrics: `rewards/chosen`, `logps/chosen`, `logits/chosen` over the desirable
+The policy scores the E examples with gradient and their E KL sequences without (the estimate is
+a reference point, never differentiated), as TRL does; the reference scores both. The KL estimate
+is averaged over workers (TRL gathers it over processes), then clamped at 0. Metrics: `rewards/chosen`, `logps/chosen`, `logits/chosen` over the desirable
 examples, the `rejected` ones over the undesirable, `rewards/margins` their difference, and `kl`;
 DPO's `rewards/accuracies` has no meaning without pairs and is not logged.
 """
@@ -39,16 +39,21 @@ def compute_unpaired_micro_batch(
 ) -> MicroBatchResult:
     """KTO loss (mean over the E examples) and metric sums of one micro-batch.
 
-    `reference_logps(batch.sequences)` gives the reference's (E,) example and (E,) KL log-probs.
-    A collective under several workers (the KL average): every worker calls it as often.
+    `reference_logps(b)` gives the reference's log-probs of a micro-batch's sequences in two halves
+    (a pair batch's chosen and rejected); concatenated they are one value per sequence. A
+    collective under several workers (the KL average): every worker calls it as often.
     """
-    sequences = batch.sequences
     n = batch.num_examples
-    scores = compute_sequence_scores(policy_forward, sequences, chunk_size=settings.logps_chunk_size)
-    ref_logps, ref_kl_logps = reference_logps(sequences)
+    chunk = settings.logps_chunk_size
+    scores = compute_sequence_scores(policy_forward, batch.examples, chunk_size=chunk)
+    with torch.no_grad():
+        policy_kl_logps = compute_sequence_scores(policy_forward, batch.kl, chunk_size=chunk).logps
+    dtype = scores.logps.dtype
+    ref_logps = torch.cat(reference_logps(batch.examples)).to(dtype)
+    ref_kl_logps = torch.cat(reference_logps(batch.kl)).to(dtype)
     labels = batch.labels
-    examples = UnpairedLogps(scores.logps[:n], ref_logps.to(scores.logps.dtype), labels)
-    kl = clamp_kl(_mean_over_workers(estimate_kl(scores.logps[n:], ref_kl_logps.to(scores.logps.dtype))))
+    examples = UnpairedLogps(scores.logps, ref_logps, labels)
+    kl = clamp_kl(_mean_over_workers(estimate_kl(policy_kl_logps, ref_kl_logps)))
     losses, rewards = kto_loss(
         examples,
         beta=settings.beta,
@@ -58,8 +63,8 @@ def compute_unpaired_micro_batch(
     )
     with torch.no_grad():
         desirable, undesirable = labels, ~labels
-        logps = scores.logps[:n].detach()
-        logit_sums, lengths = scores.logit_sums[:n], scores.lengths[:n]
+        logps = scores.logps.detach()
+        logit_sums, lengths = scores.logit_sums, scores.lengths
         values = {
             "pairs": float(n),
             "loss": losses.detach().sum(),
@@ -71,8 +76,8 @@ def compute_unpaired_micro_batch(
             "logits/rejected": logit_sums[undesirable].sum(),
             "chosen_tokens": lengths[desirable].sum(),
             "rejected_tokens": lengths[undesirable].sum(),
-            "tokens": float(sequences.num_tokens),
-            "padded_tokens": float(sequences.input_ids.numel() - sequences.num_tokens),
+            "tokens": float(batch.num_tokens),
+            "padded_tokens": float(batch.num_entries - batch.num_tokens),
             "micro_batches": 1.0,
             "count/chosen": desirable.sum(),
             "count/rejected": undesirable.sum(),

@@ -11,7 +11,7 @@ import math
 import os
 import random
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -19,11 +19,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from dpo_cluster.batch.collate import collate_pairs
+from dpo_cluster.batch.collate import collate_pairs, collate_sequences
 from dpo_cluster.batch.fused_head import allow_grad_in_place
 from dpo_cluster.batch.hidden_logps import find_output_head
 from dpo_cluster.batch.logps import MicroBatch, sequence_logps
-from dpo_cluster.batch.packing import PackingRoute, pack_pairs, packing_route
+from dpo_cluster.batch.packing import PackingRoute, pack_pairs, pack_sequences, packing_route
 from dpo_cluster.batch.token_budget import TokenBudget
 from dpo_cluster.batch.unpaired import UnpairedBatch, build_unpaired_batch
 from dpo_cluster.config import Config, TrainConfig
@@ -142,13 +142,19 @@ class BatchLayout:
         """A micro-batch of B pairs as columns -> padded rows (2B, T) or packed rows (R, L); for an
         unpaired loss, its examples and their KL sequences (`dpo_cluster.batch.unpaired`)."""
         if self.unpaired_max_length is not None:
-            return build_unpaired_batch(raw, self.unpaired_max_length, self._collate)
-        return self._collate(raw)
-
-    def _collate(self, raw: Batch) -> MicroBatch:
+            return build_unpaired_batch(raw, self.unpaired_max_length, self._collate_sequences)
         if self.route is None:
             return collate_pairs(raw, self.pad_id)
         return pack_pairs(raw, self.pad_id, row_tokens=self.row_tokens, varlen=self.route == "varlen")
+
+    def _collate_sequences(
+        self, prompts: Sequence[np.ndarray], completions: Sequence[np.ndarray]
+    ) -> MicroBatch:
+        if self.route is None:
+            return collate_sequences(prompts, completions, self.pad_id)
+        return pack_sequences(
+            prompts, completions, self.pad_id, row_tokens=self.row_tokens, varlen=self.route == "varlen"
+        )
 
 
 def build_layout(
