@@ -204,11 +204,6 @@ class Config:
                 "train.sync_ref_model: not supported with lora.enabled (the policy's weights are the "
                 "frozen base plus an adapter, not a model the reference can be mixed with)"
             )
-        if self.deepspeed.zero_stage == 3:
-            raise ConfigError(
-                "train.sync_ref_model: not supported with deepspeed.zero_stage 3 (the reference is "
-                "sharded across workers); use zero_stage 0-2"
-            )
 
     def tokenizer_path(self) -> str:
         return self.data.tokenizer or self.model.name_or_path

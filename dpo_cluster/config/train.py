@@ -102,7 +102,7 @@ class TrainConfig:
     # TR-DPO (Gorbatovski et al. 2024): move the in-loop reference toward the policy every
     # ref_model_sync_steps optimizer steps, ref = alpha * policy + (1 - alpha) * ref (TRL's
     # sync_ref_model). Needs reference.mode model (a frozen copy; not precompute, precomputed,
-    # adapter_disabled or none) and deepspeed.zero_stage 0-2. Checkpoints then hold the reference too.
+    # adapter_disabled or none) and no LoRA. Checkpoints then hold the reference too.
     sync_ref_model: bool = False
     # The alpha of the soft update, in (0, 1]; 1 copies the policy.
     ref_model_mixup_alpha: float = 0.6
