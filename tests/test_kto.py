@@ -357,3 +357,29 @@ def test_trl_defaults_are_ours() -> None:
     for name in ("beta", "desirable_weight", "undesirable_weight"):
         assert getattr(ours, name) == getattr(trl, name), name
     assert dataclasses.fields(TrainConfig)
+
+
+def _kl_worker(rank: int, init_file: str, results: Any) -> None:
+    import torch.distributed as dist
+
+    from dpo_cluster.train.forward_unpaired import _mean_over_workers
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        # Worker 0's estimate is -0.5, worker 1's 0.9: TRL gathers them, averages (0.2), then clamps.
+        estimate = estimate_kl(torch.tensor([-1.0, 0.0]) + 1.4 * rank, torch.zeros(2))
+        results[rank] = clamp_kl(_mean_over_workers(estimate)).item()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_kl_estimate_is_averaged_over_workers_before_the_clamp(tmp_path: Any) -> None:
+    """Two gloo workers with estimates -0.5 and 0.9: both use max(0, (-0.5 + 0.9) / 2) = 0.2 (a
+    clamp per worker first would give 0 and 0.9)."""
+    import torch.multiprocessing as mp
+
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_kl_worker, args=(str(tmp_path / "init"), results), nprocs=2)
+        assert dict(results) == {0: pytest.approx(0.2, abs=1e-6), 1: pytest.approx(0.2, abs=1e-6)}
