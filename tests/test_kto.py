@@ -383,3 +383,21 @@ def test_kl_estimate_is_averaged_over_workers_before_the_clamp(tmp_path: Any) ->
         results = manager.dict()
         mp.spawn(_kl_worker, args=(str(tmp_path / "init"), results), nprocs=2)
         assert dict(results) == {0: pytest.approx(0.2, abs=1e-6), 1: pytest.approx(0.2, abs=1e-6)}
+
+
+def test_reward_accuracy_reads_pairs_only(tmp_path: Any) -> None:
+    """`dpo-cluster eval`'s held-out reward accuracy ranks chosen against rejected: unpaired rows
+    (one side empty) of a KTO eval split are left out, and a split of them alone is skipped."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dpo_cluster.evaluation.reward_accuracy import read_eval_pairs
+
+    rows = {
+        "row_id": ["a.jsonl:1", "a.jsonl:2", "a.jsonl:3"],
+        "prompt_ids": [[1], [2], [3]],
+        "chosen_ids": [[4, 1], [], [5, 1]],
+        "rejected_ids": [[1], [6, 1], []],
+    }
+    pq.write_table(pa.table(rows), tmp_path / "part-0.parquet")
+    assert read_eval_pairs(tmp_path)["row_id"] == ["a.jsonl:1"]

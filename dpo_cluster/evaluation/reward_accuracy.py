@@ -32,14 +32,16 @@ def read_eval_pairs(split_dir: str | Path, max_pairs: int | None = None) -> dict
     `dpo_cluster.data.pipeline.prepare`), in source order, the first `max_pairs` of them.
 
     Returns columns row_id (str), prompt_ids, chosen_ids, rejected_ids (lists of ints), one entry
-    per pair.
+    per pair. Unpaired rows (KTO data: one side empty, `dpo_cluster.batch.unpaired`) are no pairs
+    and are left out.
     """
     files = sorted(Path(split_dir).glob("*.parquet"))
     columns = ["row_id", *ID_COLUMNS]
     if not files:
         return {name: [] for name in columns}
     table = pa.concat_tables([pq.read_table(f, columns=columns) for f in files])
-    rows = sorted(table.to_pylist(), key=lambda r: _natural_key(r["row_id"]))
+    rows = [r for r in table.to_pylist() if r["chosen_ids"] and r["rejected_ids"]]
+    rows = sorted(rows, key=lambda r: _natural_key(r["row_id"]))
     if max_pairs is not None:
         rows = rows[:max_pairs]
     return {name: [r[name] for r in rows] for name in columns}

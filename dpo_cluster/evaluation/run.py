@@ -256,6 +256,8 @@ def _reward_accuracy(
 
     ev = config.evaluation
     pairs = read_eval_pairs(split_dir, ev.max_pairs)
+    if not pairs["row_id"]:
+        return {"skipped": "the eval split holds unpaired rows (prompt, completion, label), no pairs to rank"}
     # The pairs were tokenized with the config's tokenizer; any in-vocabulary id pads, since
     # padding is masked out of attention and of the scored completion tokens.
     tokenizer = models.tokenizer("base")
