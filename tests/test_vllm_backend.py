@@ -28,7 +28,7 @@ GREEDY = SamplingParams(max_new_tokens=20, temperature=0)
 def backend(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VLLMBackend]:
     final = build_smollm2_adapter(smollm2_dir, tmp_path_factory.mktemp("vllm_backend") / "final")
     engine = VLLMBackend(
-        str(smollm2_dir), {"base": None, "tuned": str(final)}, max_model_len=96, kv_cache_gb=0.25
+        str(smollm2_dir), {"base": None, "tuned": str(final)}, max_model_len=96, kv_cache_gb=1.0
     )
     yield engine
     engine.shutdown()
@@ -67,6 +67,23 @@ def test_base_rows_of_a_mixed_batch_get_the_bare_weights(
     together = run(_gather(backend, [base, tuned, base]))
     assert together[0] == together[2] == alone
     assert together[1].text != alone.text  # the adapter is on for its rows only
+
+
+def test_a_burst_of_seeded_requests_over_one_steps_token_budget(
+    backend: VLLMBackend, prompt: tuple[int, ...]
+) -> None:
+    """More prompt tokens at once than one engine step schedules: with chunked prefill a split
+    prompt's sampled token is discarded and its seeded generator rewound, which a CPU generator
+    refuses (the engine died). Each seeded answer equals the same request run alone."""
+    budget = backend.engine.vllm_config.scheduler_config.max_num_batched_tokens
+    count = 4 * budget // len(prompt)  # arriving over a few steps, some step is over its budget
+    requests = [
+        GenerationRequest("base", prompt, SamplingParams(max_new_tokens=2, temperature=1.0, seed=i))
+        for i in range(count)
+    ]
+    burst = run(_gather(backend, requests))
+    assert len(burst) == count and all(r.completion_tokens >= 1 for r in burst)
+    assert run(backend.generate(requests[-1])) == burst[-1]
 
 
 async def _gather(backend: VLLMBackend, requests: list[GenerationRequest]) -> list[Any]:

@@ -204,6 +204,10 @@ class VLLMBackend:
             args["gpu_memory_utilization"] = gpu_memory_utilization
         else:
             args["kv_cache_memory_bytes"] = int(kv_cache_gb * 2**30)
+            # A prompt prefilled in chunks has its sampled token discarded, and vLLM then rewinds
+            # the request's seeded generator with set_offset, which a CPU generator refuses
+            # ("CPU Generator does not use offset"): the engine dies. Whole prefills never rewind.
+            args["enable_chunked_prefill"] = False
         self.engine: Any = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
 
     def describe(self) -> dict[str, Any]:
