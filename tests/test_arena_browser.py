@@ -200,3 +200,40 @@ def test_arena_page_multi_turn_battle_vote_and_leaderboard(served: str, browser:
     browser.find_element(By.CSS_SELECTOR, "#votes button[data-winner='tie']").click()
     wait.until(lambda d: d.find_element(By.ID, "summary").text.startswith("2 votes. "))
     assert Client(served).get("/v1/arena/leaderboard").json()["counts"]["tie"] == 1
+
+
+def test_arena_page_judges_a_queued_pair(served: str, browser: Any) -> None:
+    """Two answers queued over HTTP (a preference round's candidates) are shown as a battle, take
+    a vote but no follow-up, and the vote is what the queue's battle state then reports."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    client = Client(served)
+    posted = client.post(
+        "/v1/arena/queue",
+        {
+            "messages": [{"role": "user", "content": "Title my knitting video"}],
+            "answers": {"x": "Knit Along", "y": "Yarn"},
+        },
+    )
+    assert posted.status_code == 200, posted.text
+    battle_id = posted.json()["battle_id"]
+    browser.get(served + "/arena")  # the key is kept for this tab from the test before
+    wait = WebDriverWait(browser, 60)
+    browser.find_element(By.ID, "queued").click()
+    wait.until(lambda d: "A queued pair" in d.find_element(By.ID, "status").text)
+    shown = {side: conversation(browser, side) for side in ("A", "B")}
+    for side in ("A", "B"):
+        assert shown[side][0] == {"role": "user", "content": "Title my knitting video"}
+    assert sorted(shown[s][1]["content"] for s in ("A", "B")) == ["Knit Along", "Yarn"]
+    assert not browser.find_element(By.ID, "send").is_enabled()  # a queued pair is not continued
+    vote_a = (By.CSS_SELECTOR, "#votes button[data-winner='A']")
+    wait.until(ec.element_to_be_clickable(vote_a))
+    browser.find_element(*vote_a).click()
+    wait.until(lambda d: d.find_element(By.ID, "reveal").text.startswith("A was queued:"))
+    state = client.get(f"/v1/arena/battles/{battle_id}").json()
+    assert state["voted"] and state["winner"] == "A"
+    assert state["answers"]["A"] == shown["A"][1]["content"]
+    browser.find_element(By.ID, "queued").click()
+    wait.until(lambda d: "No queued pairs" in d.find_element(By.ID, "status").text)
