@@ -1,7 +1,7 @@
 """The `dpo-cluster` command line: one subcommand per program, each a thin call into the library.
 
     dpo-cluster {prepare,train,rounds,eval,serve} --config PATH [dotted.key=value ...]
-    dpo-cluster demo
+    dpo-cluster demo [--model builtin:demo] [--no-serve]
     dpo-cluster bench {data,serve,train,gpu} [flags]
 
 Errors the user can fix (config, data, a RAY_ADDRESS nothing answers at) print one clear message and exit 2, never a traceback, so
@@ -99,12 +99,24 @@ def _add_eval_parser(sub: Any) -> None:
 def _add_demo_parser(sub: Any) -> None:
     p = sub.add_parser(
         "demo",
-        help="the whole system on its embedded default: data, DPO, evaluation, report, serving",
+        help="the whole system offline: a real model samples, a rule judges, DPO trains, evaluation, serving",
+        description="One on-policy preference round on SmolLM2-135M-Instruct (video titles judged by a rule), "
+        "then evaluation on held-out ideas, a report, and serving base and tuned side by side. "
+        "--model builtin:demo runs the faster demo on the project's own toy model.",
     )
     p.add_argument(
         "--output-dir", default="outputs/demo", help="where everything goes (default outputs/demo)"
     )
-    p.add_argument("--pairs", type=int, default=3000, help="preference pairs to generate (default 3000)")
+    p.add_argument(
+        "--model",
+        default="builtin:smollm2-135m-instruct",
+        help="the base model (default builtin:smollm2-135m-instruct; builtin:demo: the toy demo)",
+    )
+    p.add_argument("--ideas", type=int, default=64, help="video ideas the round samples on (default 64)")
+    p.add_argument("--held-out", type=int, default=100, help="held-out ideas evaluated on (default 100)")
+    p.add_argument(
+        "--pairs", type=int, default=3000, help="toy demo only: preference pairs to generate (default 3000)"
+    )
     p.add_argument("--no-serve", action="store_true", help="stop after the report; do not start Serve")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. serve.port=8080")
     p.set_defaults(run=cmd_demo)
@@ -385,16 +397,21 @@ def serve_until_interrupted(config: Any, urls: Any) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from dpo_cluster.demo.run import live_comparison, run_demo
+    from dpo_cluster.demo.report import TRAINING_SHOWN, live_comparison
+    from dpo_cluster.demo.run import run_demo
     from dpo_cluster.evaluation.report import format_eval_report
 
-    result = run_demo(args.output_dir, pairs=args.pairs, overrides=args.overrides)
-    config, training = result["config"], result["training"]
-    shown = ("loss", "rewards/accuracies", "rewards/margins", "eval_loss", "eval_rewards/accuracies")
-    print(
-        "\nfinal training metrics: "
-        + ", ".join(f"{k}={training.metrics[k]:.4f}" for k in shown if k in training.metrics)
+    result = run_demo(
+        args.output_dir,
+        model=args.model,
+        pairs=args.pairs,
+        ideas=args.ideas,
+        held_out=args.held_out,
+        overrides=args.overrides,
     )
+    config, metrics = result["config"], result["metrics"]
+    shown = [k for k in TRAINING_SHOWN if isinstance(metrics.get(k), int | float)]
+    print("\nfinal training metrics: " + ", ".join(f"{k}={metrics[k]:.4f}" for k in shown))
     print(format_eval_report(result["evaluation"]))
     print(f"\nreport: {result['report']}")
     print(f"curves: {result['report'].parent / 'training_curves.png'}")
@@ -404,7 +421,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     urls = start_serving(config)
     print(f"\nserving base={config.serve_base()} tuned={config.serve_tuned()}")
-    print(live_comparison(urls.compare, config))
+    print(live_comparison(urls.compare, config, result["prompt"]))
     return serve_until_interrupted(config, urls)
 
 

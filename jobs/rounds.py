@@ -3,7 +3,7 @@ r"""Ray job entrypoint: on-policy preference rounds (sample, judge, pair, DPO, e
 Submit from the repository root to a running cluster (token auth on; see README):
 
     ray job submit --working-dir . --runtime-env runtime_env.yaml -- \
-        python jobs/rounds.py --config configs/smollm2-titles-rounds_smoke.yaml
+        python jobs/rounds.py --config configs/sample_rounds.yaml
 
 Arguments are those of `dpo-cluster rounds`: `--config FILE` and dotted overrides
 (`rounds.num_rounds=3 output_dir=/mnt/shared/rounds-1`). Each round's training joins the job's

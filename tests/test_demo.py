@@ -79,6 +79,7 @@ def test_demo_end_to_end_moves_the_preference(ray_local: None, demo_model: Path,
     out = tmp_path / "demo"
     result = run_demo(
         out,
+        model="builtin:demo",
         pairs=800,
         overrides=[f"model.name_or_path={demo_model}", "evaluation.num_prompts=60"],
     )

@@ -15,7 +15,7 @@ from dpo_cluster.config.loader import ConfigError
 from dpo_cluster.paths import looks_local
 
 # The named rules `dpo_cluster.evaluation.judges.RULES` implements.
-JUDGE_RULES: tuple[str, ...] = ("title_length",)
+JUDGE_RULES: tuple[str, ...] = ("title_length", "plain_title")
 
 
 @dataclass
@@ -44,7 +44,8 @@ class EvalConfig:
     # nothing is generated).
     judge: Literal["rule", "reward_model", "arena"] = "rule"
     # Judge rule: a named rule, title_length (30-75 characters on one line,
-    # dpo_cluster.data.samples.is_good_title) ...
+    # dpo_cluster.data.samples.is_good_title) or plain_title (the same, not wrapped in quotation
+    # marks, is_plain_title) ...
     rule: str | None = None
     # ... or a regular expression (Python re, searched anywhere in the answer). Set one of the two.
     pattern: str | None = None

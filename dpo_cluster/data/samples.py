@@ -107,6 +107,15 @@ def is_good_title(text: str) -> bool:
     return TITLE_MIN <= len(text) <= TITLE_MAX and "\n" not in text
 
 
+QUOTES = "\"'“”‘’«»"
+
+
+def is_plain_title(text: str) -> bool:
+    """A stricter title: a good title (`is_good_title`) not wrapped in quotation marks."""
+    text = text.strip()
+    return is_good_title(text) and not (text[0] in QUOTES and text[-1] in QUOTES)
+
+
 def generate_title_pairs(n: int, seed: int = 0, *, conversational: bool = True) -> list[dict[str, Any]]:
     """`n` preference rows; about 1 in 10 prompts is in Chinese."""
     rng = random.Random(seed)

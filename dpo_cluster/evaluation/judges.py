@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from dpo_cluster import stats
-from dpo_cluster.data.samples import is_good_title
+from dpo_cluster.data.samples import is_good_title, is_plain_title
 from dpo_cluster.paths import looks_local
 
 Prompt = str | list[dict[str, Any]]
@@ -21,6 +21,7 @@ Prompt = str | list[dict[str, Any]]
 # Named rules: name -> whether an answer passes.
 RULES: dict[str, Callable[[str], bool]] = {
     "title_length": is_good_title,
+    "plain_title": is_plain_title,
 }
 
 TUNED, BASE, TIE = "tuned", "base", "tie"
