@@ -113,7 +113,7 @@ def _add_demo_parser(sub: Any) -> None:
         help="the base model (default builtin:smollm2-135m-instruct; builtin:demo: the toy demo)",
     )
     p.add_argument("--ideas", type=int, default=64, help="video ideas the round samples on (default 64)")
-    p.add_argument("--held-out", type=int, default=100, help="held-out ideas evaluated on (default 100)")
+    p.add_argument("--held-out", type=int, default=200, help="held-out ideas evaluated on (default 200)")
     p.add_argument(
         "--pairs", type=int, default=3000, help="toy demo only: preference pairs to generate (default 3000)"
     )

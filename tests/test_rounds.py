@@ -227,8 +227,10 @@ def test_two_rounds_end_to_end_then_extended_and_resumed(tmp_path: Path, ray_loc
     assert summary["rounds"][1]["vs_base"]["base"] != summary["rounds"][1]["vs_previous"]["base"]
     assert summary["held_out_overlap"] == 0  # eval-split prompts are not among the train split's
     assert (out / "rounds_win_rate.png").stat().st_size > 0
-    serve = (out / "rounds_serve.yaml").read_text()
-    assert "round-1:" in serve and str(out / "round-2" / "run" / "final") in serve
+    serve = load_config(out / "rounds_serve.yaml", serving=True)  # what `dpo-cluster serve --config` loads
+    assert serve.serve_base() == summary["base"]
+    assert serve.serve_tuned() == str(out / "round-2" / "run" / "final")
+    assert serve.serve.models == {"round-1": str(out / "round-1" / "run" / "final")}
     saved = json.loads((out / "rounds_summary.json").read_text())
     assert [r["report"] for r in saved["rounds"]] == [r["report"] for r in summary["rounds"]]
 
