@@ -9,6 +9,7 @@ resumes by waiting on the same battles instead of posting them again.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -77,18 +78,22 @@ class ArenaJudge:
         clock: Callable[[], float] = time.monotonic,
     ) -> list[Comparison]:
         """Post the pairs (once), then wait until each has a vote or the deadline passes."""
+        from tqdm import tqdm
+
         ids = self.post(pairs, prompts, texts)
         deadline = clock() + self.settings.arena_deadline_s
         states: dict[str, dict[str, Any]] = {}
-        while True:
-            for battle_id in ids:
-                if battle_id not in states:
-                    state = self._call("GET", f"/v1/arena/battles/{battle_id}")
-                    if state["voted"]:
-                        states[battle_id] = state
-            if len(states) == len(ids) or clock() >= deadline:
-                break
-            time.sleep(POLL_S)
+        with tqdm(total=len(ids), desc=f"votes at {self.base}/arena", unit="vote", file=sys.stderr) as bar:
+            while True:
+                for battle_id in ids:
+                    if battle_id not in states:
+                        state = self._call("GET", f"/v1/arena/battles/{battle_id}")
+                        if state["voted"]:
+                            states[battle_id] = state
+                            bar.update(1)
+                if len(states) == len(ids) or clock() >= deadline:
+                    break
+                time.sleep(POLL_S)
         return [self._decide(pair, battle_id, states.get(battle_id)) for pair, battle_id in zip(pairs, ids)]
 
     @staticmethod

@@ -9,6 +9,7 @@ and each reply is kept in the comparison's detail for the round's report.
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -91,9 +92,14 @@ class LLMJudge:
             a, b = texts[(index, first)], texts[(index, second)]
             return [(prompts[index], a, b), (prompts[index], b, a)]
 
+        from tqdm import tqdm
+
         asked = [q for pair in pairs for q in questions(pair)]
         with ThreadPoolExecutor(self.settings.judge_concurrency) as pool:
-            replies = list(pool.map(lambda q: self.ask(*q), asked))
+            answers = pool.map(lambda q: self.ask(*q), asked)
+            replies = list(
+                tqdm(answers, total=len(asked), desc="asking the judge", unit="question", file=sys.stderr)
+            )
         decided = []
         for k, (index, first, second) in enumerate(pairs):
             reply_1, reply_2 = replies[2 * k], replies[2 * k + 1]
