@@ -261,6 +261,43 @@ def test_reward_model_judge_counts_tuned_wins(reward_model_dir: Path, tokenizer:
     assert [v["base_score"] for v in verdicts] == pytest.approx([own(b) for b in base], abs=1e-5)
 
 
+def test_a_rounds_reward_model_judge_compares_candidates_by_their_scores(
+    reward_model_dir: Path, tokenizer: Any, tmp_path: Path
+) -> None:
+    """`rounds.judge: reward_model`: each candidate scored once by evaluation.reward_model, every
+    two of a prompt decided by the higher score, equal texts (equal scores) a tie."""
+    from dpo_cluster.config import load_config
+    from dpo_cluster.rounds.comparisons import candidate_pairs, compare_by_scores, score_candidates
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+    config = load_config(
+        None,
+        [
+            f"output_dir={tmp_path}",
+            "model.name_or_path=builtin:tiny",
+            f"data.train={data}",
+            "rounds.judge=reward_model",
+            f"evaluation.reward_model={reward_model_dir}",
+            "evaluation.device=cpu",
+        ],
+    )
+    prompts = ["Title for my video:"]
+    texts = {(0, 0): SHORT, (0, 1): GOOD, (0, 2): LONG, (0, 3): SHORT}
+    scores = score_candidates(config, prompts, texts)
+    model = Qwen2ForSequenceClassification.from_pretrained(reward_model_dir).eval()
+    for key, text in texts.items():
+        own = _own_forward_score(model, tokenizer("Title for my video:" + text)["input_ids"])
+        assert scores[key] == pytest.approx(own, abs=1e-5)
+    comparisons = compare_by_scores(candidate_pairs({0: [0, 1, 2, 3]}), scores)
+    tie = next(c for c in comparisons if (c.first, c.second) == (0, 3))
+    assert (tie.winner, tie.tie_reason) == (None, "equal_scores")
+    for c in comparisons:
+        if c.winner is not None:
+            loser = c.second if c.winner == c.first else c.first
+            assert scores[(0, c.winner)] > scores[(0, loser)]
+
+
 def test_a_reward_model_with_several_outputs_is_refused(tmp_path: Path, tokenizer: Any) -> None:
     config = build_tiny_qwen2_config(
         tokenizer, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
