@@ -248,3 +248,16 @@ def test_two_rounds_end_to_end_then_extended_and_resumed(tmp_path: Path, ray_loc
     assert not any("evaluating against the base" in line for line in logged)
     assert resumed["rounds"][1]["report"] == round_2["report"]
     assert resumed["rounds"][1]["vs_previous"] == round_2["vs_previous"]  # greedy: the same answers
+
+
+def test_data_train_may_be_left_out_when_the_rounds_have_their_own_prompts(tmp_path: Path) -> None:
+    from dpo_cluster.data.pipeline import prepare
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Title my video about bread."}\n')
+    base = [f"output_dir={tmp_path / 'out'}", "model.name_or_path=builtin:tiny"]
+    with pytest.raises(ConfigError, match="data.train: required"):
+        load_config(None, base)
+    config = load_config(None, [*base, f"rounds.prompts={prompts}"])
+    with pytest.raises(ConfigError, match="data.train: required"):
+        prepare(config)  # train and prepare still need it

@@ -77,7 +77,7 @@ class Config:
         if not self.output_dir:
             raise ConfigError("output_dir: required (the directory this run writes to)")
         self.model.check()
-        self.data.check()
+        self.data.check(require_train=self.rounds.prompts is None)
         self.scaling.check()
         self.train.check(self.scaling.num_workers)
         self.serve.check()

@@ -32,6 +32,9 @@ DataFormat = Literal[
 ]
 
 
+TRAIN_REQUIRED = "data.train: required (a path, a hub dataset id, or inline rows)"
+
+
 @dataclass
 class SourceConfig:
     """Where some of a split's rows come from. In YAML a plain string is shorthand for
@@ -217,9 +220,11 @@ class DataConfig:
             or any(s.weight != 1.0 for role in ("train", "eval") for _, s in self.sources(role))
         )
 
-    def check(self) -> None:
-        if self.train is None:
-            raise ConfigError("data.train: required (a path, a hub dataset id, or inline rows)")
+    def check(self, *, require_train: bool = True) -> None:
+        """`require_train`: false where the command has prompts of its own (`rounds.prompts`);
+        `prepare` still refuses to run without data.train."""
+        if self.train is None and require_train:
+            raise ConfigError(TRAIN_REQUIRED)
         for role in ("train", "eval"):
             value = self.train if role == "train" else self.eval
             if isinstance(value, list) and not value:

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dpo_cluster.config import Config, DataConfig, SourceConfig
+from dpo_cluster.config import Config, ConfigError, DataConfig, SourceConfig
+from dpo_cluster.config.model_data import TRAIN_REQUIRED
 from dpo_cluster.config.specs import UNPAIRED_FORMATS
 from dpo_cluster.data import sources
 from dpo_cluster.data.accounting import (
@@ -122,6 +123,9 @@ def prepare(config: Config) -> PreparedData:
     """Run (or reuse) the pipeline for `config`; write output_dir/{data_report.json,
     quarantine.jsonl, prepared/}. Raises DataError on data problems, naming file, row and field."""
     import ray
+
+    if config.data.train is None:  # a rounds config with rounds.prompts may leave it out
+        raise ConfigError(TRAIN_REQUIRED)
 
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

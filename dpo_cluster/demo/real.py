@@ -43,9 +43,6 @@ def real_demo_config(
     base = [
         f"output_dir={out}",
         f"model.name_or_path={model}",
-        # The rounds read their prompts from rounds.prompts; data.train names the same file so a
-        # `prepare` of this config finds rows (prompt-only rows, which it drops with their reason).
-        f"data.train={train_file}",
         "data.max_length=128",
         "lora.enabled=true",
         # DPO plus the chosen answers' NLL (RPO, Pang et al. 2024, for iterative on-policy rounds):
