@@ -158,35 +158,36 @@ def test_a_rounds_training_config_trains_the_policy_against_the_chosen_reference
     assert derived.reference_mode() == "adapter_disabled" and derived.reference.name_or_path is None
 
 
-def _rounds_config(tmp_path: Path, num_rounds: int) -> Any:
+def _rounds_overrides(tmp_path: Path, num_rounds: int) -> list[str]:
     from dpo_cluster.data.samples import generate_title_pairs, write_jsonl
 
     data = write_jsonl(generate_title_pairs(120, seed=5), tmp_path / "titles.jsonl")
-    return load_config(
-        None,
-        [
-            f"output_dir={tmp_path / 'out'}",
-            "model.name_or_path=builtin:tiny",
-            f"data.train={data}",
-            "data.eval_fraction=0.2",
-            "data.max_length=96",
-            "train.micro_batch_size=4",
-            "train.learning_rate=1e-3",
-            "train.logging_steps=1",
-            "deepspeed.zero_stage=0",
-            "scaling.num_workers=1",
-            f"rounds.num_rounds={num_rounds}",
-            "rounds.num_prompts=12",
-            "rounds.samples_per_prompt=3",
-            "rounds.max_new_tokens=12",
-            "rounds.backend=hf",
-            # The tiny model writes noise: "contains an e" splits its answers about one in four.
-            "evaluation.pattern=e",
-            "evaluation.num_prompts=8",
-            "evaluation.max_new_tokens=12",
-            "evaluation.backend=hf",
-        ],
-    )
+    return [
+        f"output_dir={tmp_path / 'out'}",
+        "model.name_or_path=builtin:tiny",
+        f"data.train={data}",
+        "data.eval_fraction=0.2",
+        "data.max_length=96",
+        "train.micro_batch_size=4",
+        "train.learning_rate=1e-3",
+        "train.logging_steps=1",
+        "deepspeed.zero_stage=0",
+        "scaling.num_workers=1",
+        f"rounds.num_rounds={num_rounds}",
+        "rounds.num_prompts=12",
+        "rounds.samples_per_prompt=3",
+        "rounds.max_new_tokens=12",
+        "rounds.backend=hf",
+        # The tiny model writes noise: "contains an e" splits its answers about one in four.
+        "evaluation.pattern=e",
+        "evaluation.num_prompts=8",
+        "evaluation.max_new_tokens=12",
+        "evaluation.backend=hf",
+    ]
+
+
+def _rounds_config(tmp_path: Path, num_rounds: int) -> Any:
+    return load_config(None, _rounds_overrides(tmp_path, num_rounds))
 
 
 def _lines(path: Path) -> int:
@@ -194,15 +195,24 @@ def _lines(path: Path) -> int:
 
 
 @pytest.mark.slow
-def test_two_rounds_end_to_end_then_extended_and_resumed(tmp_path: Path, ray_local: None) -> None:
+def test_two_rounds_end_to_end_then_extended_and_resumed(
+    tmp_path: Path, ray_local: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from dpo_cluster.cli import main
     from dpo_cluster.rounds.run import run_rounds
 
-    logged: list[str] = []
-    first = run_rounds(_rounds_config(tmp_path, 1), progress=False, log=logged.append)
+    # Round 1 as `dpo-cluster rounds --config C.yaml overrides...` runs it.
+    config_file = tmp_path / "rounds.yaml"
+    config_file.write_text("model:\n  name_or_path: builtin:tiny\n")
+    assert main(["rounds", "--config", str(config_file), *_rounds_overrides(tmp_path, 1)]) == 0
+    printed = capsys.readouterr().out
+    assert "round   pairs" in printed and "dpo-cluster serve --config" in printed
     out = tmp_path / "out"
+    first = json.loads((out / "rounds_summary.json").read_text())
     candidates_1 = out / "round-1" / "candidates.jsonl"
     stamp = candidates_1.stat().st_mtime_ns
     assert len(first["rounds"]) == 1
+    logged: list[str] = []
     # A second round on top: round 1 is reused, not sampled or trained again.
     summary = run_rounds(_rounds_config(tmp_path, 2), progress=False, log=logged.append)
     assert candidates_1.stat().st_mtime_ns == stamp
