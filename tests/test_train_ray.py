@@ -1,6 +1,7 @@
 """DPO through Ray Train with 2 DeepSpeed workers on CPU (gloo): ZeRO-2 and ZeRO-3, equivalence
 with one worker (shuffled: both read one global permutation), and recovery after a training
-worker is killed."""
+worker is killed. The ZeRO-2 run is the one a worker is killed in: its curve, resumed from the
+latest checkpoint, is the one worker's curve step by step."""
 
 from __future__ import annotations
 
@@ -30,37 +31,59 @@ def train_losses(output_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in metrics_rows(output_dir) if "loss" in r}
 
 
+def eval_losses(output_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["eval_loss"] for r in metrics_rows(output_dir) if "eval_loss" in r}
+
+
 @pytest.fixture(scope="module")
-def zero2_run(tmp_path_factory: pytest.TempPathFactory, ray_local: None) -> Path:
+def zero2_run(tmp_path_factory: pytest.TempPathFactory, ray_local: None) -> tuple[Path, list[int], Any]:
+    """(output_dir, the killed worker's pid, the run's result): 8 steps on 2 ZeRO-2 workers, one
+    of them SIGKILLed once step 3 is logged; the group restarts from the latest checkpoint."""
     out = tmp_path_factory.mktemp("zero2")
-    run_training(train_config(out, *RAY_RUN))
-    return out
+    done, killed = threading.Event(), []
+    killer = threading.Thread(target=_kill_a_worker_after, args=(out, 3, done, killed))
+    killer.start()
+    try:
+        result = run_training(train_config(out, *RAY_RUN, "train.max_failures=1"))
+    finally:
+        done.set()
+        killer.join()
+    return out, killed, result
 
 
-def test_two_workers_train_and_match_one_worker(zero2_run: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def one_worker_run(tmp_path_factory: pytest.TempPathFactory, ray_local: None) -> Path:
+    """The same global batches on one worker with micro batch 4, in this process (no Ray Train)."""
+    from dpo_cluster.data.pipeline import prepare
+
+    one_dir = tmp_path_factory.mktemp("one")
+    config = train_config(one_dir, *RAY_RUN, "train.micro_batch_size=4", "scaling.num_workers=1")
+    prepared = prepare(config)
+    run_local(config, prepared.split_dir("train"), prepared.split_dir("eval"))
+    return one_dir
+
+
+def test_two_workers_train_and_match_one_worker(
+    zero2_run: tuple[Path, list[int], Any], one_worker_run: Path
+) -> None:
     from transformers import AutoModelForCausalLM
 
-    two = train_losses(zero2_run)
+    run_dir = zero2_run[0]
+    two = train_losses(run_dir)
     assert sorted(two) == list(range(1, 9))
     assert two[1] == pytest.approx(0.6931471805599453, abs=1e-6)
-    rows = metrics_rows(zero2_run)
+    rows = metrics_rows(run_dir)
     assert rows[-1]["eval_rewards/accuracies"] > 0.8 and rows[-1]["eval_loss"] < 0.6
-    AutoModelForCausalLM.from_pretrained(zero2_run / "final")
-    curves = zero2_run / "training_curves.png"
+    AutoModelForCausalLM.from_pretrained(run_dir / "final")
+    curves = run_dir / "training_curves.png"
     assert curves.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and curves.stat().st_size > 20_000
 
     # The same global batches on one worker with micro batch 4 (no Ray): the same loss curve.
-    one_dir = tmp_path / "one"
-    config = train_config(one_dir, *RAY_RUN, "train.micro_batch_size=4", "scaling.num_workers=1")
-    from dpo_cluster.data.pipeline import prepare
-
-    prepared = prepare(config)
-    run_local(config, prepared.split_dir("train"), prepared.split_dir("eval"))
-    one = train_losses(one_dir)
+    one = train_losses(one_worker_run)
     for step in range(1, 9):
         assert two[step] == pytest.approx(one[step], abs=1e-4), step
-    evals_two = [r["eval_loss"] for r in rows if "eval_loss" in r]
-    evals_one = [r["eval_loss"] for r in metrics_rows(one_dir) if "eval_loss" in r]
+    evals_two, evals_one = eval_losses(run_dir), eval_losses(one_worker_run)
+    assert sorted(evals_two) == sorted(evals_one) and evals_one
     assert evals_two == pytest.approx(evals_one, abs=1e-4)
 
 
@@ -121,18 +144,12 @@ def _kill_a_worker_after(output_dir: Path, step: int, done: threading.Event, kil
         time.sleep(0.1)
 
 
-def test_killed_worker_resumes_from_checkpoint_and_matches(zero2_run: Path, tmp_path: Path) -> None:
-    out = tmp_path / "faulty"
-    done, killed = threading.Event(), []
-    killer = threading.Thread(target=_kill_a_worker_after, args=(out, 3, done, killed))
-    killer.start()
-    try:
-        result: Any = run_training(train_config(out, *RAY_RUN, "train.max_failures=1"))
-    finally:
-        done.set()
-        killer.join()
+def test_killed_worker_resumes_from_checkpoint_and_matches(
+    zero2_run: tuple[Path, list[int], Any], one_worker_run: Path
+) -> None:
+    out, killed, result = zero2_run
     assert killed, "no training worker was killed"
-    faulty, clean = train_losses(out), train_losses(zero2_run)
+    faulty, clean = train_losses(out), train_losses(one_worker_run)
     assert sorted(faulty) == list(range(1, 9))
     assert faulty[8] == pytest.approx(clean[8], abs=1e-3)
     assert result.final_dir.is_dir()
