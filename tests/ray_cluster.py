@@ -100,15 +100,20 @@ class LocalRayCluster:
         self._start("head", [*args, "--node-ip-address=127.0.0.1"], num_cpus, resources)
         self.wait_for_nodes(1)
 
-    def add_node(self, name: str, num_cpus: int, resources: dict[str, float] | None = None) -> None:
+    def add_node(
+        self, name: str, num_cpus: int, resources: dict[str, float] | None = None, wait: bool = True
+    ) -> None:
         """A worker node with its own loopback address (127.0.0.2, .3, ...): Ray Train ranks
-        nodes by IP, so nodes sharing 127.0.0.1 would count as one machine."""
+        nodes by IP, so nodes sharing 127.0.0.1 would count as one machine. With `wait=False` the
+        node starts while the next one is added (`ray start` is mostly Python start-up, which two
+        nodes do side by side); the last `add_node` then waits for all of them."""
         # Its own temp dir, as on a machine of its own: nodes sharing one would share (and clean
         # up under each other) the unpacked working_dir of a job.
         ip = f"127.0.0.{len(self.nodes) + 1}"
         args = [f"--address={self.gcs_address}", f"--temp-dir={self.root / name}", f"--node-ip-address={ip}"]
         self._start(name, args, num_cpus, resources)
-        self.wait_for_nodes(len(self.nodes))
+        if wait:
+            self.wait_for_nodes(len(self.nodes))
 
     def _start(self, name: str, args: list[str], num_cpus: int, resources: dict[str, float] | None) -> None:
         command = [str(BIN / "ray"), "start", *args, f"--num-cpus={num_cpus}", "--num-gpus=0", *_agent_ports(),

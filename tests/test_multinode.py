@@ -40,7 +40,7 @@ def cluster() -> Iterator[LocalRayCluster]:
     cluster = LocalRayCluster()
     try:
         cluster.start_head(num_cpus=2)
-        cluster.add_node("node-a", num_cpus=1, resources={"trainer": 1})
+        cluster.add_node("node-a", num_cpus=1, resources={"trainer": 1}, wait=False)
         cluster.add_node("node-b", num_cpus=1, resources={"trainer": 1})
         yield cluster
     finally:
