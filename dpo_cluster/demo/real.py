@@ -21,7 +21,7 @@ from dpo_cluster.demo.report import write_report
 REAL_MODEL = "builtin:smollm2-135m-instruct"
 TRAIN_IDEAS, HELD_OUT_IDEAS = 64, 200  # 200: every held-out topic x angle
 IDEA_SEEDS = (1, 2)  # train, held out
-REAL_PROMPT = ASK.format(idea="a beginner's guide to knitting a sweater")  # a held-out topic
+REAL_PROMPT = ASK.format(idea="a day in my life doing home brewing beer")  # a held-out topic
 RULE_SENTENCE = "a good title is 30-75 characters on one line, not wrapped in quotation marks"
 
 
