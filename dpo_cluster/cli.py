@@ -4,8 +4,9 @@
     dpo-cluster demo [--model builtin:demo] [--no-serve]
     dpo-cluster bench {data,serve,train,gpu} [flags]
 
-Errors the user can fix (config, data, a RAY_ADDRESS nothing answers at) print one clear message and exit 2, never a traceback, so
-that a typo'd key reads as a typo. `python jobs/<name>.py` runs the same commands in a Ray job.
+Errors the user can fix (config, data, a RAY_ADDRESS nothing answers at, a judge endpoint that
+refuses) print one clear message and exit 2, never a traceback, so that a typo'd key reads as a
+typo. `python jobs/<name>.py` runs the same commands in a Ray job.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 from dpo_cluster.config import ConfigError, load_config
 from dpo_cluster.data.records import DataError
 from dpo_cluster.ray_session import RayUnreachableError
+from dpo_cluster.rounds.http_json import JudgeHTTPError
 
 EXIT_USAGE = 2
 
@@ -27,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.run(args) or 0)
-    except (ConfigError, DataError, RayUnreachableError) as e:
+    except (ConfigError, DataError, RayUnreachableError, JudgeHTTPError) as e:
         print(f"dpo-cluster {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
 

@@ -271,3 +271,45 @@ def test_data_train_may_be_left_out_when_the_rounds_have_their_own_prompts(tmp_p
     config = load_config(None, [*base, f"rounds.prompts={prompts}"])
     with pytest.raises(ConfigError, match="data.train: required"):
         prepare(config)  # train and prepare still need it
+
+
+def test_an_unreachable_judge_stops_the_round_with_one_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The candidates are kept (a rerun resumes at judging); the command exits 2 naming the URL."""
+    import socket
+
+    from dpo_cluster.cli import main
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        '{"prompt": "Title my video about bread."}\n{"prompt": "Title my video about chess."}\n'
+    )
+    config_file = tmp_path / "rounds.yaml"
+    config_file.write_text(f"output_dir: {tmp_path / 'out'}\n")
+    code = main(
+        [
+            "rounds",
+            "--config",
+            str(config_file),
+            "model.name_or_path=builtin:tiny",
+            f"rounds.prompts={prompts}",
+            f"evaluation.prompts={prompts}",
+            "evaluation.pattern=e",
+            "rounds.judge=llm_judge",
+            f"rounds.judge_url=http://127.0.0.1:{port}/v1",
+            "rounds.judge_model=judge",
+            "rounds.samples_per_prompt=2",
+            "rounds.max_new_tokens=4",
+            "rounds.backend=hf",
+        ]
+    )
+    assert code == 2
+    assert (
+        f"dpo-cluster rounds: error: POST http://127.0.0.1:{port}/v1/chat/completions"
+        in capsys.readouterr().err
+    )
+    assert _lines(tmp_path / "out" / "round-1" / "candidates.jsonl") == 4

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from dpo_cluster.config import Config, ConfigError
+from dpo_cluster.data.records import DataError
 from dpo_cluster.evaluation.judges import Prompt
 from dpo_cluster.rounds.candidates import Candidate
 from dpo_cluster.rounds.comparisons import Comparison
@@ -145,7 +146,7 @@ def run_round(
     write_jsonl(pairs_file, rows)
     write_json(round_dir / "report.json", report)
     if not rows:
-        raise RuntimeError(
+        raise DataError(
             f"round {k}: the judge decided no pair, so there is nothing to train on (see {round_dir / 'report.json'})"
         )
     log(f"round {k}: {len(rows)} pairs; DPO from {previous}")
