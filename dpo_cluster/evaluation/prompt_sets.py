@@ -46,7 +46,8 @@ def check_prompt(value: Any, where: str) -> Prompt:
     )
 
 
-def _prompt_key(prompt: Prompt) -> str:
+def prompt_key(prompt: Prompt) -> str:
+    """A prompt's identity for deduplication: its canonical JSON (sorted keys, unicode kept)."""
     return json.dumps(prompt, ensure_ascii=False, sort_keys=True)
 
 
@@ -92,7 +93,7 @@ def load_prompt_file(path: str | Path, limit: int) -> list[Prompt]:
         if not isinstance(row, dict):
             raise DataError(f"{where}: expected an object with a 'prompt' field, got {type(row).__name__}")
         prompt = check_prompt(row.get("prompt"), where)
-        prompts.setdefault(_prompt_key(prompt), prompt)
+        prompts.setdefault(prompt_key(prompt), prompt)
     if not prompts:
         raise DataError(f"{path}: no prompts in the file")
     return list(prompts.values())
@@ -160,7 +161,7 @@ def split_prompts(config: Config, prepared: PreparedData, split: str, limit: int
                 raise DataError(
                     f"{row_id}: {drop.reason}: {drop.detail} (the source changed after it was prepared?)"
                 ) from None
-            prompts.setdefault(_prompt_key(pair.prompt), pair.prompt)
+            prompts.setdefault(prompt_key(pair.prompt), pair.prompt)
     if not prompts:
         names = ", ".join(source.describe() for _, source in listed)
         raise DataError(

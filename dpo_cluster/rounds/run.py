@@ -241,11 +241,10 @@ def _judged(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def _overlap(prompts: list[Prompt], eval_file: Path) -> int:
-    from dpo_cluster.evaluation.prompt_sets import load_prompt_file
+    from dpo_cluster.evaluation.prompt_sets import load_prompt_file, prompt_key
 
-    key = lambda p: json.dumps(p, sort_keys=True, ensure_ascii=False)  # noqa: E731
-    held_out = {key(p) for p in load_prompt_file(eval_file, 10**9)}
-    return sum(1 for p in prompts if key(p) in held_out)
+    held_out = {prompt_key(p) for p in load_prompt_file(eval_file, 10**9)}
+    return sum(1 for p in prompts if prompt_key(p) in held_out)
 
 
 def _cached_prompts(path: Path, build: Callable[[], list[Prompt]]) -> list[Prompt]:
